@@ -1,0 +1,52 @@
+# distill-bench: energy, quality and throughput of LLM distillation pipelines, stage by stage.
+#
+#   snakemake                                     embedded default (workflow_config.yaml), CPU, minutes
+#   snakemake -n --configfile configs/olmo2_cluster.yaml --profile profiles/slurm     plan a cluster grid
+#
+# No torch import here: planning a 27-experiment grid must stay fast.
+from snakemake.utils import min_version, update_config
+
+min_version("9.0")
+
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, workflow.basedir)
+from distill_bench.config import ConfigError, build_plan, load_config
+
+# The embedded default is loaded only when no --configfile brought a full config: merging it under a cluster
+# config would leak the embedded datasets and students into the cluster grid.
+if "experiments" not in config:
+    with open(Path(workflow.basedir) / "workflow_config.yaml") as _fh:
+        _default = yaml.safe_load(_fh)
+    update_config(_default, dict(config))
+    config.clear()
+    config.update(_default)
+
+try:
+    CFG = load_config(dict(config))
+except ConfigError as _err:
+    raise WorkflowError(str(_err)) from None
+
+PLAN = build_plan(CFG)
+R = CFG["results_dir"]
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/setup.smk"
+include: "rules/kd.smk"
+include: "rules/synthetic.smk"
+include: "rules/train.smk"
+include: "rules/eval.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{R}/summary/comparison.csv",

@@ -1,0 +1,216 @@
+"""Load and validate the workflow config, naming the offending key path in every error."""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("workflow.schema.yaml")
+SECTIONS = ("training", "kd", "synthetic", "eval")
+
+
+class ConfigError(ValueError):
+    """A workflow config problem; the message names the key path."""
+
+
+def _schema() -> dict:
+    with open(SCHEMA_PATH) as fh:
+        return yaml.safe_load(fh)
+
+
+def _validator_with_defaults(schema: dict):
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if prop not in instance and "default" in sub:
+                    instance[prop] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, subschema)
+
+    cls = jsonschema.validators.extend(base, {"properties": set_defaults})
+    return cls(schema)
+
+
+def _key_path(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _known_keys(schema: dict, root: dict, path: list) -> list[str]:
+    node = schema
+    for part in path:
+        if "$ref" in node:
+            node = _resolve_ref(root, node["$ref"])
+        if isinstance(part, int):
+            node = node.get("items", {})
+        elif part in node.get("properties", {}):
+            node = node["properties"][part]
+        else:
+            node = node.get("additionalProperties", {}) if isinstance(node.get("additionalProperties"), dict) else {}
+    if "$ref" in node:
+        node = _resolve_ref(root, node["$ref"])
+    return sorted(node.get("properties", {}))
+
+
+def _resolve_ref(root: dict, ref: str) -> dict:
+    node = root
+    for part in ref.lstrip("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def _format_error(err: jsonschema.ValidationError, schema: dict) -> str:
+    path = list(err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = set(err.schema.get("properties", {}))
+        extra = [k for k in err.instance if k not in allowed]
+        known = _known_keys(schema, schema, path)
+        msgs = []
+        for key in extra:
+            hint = difflib.get_close_matches(key, known, n=1)
+            did = f" (did you mean '{hint[0]}'?)" if hint else ""
+            msgs.append(f"config key '{_key_path(path + [key])}': unknown key{did}; "
+                        f"allowed here: {', '.join(known) or 'none'}")
+        return "\n".join(msgs)
+    if err.validator == "required":
+        return f"config key '{_key_path(path)}': {err.message}"
+    if err.validator == "propertyNames":
+        return f"config key '{_key_path(path)}': invalid name {err.instance!r} ({err.message})"
+    return f"config key '{_key_path(path)}': {err.message}"
+
+
+def validate_config(config: Mapping[str, Any]) -> dict:
+    """Return a validated deep copy of ``config`` with defaults filled; raise ConfigError naming every bad key."""
+    schema = _schema()
+    cfg = copy.deepcopy(dict(config))
+    validator = _validator_with_defaults(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    if errors:
+        raise ConfigError("invalid workflow config:\n  " + "\n  ".join(_format_error(e, schema) for e in errors))
+    section_defs = schema["$defs"]
+    for index, exp in enumerate(cfg["experiments"]):
+        for section, override in (exp.get("overrides") or {}).items():
+            _check_partial(section_defs[section], override, f"experiments[{index}].overrides.{section}", schema)
+        for dotted, values in (exp.get("grid") or {}).items():
+            section, _, leaf = dotted.partition(".")
+            props = section_defs[section]["properties"]
+            top = leaf.split(".")[0]
+            if top not in props:
+                hint = difflib.get_close_matches(top, list(props), n=1)
+                did = f" (did you mean '{section}.{hint[0]}'?)" if hint else ""
+                raise ConfigError(f"config key 'experiments[{index}].grid.{dotted}': '{section}' has no key "
+                                  f"'{top}'{did}")
+            for value in values:
+                _check_partial(section_defs[section], _nest(leaf, value),
+                               f"experiments[{index}].grid.{dotted}", schema)
+    _semantic_checks(cfg)
+    return cfg
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _check_partial(section_schema: dict, partial: Any, where: str, root: dict) -> None:
+    sub = copy.deepcopy(section_schema)
+    sub.pop("required", None)
+    sub["$defs"] = root["$defs"]
+    validator = jsonschema.Draft202012Validator(sub)
+    errors = list(validator.iter_errors(partial))
+    if errors:
+        lines = []
+        for err in errors:
+            text = _format_error(err, sub).replace("config key '", f"config key '{where}.", 1)
+            lines.append(text.replace(f"{where}.<root>", where))
+        raise ConfigError("invalid workflow config:\n  " + "\n  ".join(lines))
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+
+
+def _semantic_checks(cfg: dict) -> None:
+    problems: list[str] = []
+    datasets, students = cfg["datasets"], cfg["students"]
+    for name, spec in datasets.items():
+        key = f"datasets.{name}"
+        if spec["source"] == "embedded":
+            if spec.get("path"):
+                problems.append(f"config key '{key}.path': the embedded task is generated, it takes no path")
+            task = spec.get("task", {})
+            if task.get("min_steps", 2) > task.get("max_steps", 3):
+                problems.append(f"config key '{key}.task.min_steps': larger than max_steps")
+        else:
+            path = spec.get("path")
+            if not path:
+                problems.append(f"config key '{key}.path': source '{spec['source']}' needs an HF dataset id or a "
+                                f"local path")
+            elif _looks_local(path) and not Path(os.path.expanduser(path)).exists():
+                problems.append(f"config key '{key}.path': dataset path {path!r} does not exist")
+    teacher = cfg["teacher"]
+    if teacher["source"] == "train":
+        if "arch" not in teacher:
+            problems.append("config key 'teacher.arch': needed when teacher.source is 'train'")
+        tds = teacher["train"].get("dataset")
+        if tds is not None and tds not in datasets:
+            problems.append(f"config key 'teacher.train.dataset': unknown dataset {tds!r}; known: {sorted(datasets)}")
+    else:
+        problems += _model_ref_problems("teacher.name_or_path", teacher.get("name_or_path"))
+        if cfg["tokenizer"]["source"] == "train":
+            problems.append("config key 'tokenizer.source': a pretrained teacher brings its own tokenizer; set "
+                            "tokenizer.source to the teacher's id or path, not 'train'")
+    for name, spec in students.items():
+        key = f"students.{name}"
+        if spec["init"] == "scratch" and "arch" not in spec:
+            problems.append(f"config key '{key}.arch': needed when init is 'scratch'")
+        if spec["init"] == "pretrained":
+            problems += _model_ref_problems(f"{key}.name_or_path", spec.get("name_or_path"))
+    tok = cfg["tokenizer"]["source"]
+    if tok != "train" and _looks_local(tok) and not Path(os.path.expanduser(tok)).exists():
+        problems.append(f"config key 'tokenizer.source': tokenizer path {tok!r} does not exist")
+    for index, exp in enumerate(cfg["experiments"]):
+        for field, known in (("students", students), ("datasets", datasets)):
+            for item in exp[field]:
+                if item not in known:
+                    hint = difflib.get_close_matches(item, list(known), n=1)
+                    did = f" (did you mean {hint[0]!r}?)" if hint else ""
+                    problems.append(f"config key 'experiments[{index}].{field}': unknown {field[:-1]} "
+                                    f"{item!r}{did}; defined: {sorted(known)}")
+    if cfg["tokenizer"]["source"] == "train" and cfg["kd"]["top_k"] > cfg["tokenizer"]["vocab_size"]:
+        problems.append(f"config key 'kd.top_k': {cfg['kd']['top_k']} exceeds tokenizer.vocab_size "
+                        f"{cfg['tokenizer']['vocab_size']}")
+    if problems:
+        raise ConfigError("invalid workflow config:\n  " + "\n  ".join(problems))
+
+
+def _model_ref_problems(key: str, ref: str | None) -> list[str]:
+    if not ref:
+        return [f"config key '{key}': needed (an HF model id or a local model directory)"]
+    if _looks_local(ref) and not Path(os.path.expanduser(ref)).exists():
+        return [f"config key '{key}': model path {ref!r} does not exist"]
+    return []
+
+
+def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
+    if isinstance(path_or_dict, Mapping):
+        return validate_config(path_or_dict)
+    path = Path(path_or_dict)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
+    return validate_config(data)

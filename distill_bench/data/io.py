@@ -1,0 +1,102 @@
+"""Dataset directory IO: atomic save, load with clear errors, and the content hash downstream caches key on.
+
+The content hash covers the records only (split name + every column of every row, canonical JSON), not the Arrow
+files, so it is stable across `datasets` versions and re-saves of identical data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+SCHEMA_COLUMNS = ("id", "prompt", "response", "answer", "source")
+SPLITS = ("train", "eval")
+SUMMARY_FILE = "summary.json"  # not HF's dataset_info.json, which save_to_disk writes per split
+
+
+def content_hash(dsd: datasets.DatasetDict) -> str:
+    """sha256 over canonical JSON lines ``{"split": ..., <row>}`` for every split (sorted) and row (in order)."""
+    h = hashlib.sha256()
+    for split in sorted(dsd):
+        for row in dsd[split]:
+            line = json.dumps({"split": split, **row}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            h.update(line.encode("utf-8"))
+            h.update(b"\n")
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_dataset_dir(dsd: datasets.DatasetDict, out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """save_to_disk into a temporary sibling dir, add the summary, then rename onto ``out_dir``.
+
+    A reader never sees a half-written directory; an existing ``out_dir`` is swapped out and removed afterwards.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        dsd.save_to_disk(str(tmp))
+        _write_json_atomic(tmp / SUMMARY_FILE, summary)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_dataset_dir(path: str | os.PathLike) -> datasets.DatasetDict:
+    """Load a prepared dataset dir (train/eval splits in the common schema), failing with the path named."""
+    p = Path(path)
+    if not (p / "dataset_dict.json").is_file():
+        raise FileNotFoundError(f"no prepared dataset at {p} (expected {p / 'dataset_dict.json'}; "
+                                f"run the prepare_data stage first)")
+    dsd = datasets.load_from_disk(str(p))
+    if not isinstance(dsd, datasets.DatasetDict):
+        raise ValueError(f"{p} holds a single Dataset, expected a DatasetDict with splits {SPLITS}")
+    missing = [s for s in SPLITS if s not in dsd]
+    if missing:
+        raise ValueError(f"{p} lacks split(s) {missing}; found {sorted(dsd)}")
+    for split in SPLITS:
+        cols = [c for c in SCHEMA_COLUMNS if c not in dsd[split].column_names]
+        if cols:
+            raise ValueError(f"{p} split {split!r} lacks column(s) {cols} of the common schema {SCHEMA_COLUMNS}")
+    return dsd
+
+
+def read_summary(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path) / SUMMARY_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no {SUMMARY_FILE} in {Path(path)}; was it written by prepare_data?")
+    return json.loads(p.read_text())
+
+
+def dataset_content_hash(path: str | os.PathLike, *, recompute: bool = False) -> str:
+    """Content hash of a prepared dataset dir: from its summary (cheap) or recomputed from the records."""
+    if not recompute and (Path(path) / SUMMARY_FILE).is_file():
+        value = read_summary(path).get("content_hash")
+        if isinstance(value, str) and value:
+            return value
+    return content_hash(load_dataset_dir(path))

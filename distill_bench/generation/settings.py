@@ -1,0 +1,128 @@
+"""Generation settings and per-sample results shared by every backend (see docs/ARCHITECTURE.md)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+BACKENDS = ("hf", "vllm", "auto")
+OVERFLOW_POLICIES = ("truncate", "drop")
+# config spellings used by other sections (synthetic.samples_per_prompt) -> field name
+ALIASES = {"samples_per_prompt": "num_samples"}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode. ``temperature == 0`` means greedy.
+
+    ``max_prompt_tokens``: templated prompts longer than this are handled by ``prompt_overflow``: ``truncate``
+    keeps the last ``max_prompt_tokens`` tokens (left truncation: the generation prompt at the end survives),
+    ``drop`` skips the prompt. Either way the result says so (``GenerationResult.truncated_tokens`` /
+    ``dropped``) and nothing crashes. ``None`` means "the model's context minus ``max_new_tokens``" when the model
+    config states its context length, else unlimited.
+    ``continuous_batching``: hf backend only, use transformers' ``generate_batch`` (paged continuous batching)
+    instead of static left-padded batches; off by default (see ``hf_backend`` for why).
+    ``dtype``: vllm only (``auto`` lets vLLM choose); the hf backend uses the model as loaded.
+    """
+
+    backend: str = "hf"
+    batch_size: int = 64
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 1234
+    max_prompt_tokens: int | None = None
+    prompt_overflow: str = "truncate"
+    continuous_batching: bool = False
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"generation setting '{key}' {why} (got {getattr(self, key)!r})")
+
+        if self.backend not in BACKENDS:
+            raise bad("backend", f"must be one of {', '.join(BACKENDS)}")
+        for key in ("batch_size", "max_new_tokens", "num_samples"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(key, "must be an integer >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise bad("temperature", "must be a number >= 0")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.max_prompt_tokens is not None and (
+                isinstance(self.max_prompt_tokens, bool) or not isinstance(self.max_prompt_tokens, int)
+                or self.max_prompt_tokens < 1):
+            raise bad("max_prompt_tokens", "must be null or an integer >= 1")
+        if self.prompt_overflow not in OVERFLOW_POLICIES:
+            raise bad("prompt_overflow", f"must be one of {', '.join(OVERFLOW_POLICIES)}")
+        if not isinstance(self.continuous_batching, bool):
+            raise bad("continuous_batching", "must be true or false")
+        if self.temperature == 0 and self.num_samples > 1:
+            raise bad("num_samples", "> 1 needs temperature > 0 (greedy samples would all be identical)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "generation",
+                  ignore: tuple[str, ...] = ()) -> "GenerationSettings":
+        """Build from a config section; unknown keys are an error naming ``<where>.<key>`` unless in ``ignore``."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"{where} must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in ignore:
+                continue
+            name = ALIASES.get(key, key)
+            if name not in names:
+                raise ValueError(f"unknown generation setting '{where}.{key}'; known: {', '.join(sorted(names))}")
+            kwargs[name] = value
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One generated sample. Token counts are exact: ``prompt_tokens`` excludes padding, ``generated_tokens``
+    counts real generated tokens up to and including the first EOS (never padding). ``finished`` is True when EOS
+    was produced within ``max_new_tokens``. A ``dropped`` prompt (too long, ``prompt_overflow: drop``) has no text
+    and zero generated tokens; ``truncated_tokens`` is how many prompt tokens left truncation removed."""
+
+    prompt_index: int
+    sample_index: int
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    finished: bool
+    dropped: bool = False
+    truncated_tokens: int = 0
+    token_ids: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["token_ids"] = list(self.token_ids)
+        return d
+
+
+def summarize(results: list[GenerationResult]) -> dict[str, int]:
+    """Totals a stage records: token counts plus how many prompts were truncated or dropped."""
+    prompts = {}
+    for r in results:
+        prompts.setdefault(r.prompt_index, r)
+    return {
+        "samples": len(results),
+        "generated_tokens": sum(r.generated_tokens for r in results),
+        # the prompt is processed once per prompt (samples share it via num_return_sequences / vLLM prefix reuse)
+        "input_tokens": sum(r.prompt_tokens for r in prompts.values() if not r.dropped),
+        "finished": sum(r.finished for r in results),
+        "truncated_prompts": sum(r.truncated_tokens > 0 for r in prompts.values()),
+        "dropped_prompts": sum(r.dropped for r in prompts.values()),
+    }

@@ -1,0 +1,97 @@
+"""Stage registry: one name -> one package function, run inside the energy meter.
+
+Snakemake scripts and the CLI both go through :func:`run_named_stage`, so a stage behaves the same whether the
+workflow or a user launches it. Stage functions take keyword arguments only: their inputs, outputs and params (named
+as in the rule) plus ``meter``.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+# stage name -> ("module:function", role)
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare_data": ("distill_bench.data.stage:prepare_data", "data"),
+    "prepare_tokenizer": ("distill_bench.models.stage:prepare_tokenizer", "setup"),
+    "prepare_teacher": ("distill_bench.models.stage:prepare_teacher", "setup"),
+    "init_student": ("distill_bench.models.stage:init_student", "setup"),
+    "train_student": ("distill_bench.train.stage:train_student", "student"),
+    "cache_logits": ("distill_bench.kd.stage:cache_logits", "teacher"),
+    "generate_synthetic": ("distill_bench.synthetic.stage:generate_shard", "teacher"),
+    "merge_synthetic": ("distill_bench.synthetic.stage:merge_shards", "teacher"),
+    "evaluate": ("distill_bench.eval.stage:evaluate", "eval"),
+}
+
+# inputs that only order the DAG (the meter finds them through its settings), never stage arguments
+ADAPTER_ONLY_INPUTS = ("idle", "environment")
+
+# keys of a rule's params that configure the meter rather than the stage function
+METER_KEYS = ("stage_id", "role", "pipeline", "experiment", "artifact", "energy")
+
+
+def resolve(name: str) -> Callable[..., Any]:
+    try:
+        target, _ = STAGES[name]
+    except KeyError:
+        raise SystemExit(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}") from None
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str, Any],
+                    kwargs: Mapping[str, Any]) -> Any:
+    """Run stage ``name`` with ``kwargs`` inside a StageMeter that writes ``out_json``."""
+    from distill_bench.energy import EnergySettings, run_stage
+
+    fn = resolve(name)
+    accepted = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in kwargs.items() if not (k == "pipeline" and k not in accepted)}
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    unknown = [k for k in kwargs if k not in accepted and not has_var_kw]
+    if unknown:
+        raise TypeError(f"stage {name!r} does not take {unknown}; it takes {sorted(p for p in accepted if p != 'meter')}")
+    if "pipeline" in accepted and "pipeline" not in kwargs and meter_args.get("pipeline"):
+        kwargs = {**kwargs, "pipeline": meter_args["pipeline"]}
+    energy = dict(meter_args.get("energy") or {})
+    settings = EnergySettings.from_dict(energy)
+    role = meter_args.get("role") or STAGES[name][1]
+    return run_stage(
+        stage=name,
+        stage_id=meter_args["stage_id"],
+        role=role,
+        pipeline=meter_args.get("pipeline") or "shared",
+        experiment=meter_args.get("experiment"),
+        artifact=meter_args.get("artifact"),
+        out_json=Path(out_json),
+        settings=settings,
+        fn=fn,
+        **kwargs,
+    )
+
+
+def run_from_snakemake(snakemake: Any, name: str) -> Any:
+    """Adapter used by scripts/*.py: named inputs/outputs/params -> keyword arguments."""
+    import logging
+    import sys
+
+    if snakemake.log:
+        log_path = Path(str(snakemake.log[0]))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_path)
+        logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler(sys.stderr)],
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    kwargs: dict[str, Any] = {}
+    for section in (snakemake.input, snakemake.output):
+        for key, value in section.items():
+            if key in ADAPTER_ONLY_INPUTS:
+                continue
+            kwargs[key] = value if isinstance(value, str) else list(map(str, value))
+    params = dict(snakemake.params.items())
+    meter_args = {k: params.pop(k) for k in METER_KEYS if k in params}
+    out_json = kwargs.pop("energy_json")
+    kwargs.update(params)
+    os.environ.setdefault("OMP_NUM_THREADS", str(snakemake.threads))
+    return run_named_stage(name, out_json=out_json, meter_args=meter_args, kwargs=kwargs)

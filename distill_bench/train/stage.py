@@ -1,0 +1,75 @@
+"""The `train_student` workflow stage: one student, one pipeline, the shared budget and trainer."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+PLAIN_PIPELINES = ("sft_gt", "sft", "selfdistill")  # SFT on a dataset dir's prompt/response columns
+
+
+def check_model_tokenizer(init_model: str, tokenizer_dir: str, run_tokenizer) -> str:
+    """Refuse an init model whose tokenizer (if it carries one) or vocabulary size differs from the run's."""
+    from transformers import AutoConfig
+
+    from distill_bench.models.build import resolve_model_ref, tokenizer_source_for_model
+    from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer, vocab_hash
+
+    src = tokenizer_source_for_model(init_model)
+    if src is not None:
+        h = assert_same_tokenizer(load_tokenizer(src), run_tokenizer, "student init model",
+                                  names=(str(init_model), str(tokenizer_dir)))
+    else:
+        h = vocab_hash(run_tokenizer)
+    cfg = AutoConfig.from_pretrained(resolve_model_ref(init_model))
+    vocab = getattr(cfg.get_text_config(), "vocab_size", None)
+    if vocab is not None and vocab < len(run_tokenizer):
+        raise ValueError(f"model {init_model!r} has vocab_size {vocab} < {len(run_tokenizer)} tokens of tokenizer "
+                         f"{tokenizer_dir!r}: they were not built together")
+    return h
+
+
+def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_model: str, out_dir: str,
+                  training: Mapping[str, Any], seed: int, kd_cache: str | None = None,
+                  kd: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Encode the dataset's train split, train ``init_model`` on the exact budget, write ``out_dir/final``."""
+    from distill_bench.models.build import load_model
+    from distill_bench.models.stage import encode_split, load_split
+    from distill_bench.models.tokenizer import load_tokenizer
+    from distill_bench.train.trainer import TrainSettings
+    from distill_bench.train.trainer import train_student as run_trainer
+
+    if pipeline not in PLAIN_PIPELINES and pipeline != "kd":
+        raise ValueError(f"train_student: pipeline {pipeline!r} is not trained by this stage "
+                         f"(supported: {', '.join(PLAIN_PIPELINES + ('kd',))})")
+    settings = TrainSettings.from_dict(training)
+    tok = load_tokenizer(tokenizer)
+    h = check_model_tokenizer(init_model, tokenizer, tok)  # before any expensive work
+    ds = load_split(dataset, "train")
+    examples, dropped = encode_split(tok, ds, settings.max_length)
+    meter.record("dataset_examples", len(ds))
+    meter.record("dropped_over_max_length", dropped)
+    meter.record("vocab_hash", h)
+    if not examples:
+        raise ValueError(f"dataset {dataset!r}: no example fits training.max_length={settings.max_length}")
+
+    trainer_cls = collator = None
+    trainer_kwargs: dict[str, Any] = {}
+    fingerprint_extra: dict[str, Any] = {"pipeline": pipeline}
+    if pipeline == "kd":
+        if not kd_cache:
+            raise ValueError("pipeline 'kd' needs kd_cache (the teacher logit cache dir)")
+        from distill_bench.kd.trainer import kd_trainer_parts  # lazy: only KD runs need it
+
+        trainer_cls, collator, extra = kd_trainer_parts(cache_dir=kd_cache, kd=dict(kd or {}), tokenizer=tok,
+                                                        examples=examples)
+        for key, value in dict(extra or {}).items():  # KD facts (cache k, tau, alpha...) for the stage JSON
+            meter.record(key, value)
+        fingerprint_extra.update({"kd": dict(kd or {}), "kd_cache": str(kd_cache)})
+
+    model = load_model(init_model)
+    return run_trainer(model=model, tokenizer=tok, examples=examples, settings=settings, seed=seed,
+                       output_dir=out_dir, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
+                       collator=collator, meter=meter, fingerprint_extra=fingerprint_extra)

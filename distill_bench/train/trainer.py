@@ -1,0 +1,450 @@
+"""The shared student trainer: TRL `SFTTrainer` on the exact-budget stream, resumable and SIGTERM-safe.
+
+Every pipeline (sft_gt, sft, kd, ...) goes through `train_student`, so the optimizer, schedule, budget and token
+accounting are identical; KD only swaps in a trainer subclass (its own `compute_loss`) and a collator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from distill_bench.train.budget import build_budgeted_dataset
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = "run_fingerprint.json"
+COUNTS = "distill_bench_counts.json"
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr", "polynomial")
+# settings that change what is learned; the rest (save_steps, workers...) may change between attempts
+_RESULT_KEYS = ("token_budget", "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
+                "lr_scheduler", "precision", "gpus", "max_grad_norm")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint in the output dir was written by a run with another config, seed or data."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal after saving a checkpoint; rerunning resumes from it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    token_budget: int
+    max_length: int
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "cosine"
+    precision: str = "fp32"
+    save_steps: int = 200
+    gradient_checkpointing: bool = False
+    dataloader_workers: int = 0
+    gpus: int = 1
+    max_grad_norm: float = 1.0
+    logging_steps: int | None = None  # None: about 50 log points per run
+    num_threads: int | None = None    # torch.set_num_threads on CPU; None leaves torch's default
+    padding_free: bool = False        # flattened batches: pays off with flash-attention on GPU; on CPU/sdpa the
+                                      # block-diagonal mask over one long row is slower than padding
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any], **overrides: Any) -> "TrainSettings":
+        """Build from the config's ``training`` section; unknown keys are an error naming the key."""
+        data = {**dict(section or {}), **overrides}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"training: unknown key(s) {unknown}; known: {sorted(fields)}")
+        for key in ("token_budget", "max_length"):
+            if data.get(key) is None:
+                raise ValueError(f"training.{key} is required")
+        s = cls(**data)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        positive = ("token_budget", "max_length", "batch_size", "grad_accum", "save_steps", "gpus")
+        for key in positive:
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"training.{key} must be a positive integer, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"training.lr must be a positive number, got {self.lr!r}")
+        if not 0 <= float(self.warmup_ratio) < 1:
+            raise ValueError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"training.lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+
+    def result_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _RESULT_KEYS}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _atomic_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _fingerprint(settings: TrainSettings, seed: int, stream_hash: str, model_config: Mapping[str, Any],
+                 trainer_name: str, extra: Mapping[str, Any] | None) -> dict[str, str]:
+    def h(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    cfg = {k: v for k, v in dict(model_config).items()
+           if k not in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures")}
+    return {"settings": h(settings.result_dict()), "seed": str(int(seed)), "stream": stream_hash[:16],
+            "model_config": h(cfg), "trainer": trainer_name, "extra": h(dict(extra or {}))}
+
+
+def _check_or_write_fingerprint(ckpt_dir: Path, fp: dict[str, str], has_checkpoint: bool) -> None:
+    path = ckpt_dir / FINGERPRINT
+    if has_checkpoint:
+        if not path.is_file():
+            raise CheckpointMismatchError(
+                f"{ckpt_dir} holds checkpoints but no {FINGERPRINT}; refusing to resume from a run of unknown "
+                f"config (delete {ckpt_dir} to start over)")
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+        if diff:
+            raise CheckpointMismatchError(
+                f"checkpoint in {ckpt_dir} was written with a different {', '.join(diff)} "
+                f"(stored {{{', '.join(f'{k}: {old.get(k)}' for k in diff)}}}, now "
+                f"{{{', '.join(f'{k}: {fp.get(k)}' for k in diff)}}}); refusing to mix runs — delete {ckpt_dir} "
+                "to start over")
+    else:
+        _atomic_json(path, fp)
+
+
+def _counting_trainer_class(base: type) -> type:
+    """Subclass ``base`` so every micro-batch actually trained adds its exact token counts."""
+
+    class _Counting(base):  # type: ignore[misc, valid-type]
+        _db_trained_tokens = 0
+        _db_input_tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            if labels is None:
+                raise KeyError("training batch has no 'labels'; a custom collator must keep them (-100 = no loss)")
+            if "shift_labels" in inputs:
+                self._db_trained_tokens += int(inputs["shift_labels"].ne(-100).sum())
+            else:
+                self._db_trained_tokens += int(labels[..., 1:].ne(-100).sum())
+            if "attention_mask" in inputs:
+                self._db_input_tokens += int(inputs["attention_mask"].sum())
+            else:  # padding-free batches hold no padding
+                self._db_input_tokens += int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    _Counting.__name__ = _Counting.__qualname__ = f"Counting{base.__name__}"
+    return _Counting
+
+
+def _callbacks():
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        """A signal only sets a flag; the next optimizer-step boundary saves a checkpoint and stops."""
+
+        def __init__(self) -> None:
+            self.signum: int | None = None
+
+        def handler(self, signum, frame) -> None:  # noqa: ARG002
+            log.warning("received signal %s: checkpointing at the end of this optimizer step", signum)
+            self.signum = signum
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.signum is not None:
+                control.should_save = True
+                control.should_training_stop = True
+            elif state.global_step >= state.max_steps:
+                control.should_log = True  # the final loss and lr always land in the log
+            return control
+
+    class SaveCounts(TrainerCallback):
+        """Exact token counts: streamed to the meter each optimizer step (so a hard-killed attempt's snapshot
+        still bills what it trained) and stored next to each checkpoint (so a resumed run continues the tally)."""
+
+        def __init__(self, meter) -> None:
+            self.trainer = None
+            self.meter = meter
+            self.base = (0, 0)       # totals restored from the checkpoint we resumed from
+            self.reported = (0, 0)   # this attempt's counts already given to the meter
+
+        def totals(self) -> tuple[int, int]:
+            t = self.trainer
+            return self.base[0] + t._db_trained_tokens, self.base[1] + t._db_input_tokens
+
+        def flush(self) -> None:
+            t = self.trainer
+            if self.meter is None or t is None or t.args.process_index != 0:
+                return
+            now = (t._db_trained_tokens, t._db_input_tokens)
+            if now[0] > self.reported[0]:
+                self.meter.add_tokens("trained_tokens", now[0] - self.reported[0])
+            if now[1] > self.reported[1]:
+                self.meter.add_tokens("input_tokens", now[1] - self.reported[1])
+            self.reported = now
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.flush()
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir() and args.process_index == 0:
+                trained, inputs = self.totals()
+                _atomic_json(ckpt / COUNTS, {"trained_tokens": trained, "input_tokens": inputs,
+                                             "global_step": state.global_step})
+            return control
+
+    return StopOnSignal, SaveCounts
+
+
+def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: int, use_cpu: bool,
+                padding_free: bool):
+    from trl import SFTConfig
+
+    logging_steps = settings.logging_steps or max(1, min(50, max_steps // 50))
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=float(settings.lr),
+        weight_decay=float(settings.weight_decay),
+        warmup_steps=float(settings.warmup_ratio),  # a float in [0,1) is a ratio of the real optimizer steps
+        lr_scheduler_type=settings.lr_scheduler,
+        max_grad_norm=float(settings.max_grad_norm),
+        bf16=settings.precision == "bf16",
+        fp16=settings.precision == "fp16",
+        activation_checkpointing=bool(settings.gradient_checkpointing),  # TRL defaults it on
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=use_cpu,
+        dataloader_num_workers=0 if use_cpu else settings.dataloader_workers,
+        dataloader_pin_memory=not use_cpu,
+        remove_unused_columns=False,          # KD collators read extra columns (example_index, ...)
+        dataset_kwargs={"skip_prepare_dataset": True},  # already tokenised, labels built, never truncated again
+        max_length=None,
+        packing=False,
+        padding_free=padding_free,
+        train_sampling_strategy="sequential",  # the stream order *is* the budget order
+        seed=int(seed),
+        data_seed=int(seed),
+        eval_strategy="no",
+        save_only_model=False,                 # optimizer + scheduler + RNG needed to resume exactly
+    )
+
+
+def _with_labels(stream: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for ex in stream:
+        item = dict(ex)
+        item["labels"] = [t if m else -100 for t, m in zip(ex["input_ids"], ex["completion_mask"])]
+        out.append(item)
+    return out
+
+
+def _loss_curve(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    return [(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e and "step" in e]
+
+
+def _lr_curve(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    return [(int(e["step"]), float(e["learning_rate"])) for e in log_history
+            if "learning_rate" in e and "step" in e]
+
+
+def _redeliver(signum: int) -> None:
+    """Hand the signal to whoever owned it before training (e.g. the energy meter), then stop this stage."""
+    signal.raise_signal(signum)
+    raise TrainingInterrupted(f"training interrupted by signal {signum}; checkpoint saved, rerun to resume")
+
+
+# --------------------------------------------------------------------------------------------- main entry
+
+
+def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], settings: TrainSettings, seed: int,
+                  output_dir: str | os.PathLike, trainer_cls: type | None = None,
+                  trainer_kwargs: Mapping[str, Any] | None = None, collator=None, meter=None,
+                  fingerprint_extra: Mapping[str, Any] | None = None, keep_checkpoints: bool = False
+                  ) -> dict[str, Any]:
+    """Train ``model`` on the exact-budget stream of ``examples`` and save ``output_dir/final`` (HF format).
+
+    ``examples`` are dicts with ``input_ids`` and ``completion_mask`` (from ``encode_prompt_response``) plus any extra
+    fields a custom collator needs. Resumes from ``output_dir/checkpoints`` when a checkpoint of the same config
+    exists; on SIGTERM/SIGUSR1 saves a checkpoint and re-delivers the signal (then raises TrainingInterrupted).
+    Returns a summary dict (also written to ``output_dir/train_log.json``).
+    """
+    import torch
+    from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    from distill_bench.models.build import save_model_dir
+
+    from datasets.utils.logging import disable_progress_bar as quiet_datasets
+    from transformers.utils.logging import disable_progress_bar as quiet_transformers
+
+    quiet_datasets()       # progress bars only spam the stage logs
+    quiet_transformers()
+    if settings.num_threads:
+        torch.set_num_threads(int(settings.num_threads))
+    out = Path(output_dir)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    stream, budget_info = build_budgeted_dataset(examples, settings.token_budget, seed)
+    too_long = max(len(ex["input_ids"]) for ex in stream)
+    if too_long > settings.max_length:
+        raise ValueError(f"an example has {too_long} tokens > training.max_length={settings.max_length}; "
+                         "filter with encode_prompt_response(max_length=...) first")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    max_steps = math.ceil(len(stream) / (settings.batch_size * settings.grad_accum * world))
+
+    base_cls = trainer_cls or SFTTrainer
+    if not issubclass(base_cls, SFTTrainer):
+        raise TypeError(f"trainer_cls must subclass trl.SFTTrainer, got {base_cls!r}")
+    fp = _fingerprint(settings, seed, budget_info["stream_hash"], model.config.to_dict(), base_cls.__name__,
+                      fingerprint_extra)
+    last = get_last_checkpoint(str(ckpt_dir))
+    _check_or_write_fingerprint(ckpt_dir, fp, last is not None)
+
+    use_cpu = not torch.cuda.is_available()
+    padding_free = bool(settings.padding_free)
+    if padding_free and collator is not None:
+        raise ValueError("training.padding_free needs TRL's own collator; a custom collator pads")
+    args = _sft_config(settings, ckpt_dir, max_steps, seed, use_cpu, padding_free)
+    StopOnSignal, SaveCounts = _callbacks()
+    stopper, counter = StopOnSignal(), SaveCounts(meter)
+    if meter is not None:
+        meter.set_primary_tokens("trained_tokens")
+    kwargs = dict(trainer_kwargs or {})
+    callbacks = list(kwargs.pop("callbacks", []) or []) + [stopper, counter]
+    trainer = _counting_trainer_class(base_cls)(
+        model=model, args=args, train_dataset=Dataset.from_list(_with_labels(stream)), processing_class=tokenizer,
+        data_collator=collator, callbacks=callbacks, **kwargs)
+    counter.trainer = trainer
+    start_step = 0
+    if last is not None:
+        counts_file = Path(last) / COUNTS
+        if not counts_file.is_file():
+            raise CheckpointMismatchError(f"checkpoint {last} has no {COUNTS}; cannot continue the exact token tally")
+        c = json.loads(counts_file.read_text())
+        counter.base = (int(c["trained_tokens"]), int(c["input_tokens"]))
+        start_step = int(c["global_step"])
+        log.info("resuming from %s (step %d of %d)", last, start_step, max_steps)
+
+    handled = (signal.SIGTERM, signal.SIGUSR1)
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in handled:
+            previous[s] = signal.signal(s, stopper.handler)
+    try:
+        result = trainer.train(resume_from_checkpoint=last)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    trained, input_tokens = counter.totals()
+    history = trainer.state.log_history
+    curve = _loss_curve(history)
+    summary: dict[str, Any] = {
+        "trained_tokens": trained,
+        "input_tokens": input_tokens,
+        "token_budget": settings.token_budget,
+        "max_steps": max_steps,
+        "steps": int(trainer.state.global_step),
+        "resumed_from_step": start_step,
+        "trained_tokens_this_attempt": trainer._db_trained_tokens,
+        "loss_curve": curve,
+        "lr_curve": _lr_curve(history),
+        "final_loss": curve[-1][1] if curve else None,
+        "mean_loss": _mean_loss(curve),
+        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "budget": {k: v for k, v in budget_info.items()},
+        "settings": dataclasses.asdict(settings),
+        "seed": int(seed),
+        "trainer": base_cls.__name__,
+        "fingerprint": fp,
+    }
+    summary["lr_last_step"] = summary["lr_curve"][-1][1] if summary["lr_curve"] else None
+    summary["lr_end"] = float(trainer.lr_scheduler.get_last_lr()[0]) if trainer.lr_scheduler is not None else None
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([trained, input_tokens], dtype=torch.long, device=trainer.args.device)
+        torch.distributed.all_reduce(t)
+        summary["trained_tokens"], summary["input_tokens"] = int(t[0]), int(t[1])
+
+    if stopper.signum is not None and trainer.state.global_step < max_steps:
+        summary["interrupted_by_signal"] = stopper.signum
+        if trainer.args.process_index == 0:
+            _atomic_json(out / "train_log.json", summary)
+        counter.flush()
+        _report(meter, summary, final=False)
+        _redeliver(stopper.signum)
+
+    if summary["trained_tokens"] != settings.token_budget:
+        raise RuntimeError(f"trained {summary['trained_tokens']} loss-bearing tokens but the budget is "
+                           f"{settings.token_budget}: the batches consumed do not match the stream")
+    if trainer.args.process_index == 0:
+        save_model_dir(trainer.model, out / "final", tokenizer)
+        _atomic_json(out / "train_log.json", summary)
+        if not keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    counter.flush()
+    _report(meter, summary, final=True)
+    return summary
+
+
+def _mean_loss(curve: list[tuple[int, float]]) -> float | None:
+    """Step-weighted mean of the logged (interval-averaged) losses."""
+    if not curve:
+        return None
+    total, prev, weighted = 0, 0, 0.0
+    for step, loss in curve:
+        w = max(step - prev, 1)
+        weighted += w * loss
+        total += w
+        prev = step
+    return weighted / total
+
+
+def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
+    """Stage metrics. Token counts reach the meter per attempt (SaveCounts), since the meter sums attempts."""
+    if meter is None:
+        return
+    meter.set_primary_tokens("trained_tokens")
+    for key in ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
+                "trained_tokens_this_attempt", "loss_curve"):
+        meter.record(key, summary[key])
+    meter.record("trained_tokens_total", int(summary["trained_tokens"]))
+    meter.record("token_budget", int(summary["token_budget"]))
+    meter.record("budget_epochs", summary["budget"]["epochs"])
+    meter.record("stream_examples", summary["budget"]["stream_examples"])
+    meter.record("training_completed", bool(final))

@@ -1,0 +1,87 @@
+# Input functions and shared settings. Everything derives from PLAN (distill_bench.config.plan), which the
+# roll-up reads too, so the DAG and the energy accounting cannot disagree.
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_]+",
+    student="[A-Za-z0-9_]+",
+    exp="[A-Za-z0-9_.-]+",
+    artifact="[A-Za-z0-9_.-]+",
+    model_id="[A-Za-z0-9_.-]+",
+    eval_name="[A-Za-z0-9_]+",
+    shard_key="[A-Za-z0-9_.-]+",
+    shard="[0-9]+",
+    nshards="[0-9]+",
+
+
+# energy settings handed to every stage's meter
+ENERGY = {
+    **{k: v for k, v in CFG["energy"].items() if k != "idle_seconds"},
+    "idle_json": f"{R}/energy/idle.json",
+    "environment_json": f"{R}/env/environment.json",
+}
+# idle baseline and environment snapshot: needed before any stage, but their mtime must not rerun the DAG
+METER_INPUTS = {
+    "idle": ancient(f"{R}/energy/idle.json"),
+    "environment": ancient(f"{R}/env/environment.json"),
+}
+
+
+def energy_json(stage_id):
+    return f"{R}/energy/{stage_id}.json"
+
+
+def resources_for(rule_name):
+    """Config resources.default overlaid with resources.rules.<rule>; runtime grows with each retry."""
+    res = {**CFG["resources"].get("default", {}), **CFG["resources"].get("rules", {}).get(rule_name, {})}
+    out = {}
+    for key, value in res.items():
+        if key == "cpus":
+            out["cpus_per_task"] = value
+        elif key == "runtime":
+            out["runtime"] = (lambda base: (lambda wildcards, attempt: base * attempt))(value)
+        elif key == "gpu" and value == 0:
+            continue
+        else:
+            out[key] = value
+    return out
+
+
+def threads_for(rule_name):
+    res = {**CFG["resources"].get("default", {}), **CFG["resources"].get("rules", {}).get(rule_name, {})}
+    return int(res.get("cpus", 1))
+
+
+def experiment(wildcards):
+    return PLAN.experiments[wildcards.exp]
+
+
+def init_dir(student):
+    return f"{R}/models/init/{student}"
+
+
+def model_dir_for(model_id):
+    """Where an evaluated model lives: the teacher, an untrained student init, or a trained experiment."""
+    if model_id == "teacher":
+        return f"{R}/models/teacher"
+    if model_id.startswith("init."):
+        return init_dir(model_id[len("init."):])
+    return f"{R}/models/students/{model_id}/final"
+
+
+def artifact_dir(artifact_id):
+    art = PLAN.artifacts[artifact_id]
+    sub = "logits" if art.kind == "logits" else "synthetic"
+    return f"{R}/teacher/{sub}/{artifact_id}"
+
+
+def shard_dirs(artifact_id):
+    art = PLAN.artifacts[artifact_id]
+    n = art.params["shards"]
+    return [f"{R}/teacher/synthetic_shards/{art.shard_key}/shard{i}of{n}" for i in range(n)]
+
+
+def synthetic_artifact_by_shard_key(shard_key):
+    for art in PLAN.artifacts.values():
+        if art.shard_key == shard_key:
+            return art
+    raise ValueError(f"unknown synthetic shard key {shard_key!r}")

@@ -1,0 +1,30 @@
+# Roll-up: every stage JSON and eval result -> the comparison table and figures. Cheap, so it runs locally.
+# `snakemake --report report.html` (or report.zip) bundles the outputs marked report() below.
+
+
+rule rollup:
+    localrule: True
+    input:
+        config=f"{R}/config/merged_config.yaml",
+        plan=f"{R}/config/plan.json",
+        stages=[energy_json(s) for s in PLAN.all_stage_ids()],
+        evals=[f"{R}/eval/{m}/{d}.json" for m, d in PLAN.eval_units],
+    output:
+        csv=report(f"{R}/summary/comparison.csv", caption="../report/comparison.rst", category="1. Comparison"),
+        md=f"{R}/summary/comparison.md",
+        references=report(f"{R}/summary/references.csv", caption="../report/references.rst",
+                          category="1. Comparison"),
+        stages=report(f"{R}/summary/stages.csv", caption="../report/stages.rst", category="3. Stages"),
+        pareto=report(f"{R}/summary/pareto.png", caption="../report/pareto.rst", category="2. Figures"),
+        by_role=report(f"{R}/summary/energy_by_role.png", caption="../report/energy_by_role.rst",
+                       category="2. Figures"),
+        timelines=report(f"{R}/summary/power_timelines.png", caption="../report/power_timelines.rst",
+                         category="2. Figures"),
+    params:
+        results_dir=R,
+    log:
+        f"{R}/logs/rollup.log",
+    benchmark:
+        f"{R}/benchmarks/rollup.tsv"
+    script:
+        "../scripts/rollup.py"

@@ -1,0 +1,41 @@
+# Student side: every pipeline trains with the same trainer, token budget, optimizer and schedule.
+# Checkpoints live beside (not inside) the declared output, so a failed or preempted job resumes from them.
+
+
+def train_inputs(wildcards):
+    exp = experiment(wildcards)
+    inputs = {**METER_INPUTS, "tokenizer": f"{R}/tokenizer", "init_model": init_dir(exp.student)}
+    if exp.pipeline == "sft":
+        inputs["dataset"] = artifact_dir(exp.artifact)
+    else:
+        inputs["dataset"] = f"{R}/data/{exp.dataset}"
+    if exp.pipeline == "kd":
+        inputs["kd_cache"] = artifact_dir(exp.artifact)
+    return inputs
+
+
+rule train_student:
+    input:
+        unpack(train_inputs),
+    output:
+        directory(f"{R}/models/students/{{exp}}/final"),
+        energy_json=energy_json("student.train.{exp}"),
+    params:
+        pipeline=lambda w: experiment(w).pipeline,
+        out_dir=lambda w: f"{R}/models/students/{w.exp}",
+        training=lambda w: experiment(w).training,
+        kd=lambda w: experiment(w).sections["kd"] if experiment(w).pipeline == "kd" else None,
+        seed=CFG["seed"],
+        stage_id=lambda w: f"student.train.{w.exp}",
+        role="student",
+        experiment=lambda w: w.exp,
+        energy=ENERGY,
+    log:
+        f"{R}/logs/train_student/{{exp}}.log",
+    benchmark:
+        f"{R}/benchmarks/train_student/{{exp}}.tsv"
+    threads: threads_for("train_student")
+    resources:
+        **resources_for("train_student"),
+    script:
+        "../scripts/stage.py"

@@ -1,0 +1,136 @@
+"""The evaluate stage on a tiny hand-checkable model: native and lm-eval backends, result JSON, bad input."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from distill_bench.eval.stage import evaluate  # noqa: E402
+from distill_bench.generation.toy import build_chain_model, build_toy_tokenizer  # noqa: E402
+
+ANSWERS = ["7", "7", "3", "10"]
+
+
+class RecordingMeter:
+    def __init__(self):
+        self.tokens, self.records, self.primary = {}, {}, None
+
+    def add_tokens(self, kind, n):
+        self.tokens[kind] = self.tokens.get(kind, 0) + int(n)
+
+    def set_primary_tokens(self, kind):
+        self.primary = kind
+
+    def record(self, key, value):
+        self.records[key] = value
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A model that always answers '7' then EOS, its tokenizer, and a 4-item eval split (two golds are 7)."""
+    from datasets import Dataset, DatasetDict
+
+    root = tmp_path_factory.mktemp("eval")
+    tok = build_toy_tokenizer()
+    model = build_chain_model(tok, {"<|assistant|>": "7", "7": "</s>"})
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    tok.save_pretrained(root / "tokenizer")
+    rows = [{"id": f"arith-eval-{i}", "prompt": f"What is {a} plus 0?", "response": f"{a} + 0 = {a}\n#### {a}",
+             "answer": a, "source": "embedded"} for i, a in enumerate(ANSWERS)]
+    DatasetDict({"train": Dataset.from_list(rows[:1]), "eval": Dataset.from_list(rows)}).save_to_disk(root / "data")
+    return root
+
+
+def _eval_cfg(**kw):
+    return {"backend": "native", "max_new_tokens": 8, "batch_size": 3, "bootstrap_samples": 200,
+            "confidence": 0.95, **kw}
+
+
+def test_native_evaluate_writes_valid_result_json_with_exact_counts(workdir):
+    meter = RecordingMeter()
+    out = workdir / "eval" / "student" / "arith.json"
+    evaluate(meter=meter, model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
+             dataset=str(workdir / "data"), out_json=str(out), eval=_eval_cfg(), model_id="student", seed=1)
+    result = json.loads(out.read_text())
+    assert result["backend"] == "native" and result["model_id"] == "student" and result["n"] == 4
+    strict, flex = result["metrics"]["strict_match"], result["metrics"]["flexible_extract"]
+    assert strict["value"] == 0.0  # '7' has no '#### '
+    assert flex["value"] == 0.5    # two of four golds are 7
+    assert flex["ci_low"] <= 0.5 <= flex["ci_high"] and flex["stderr"] > 0
+    # every answer is '7' + EOS = 2 generated tokens; prompts "<s><|user|>What is 7 plus 0?<|assistant|>" = 20/21
+    assert meter.tokens["generated_tokens"] == 8 and meter.primary == "generated_tokens"
+    assert meter.tokens["input_tokens"] == 20 + 20 + 20 + 21
+    samples = [json.loads(line) for line in (out.parent / "arith.samples.jsonl").read_text().splitlines()]
+    assert [s["output"] for s in samples] == ["7"] * 4
+    assert [s["flexible_correct"] for s in samples] == [True, True, False, False]
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_lm_eval_backend_runs_embedded_task_offline_and_agrees_with_native(workdir):
+    meter = RecordingMeter()
+    out = workdir / "eval" / "student" / "arith.lm_eval.json"
+    evaluate(meter=meter, model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
+             dataset=str(workdir / "data"), out_json=str(out), eval=_eval_cfg(backend="lm_eval"),
+             model_id="student", seed=1, task="distill_arith")
+    result = json.loads(out.read_text())
+    assert result["backend"] == "lm_eval" and result["harness_version"] and result["n"] == 4
+    task = result["tasks"]["distill_arith"]
+    assert len(task["config_hash"]) == 16
+    assert result["metrics"]["strict_match"]["value"] == 0.0
+    assert result["metrics"]["flexible_extract"]["value"] == 0.5
+    assert result["metrics"]["flexible_extract"]["stderr"] > 0
+    assert meter.tokens["generated_tokens"] == 8  # '7' + EOS per item, padding excluded
+    assert meter.records["loglikelihood_requests"] == 0 and meter.records["generate_requests"] == 4
+
+
+def test_unknown_lm_eval_task_lists_close_matches_before_loading_any_model(workdir):
+    with pytest.raises(ValueError, match=r"unknown lm-eval task.*'gsm8kk'.*close matches: .*gsm8k"):
+        evaluate(meter=RecordingMeter(), model=str(workdir / "no-such-model"), tokenizer=str(workdir / "nope"),
+                 dataset=str(workdir / "data"), out_json=str(workdir / "x.json"),
+                 eval=_eval_cfg(backend="lm_eval", tasks=["gsm8kk"]), model_id="m", seed=1)
+
+
+def test_standard_task_without_offline_data_fails_fast_with_clear_message(workdir, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(workdir / "empty_hf_home"))  # nothing cached
+    with pytest.raises(RuntimeError, match=r"task 'gsm8k'.*not in the local HF cache"):
+        evaluate(meter=RecordingMeter(), model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
+                 dataset=str(workdir / "data"), out_json=str(workdir / "y.json"),
+                 eval=_eval_cfg(backend="lm_eval"), model_id="m", seed=1, task="gsm8k")
+
+
+@pytest.mark.parametrize("cfg, key", [(_eval_cfg(backend="helm"), "eval.backend"),
+                                      (_eval_cfg(batch_size=0), "eval.batch_size"),
+                                      (_eval_cfg(confidence=1.2), "eval.confidence"),
+                                      (_eval_cfg(limitt=3), "eval.limitt"),
+                                      (_eval_cfg(tasks="gsm8k"), "eval.tasks")])
+def test_bad_eval_config_names_the_key(workdir, cfg, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        evaluate(meter=RecordingMeter(), model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
+                 dataset=str(workdir / "data"), out_json=str(workdir / "z.json"), eval=cfg, model_id="m", seed=1)
+
+
+def test_model_dir_without_tokenizer_is_a_clear_error(workdir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(workdir / "model", bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    (bare / "special_tokens_map.json").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        evaluate(meter=RecordingMeter(), model=str(bare), tokenizer=None, dataset=str(workdir / "data"),
+                 out_json=str(tmp_path / "r.json"), eval=_eval_cfg(), model_id="m", seed=1)
+
+
+def test_missing_split_is_named(workdir):
+    with pytest.raises(KeyError, match="no split 'test'"):
+        evaluate(meter=RecordingMeter(), model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
+                 dataset=str(workdir / "data"), out_json=str(workdir / "w.json"), eval=_eval_cfg(), model_id="m",
+                 seed=1, split="test")

@@ -1,0 +1,178 @@
+"""KD trainer parts: cache validation, collator alignment, top-k folding, the cache_logits stage, a real Trainer run."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from distill_bench.kd.cache import CacheMismatchError, CacheReader, loss_positions  # noqa: E402
+from distill_bench.kd.loss import KDConfigError, kd_loss  # noqa: E402
+from distill_bench.kd.stage import build_cache, cache_logits  # noqa: E402
+from distill_bench.kd.toy import TEXTS, tiny_llama, tiny_tokenizer, toy_encoded, toy_pairs  # noqa: E402
+from distill_bench.kd.trainer import KDSFTTrainer, kd_trainer_parts  # noqa: E402
+from distill_bench.models.tokenizer import vocab_hash  # noqa: E402
+
+
+class FakeMeter:
+    def __init__(self):
+        self.tokens, self.records, self.primary = {}, {}, None
+
+    def add_tokens(self, kind, n):
+        self.tokens[kind] = self.tokens.get(kind, 0) + int(n)
+
+    def set_primary_tokens(self, kind):
+        self.primary = kind
+
+    def record(self, key, value):
+        self.records[key] = value
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = tiny_tokenizer()
+    enc = toy_encoded(tok, 12)
+    teacher = tiny_llama(len(tok), seed=2)
+    d = tmp_path_factory.mktemp("kd") / "cache"
+    meta = {"tokenizer_vocab_hash": vocab_hash(tok), "teacher": "toy"}
+    build_cache(teacher, enc, d, k=16, value_dtype="float16", temperatures=[1.0, 2.0], batch_size=4,
+                pad_token_id=tok.pad_token_id, n_shards=2, meta=meta)
+    examples = [dict(e, example_index=i) for i, e in enumerate(enc)]
+    return tok, enc, d, examples
+
+
+def test_cache_from_another_tokenizer_is_refused(setup):
+    tok, enc, d, examples = setup
+    other = tiny_tokenizer(vocab_size=70, texts=TEXTS + ["another corpus entirely"])
+    with pytest.raises(CacheMismatchError, match="vocab hash"):
+        kd_trainer_parts(str(d), {"top_k": 16}, other, examples)
+
+
+@pytest.mark.parametrize("kd, err, match", [
+    ({"top_k": 32}, CacheMismatchError, "k=16"),
+    ({"top_k": 16, "value_dtype": "int8"}, CacheMismatchError, "value_dtype"),
+    ({"top_k": 16, "temperature": 3.0}, KDConfigError, "cache_temperatures"),
+])
+def test_kd_settings_the_cache_cannot_serve_are_refused(setup, kd, err, match):
+    tok, _, d, examples = setup
+    with pytest.raises(err, match=match):
+        kd_trainer_parts(str(d), kd, tok, examples)
+
+
+def test_example_not_matching_the_cached_corpus_is_refused(setup):
+    tok, _, d, examples = setup
+    bad = [dict(examples[0])]
+    ids = list(bad[0]["input_ids"])
+    ids[1] = (ids[1] + 1) % len(tok)
+    bad[0]["input_ids"] = ids
+    with pytest.raises(CacheMismatchError, match="differs from the example"):
+        kd_trainer_parts(str(d), {"top_k": 16}, tok, bad)
+
+
+def test_collator_aligns_teacher_rows_with_labels_and_truncated_example_uses_prefix(setup):
+    tok, enc, d, examples = setup
+    _, collator, info = kd_trainer_parts(str(d), {"top_k": 16, "temperature": 2.0}, tok, examples)
+    assert info["kd_tail_mode"] == "exact"
+    trunc = dict(examples[5])
+    cut = int(loss_positions(trunc["completion_mask"])[2]) + 1     # keep 3 loss positions
+    trunc["input_ids"], trunc["completion_mask"] = trunc["input_ids"][:cut], trunc["completion_mask"][:cut]
+    feats = [examples[1], trunc, examples[7]]
+    batch = collator(feats)
+    mask = batch["labels"][:, 1:] != -100
+    assert int(mask.sum()) == batch["kd_ids"].shape[0] == batch["kd_tail"].shape[0]
+    reader = CacheReader(d)
+    want = np.concatenate([reader.get(1).ids, reader.get(5).ids[:3], reader.get(7).ids])
+    assert np.array_equal(batch["kd_ids"].numpy(), want)
+    assert np.array_equal(batch["kd_tail"].numpy(), np.concatenate(
+        [reader.get(1).tail[:, 1], reader.get(5).tail[:3, 1], reader.get(7).tail[:, 1]]))
+    # labels are the completion tokens, -100 on prompt and padding
+    row = batch["labels"][0]
+    ex = examples[1]
+    assert row[:len(ex["input_ids"])].tolist() == [t if m else -100 for t, m in zip(ex["input_ids"],
+                                                                                     ex["completion_mask"])]
+    assert (row[len(ex["input_ids"]):] == -100).all()
+
+
+def test_smaller_top_k_folds_dropped_entries_into_the_tail(setup, tmp_path):
+    tok, enc, d, examples = setup
+    teacher = tiny_llama(len(tok), seed=2)
+    d8 = tmp_path / "k8"
+    build_cache(teacher, enc, d8, k=8, value_dtype="float16", temperatures=[1.0, 2.0], batch_size=4,
+                pad_token_id=tok.pad_token_id, meta={"tokenizer_vocab_hash": vocab_hash(tok)})
+    for tau in (1.0, 2.0):
+        _, c16, _ = kd_trainer_parts(str(d), {"top_k": 8, "temperature": tau}, tok, examples)
+        _, c8, _ = kd_trainer_parts(str(d8), {"top_k": 8, "temperature": tau}, tok, examples)
+        b16, b8 = c16(examples[:4]), c8(examples[:4])
+        assert torch.equal(b16["kd_ids"], b8["kd_ids"])
+        student = torch.randn(*b16["input_ids"].shape, len(tok), generator=torch.Generator().manual_seed(0))
+        l16 = kd_loss(student, b16["labels"], b16["kd_ids"], b16["kd_values"], b16["kd_tail"], alpha=0.5,
+                      temperature=tau)[0]
+        l8 = kd_loss(student, b8["labels"], b8["kd_ids"], b8["kd_values"], b8["kd_tail"], alpha=0.5,
+                     temperature=tau)[0]
+        assert l16.item() == pytest.approx(l8.item(), rel=1e-3)       # fp16-rounded values fold into the tail
+
+
+def test_cache_logits_stage_writes_manifest_and_meters_tokens(tmp_path):
+    import datasets
+
+    from distill_bench.data.io import save_dataset_dir
+    from distill_bench.models.tokenizer import save_tokenizer
+
+    tok = tiny_tokenizer()
+    pairs = toy_pairs(9, seed=3)
+    rows = {"id": [f"toy-train-{i}" for i in range(9)], "prompt": [p for p, _ in pairs],
+            "response": [r for _, r in pairs], "answer": [None] * 9, "source": ["embedded"] * 9}
+    ev = {k: v[:2] for k, v in rows.items()}
+    dsd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "eval": datasets.Dataset.from_dict(ev)})
+    save_dataset_dir(dsd, tmp_path / "data", {"n_train": 9})
+    save_tokenizer(tok, tmp_path / "tok")
+    tiny_llama(len(tok), seed=4).save_pretrained(tmp_path / "teacher")
+    meter = FakeMeter()
+    cache_logits(meter=meter, teacher=str(tmp_path / "teacher"), tokenizer=str(tmp_path / "tok"),
+                 dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "cache"),
+                 kd={"top_k": 8, "value_dtype": "int8", "temperature": 2.0, "batch_size": 4},
+                 training={"max_length": 128}, seed=0)
+    m = CacheReader(tmp_path / "cache").manifest
+    enc = toy_encoded(tok, 9, seed=3)
+    assert meter.primary == "input_tokens"
+    assert meter.tokens["input_tokens"] == sum(len(e["input_ids"]) for e in enc) == m["input_tokens"]
+    assert meter.tokens["cached_positions"] == m["n_positions"]
+    assert m["temperatures"] == [1.0, 2.0] and m["value_dtype"] == "int8" and m["max_length"] == 128
+    assert meter.records["bytes_per_position"] == 8 * 3 + 4 + 8 and meter.records["bytes_per_entry"] == 3
+
+
+def test_kd_trainer_trains_with_grad_accumulation_and_reports_data_wait(setup, tmp_path):
+    import datasets
+    from trl import SFTConfig
+
+    tok, enc, d, examples = setup
+    trainer_cls, collator, _ = kd_trainer_parts(str(d), {"top_k": 16, "temperature": 2.0, "alpha": 0.5}, tok,
+                                                examples)
+    assert issubclass(trainer_cls, KDSFTTrainer) and trainer_cls.kd_temperature == 2.0
+    ds = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "completion_mask": e["completion_mask"],
+                                      "example_index": e["example_index"]} for e in examples])
+    args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                     max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
+                     dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=True, dataloader_num_workers=0)
+    trainer = trainer_cls(model=tiny_llama(len(tok), seed=3), args=args, train_dataset=ds, processing_class=tok,
+                          data_collator=collator)
+    seen = []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, return_outputs=False, num_items_in_batch=None):
+        seen.append((num_items_in_batch, int((inputs["labels"][:, 1:] != -100).sum())))
+        return original(model, inputs, return_outputs, num_items_in_batch)
+
+    trainer.compute_loss = spy
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    # each optimizer step normalises by the loss tokens of both accumulated micro-batches
+    assert len(seen) == 4 and all(n is not None for n, _ in seen)
+    assert int(seen[0][0]) == seen[0][1] + seen[1][1] and int(seen[2][0]) == seen[2][1] + seen[3][1]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all(np.isfinite(h["loss"]) and "kd_kl" in h and "kd_ce" in h for h in logs)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    frac = trainer.data_wait_fraction()
+    assert frac is not None and 0.0 <= frac < 1.0

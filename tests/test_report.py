@@ -1,0 +1,170 @@
+"""Roll-up accounting: amortisation sums back to the measured total, N* on hand-computed cases, honest errors."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from distill_bench.config import build_plan, validate_config
+from distill_bench.energy import EnergySettings, StageMeter, atomic_write_json
+from distill_bench.report.rollup import RollupError, break_even_reuse, rollup_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# hand-chosen gross energies (J) per stage kind
+ENERGY_J = {"teacher.logits": 9000.0, "teacher.generate": 3000.0, "teacher.merge": 100.0, "student.train": 1000.0,
+            "eval": 200.0, "setup": 50.0, "data": 10.0}
+
+
+def _energy_for(stage_id: str) -> float:
+    for prefix, joules in ENERGY_J.items():
+        if stage_id.startswith(prefix):
+            return joules
+    raise KeyError(stage_id)
+
+
+def _write_stage(results: Path, stage_id: str, role: str, experiment: str | None, joules: float,
+                 tokens: int = 1000) -> None:
+    out = results / "energy" / f"{stage_id}.json"
+    settings = EnergySettings(codecarbon=False, sample_interval_s=0.5)
+    with StageMeter(stage="test", stage_id=stage_id, role=role, experiment=experiment, out_json=out,
+                    settings=settings, install_signal_handlers=False) as meter:
+        meter.add_tokens("trained_tokens", tokens)
+        meter.set_primary_tokens("trained_tokens")
+    record = json.loads(out.read_text())
+    record["energy"].update(total_j=joules, net_j=joules * 0.9, total_kwh=joules / 3.6e6)
+    atomic_write_json(out, record)
+
+
+def _eval(results: Path, model_id: str, dataset: str, acc: float) -> None:
+    path = results / "eval" / model_id / f"{dataset}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metric = {"value": acc, "ci_low": acc - 0.05, "ci_high": acc + 0.05, "stderr": 0.02}
+    path.write_text(json.dumps({"model_id": model_id, "dataset": dataset, "backend": "native", "n": 100,
+                                "metrics": {"strict_match": metric, "flexible_extract": metric}}))
+
+
+@pytest.fixture()
+def run_dir(tmp_path) -> tuple[Path, dict]:
+    """A run whose two KD students share one logit cache, with hand-chosen energies and accuracies."""
+    with open(ROOT / "workflow_config.yaml") as fh:
+        cfg = validate_config({**yaml.safe_load(fh), "results_dir": str(tmp_path)})
+    plan = build_plan(cfg)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "plan.json").write_text(json.dumps(plan.to_dict()))
+    (tmp_path / "config" / "merged_config.yaml").write_text(yaml.safe_dump(cfg))
+    accuracy = {"sft_gt": 0.50, "kd": 0.60, "sft": 0.40}
+    for stage_id in plan.all_stage_ids():
+        role = stage_id.split(".")[0]
+        role = {"data": "data", "setup": "setup", "teacher": "teacher", "student": "student", "eval": "eval"}[role]
+        _write_stage(tmp_path, stage_id, role, None, _energy_for(stage_id))
+    for model_id, dataset in plan.eval_units:
+        pipeline = plan.experiments[model_id].pipeline if model_id in plan.experiments else None
+        _eval(tmp_path, model_id, dataset, accuracy.get(pipeline, 0.9 if model_id == "teacher" else 0.01))
+    return tmp_path, plan.to_dict()
+
+
+def test_amortised_teacher_cost_sums_back_to_the_measured_total(run_dir):
+    results, plan = run_dir
+    table = rollup_run(results, plots=False)
+    for art_id, art in plan["artifacts"].items():
+        measured_kwh = sum(_energy_for(s) for s in art["stage_ids"]) / 3.6e6
+        rows = table[table.artifact == art_id]
+        assert len(rows) == len(art["consumers"])
+        assert rows.teacher_kwh_amortised.sum() == pytest.approx(measured_kwh, rel=1e-12)
+        assert rows.teacher_kwh_oneoff.tolist() == pytest.approx([measured_kwh] * len(rows), rel=1e-12)
+
+
+def test_kd_students_sharing_one_cache_are_each_charged_half_amortised(run_dir):
+    results, _ = run_dir
+    table = rollup_run(results, plots=False).set_index("experiment")
+    kd = table[table.pipeline == "kd"]
+    assert len(kd) == 2
+    assert kd.teacher_kwh_amortised.tolist() == pytest.approx([4500 / 3.6e6] * 2)
+    assert kd.total_kwh_oneoff.tolist() == pytest.approx([(9000 + 1000 + 200) / 3.6e6] * 2)
+
+
+def test_break_even_reuse_from_the_rolled_up_run(run_dir):
+    results, _ = run_dir
+    table = rollup_run(results, plots=False).set_index("experiment")
+    # kd: teacher 9000 J, own 1200 J, baseline 1200 J -> no per-student margin -> never
+    assert table.loc["kd.tiny.arith.temperature-1", "break_even_reuse"] == math.inf
+    # sft: quality below the baseline -> never, whatever the energy
+    assert table.loc["sft.tiny.arith", "break_even_reuse"] == math.inf
+
+
+@pytest.mark.parametrize("teacher,student,baseline,q,qb,expected", [
+    (1000.0, 100.0, 200.0, 0.6, 0.5, 10.0),      # 1000/N + 100 <= 200  ->  N >= 10
+    (1000.0, 100.0, 300.0, 0.6, 0.5, 5.0),       # margin 200 -> exactly 5
+    (1001.0, 100.0, 300.0, 0.6, 0.5, 6.0),       # just over 5 -> 6
+    (0.0, 100.0, 200.0, 0.6, 0.5, 1.0),          # no teacher cost, cheaper -> 1
+    (1000.0, 250.0, 200.0, 0.6, 0.5, math.inf),  # more expensive per student -> never
+    (1000.0, 100.0, 200.0, 0.4, 0.5, math.inf),  # worse quality -> never
+    (10.0, 199.0, 200.0, 0.5, 0.5, 10.0),        # equal quality counts as "at least"
+])
+def test_break_even_reuse_hand_computed(teacher, student, baseline, q, qb, expected):
+    assert break_even_reuse(teacher, student, baseline, q, qb) == expected
+
+
+def test_stages_csv_always_has_its_header(run_dir):
+    results, _ = run_dir
+    rollup_run(results, plots=False)
+    frame = pd.read_csv(results / "summary" / "stages.csv")
+    assert list(frame.columns)[:3] == ["stage_id", "stage", "role"]
+    from distill_bench.report.rollup import stages_frame
+
+    empty = stages_frame({})
+    assert empty.to_csv(index=False).splitlines()[0].startswith("stage_id,stage,role")
+
+
+def test_missing_stage_json_is_named_not_read_as_zero(run_dir):
+    results, _ = run_dir
+    victim = results / "energy" / "student.train.sft_gt.tiny.arith.json"
+    victim.unlink()
+    with pytest.raises(RollupError, match="student.train.sft_gt.tiny.arith"):
+        rollup_run(results, plots=False)
+
+
+def test_newer_schema_version_is_refused_with_the_file_named(run_dir):
+    results, _ = run_dir
+    victim = results / "energy" / "setup.teacher.json"
+    record = json.loads(victim.read_text())
+    record["schema_version"] = 99
+    victim.write_text(json.dumps(record))
+    with pytest.raises(RollupError, match="setup.teacher.json"):
+        rollup_run(results, plots=False)
+
+
+def test_hand_edited_invalid_stage_json_is_refused(run_dir):
+    results, _ = run_dir
+    victim = results / "energy" / "setup.tokenizer.json"
+    record = json.loads(victim.read_text())
+    record["role"] = "wizard"
+    victim.write_text(json.dumps(record))
+    with pytest.raises(RollupError, match="setup.tokenizer.json"):
+        rollup_run(results, plots=False)
+
+
+def test_plots_and_markdown_are_written(run_dir):
+    results, _ = run_dir
+    rollup_run(results, plots=True)
+    for name in ("pareto.png", "energy_by_role.png", "power_timelines.png", "comparison.md"):
+        assert (results / "summary" / name).stat().st_size > 0
+    md = (results / "summary" / "comparison.md").read_text()
+    assert "never" in md and "kd.tiny.arith.temperature-2" in md
+
+
+def test_compare_joins_two_runs(run_dir, tmp_path_factory):
+    from distill_bench.report.compare import compare_runs
+
+    results, _ = run_dir
+    rollup_run(results, plots=False)
+    out = tmp_path_factory.mktemp("cmp")
+    table = compare_runs([str(results), str(results)], out, labels=["a", "b"])
+    assert set(table.run) == {"a", "b"}
+    assert (out / "comparison_of_runs.png").stat().st_size > 0
+    assert (out / "comparison_of_runs.csv").exists()

@@ -1,0 +1,218 @@
+"""Exact token budget, LR schedule, token accounting, resume/refusal and the train_student stage (tiny, offline)."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from distill_bench.models.tokenizer import (TokenizerMismatchError, encode_prompt_response,  # noqa: E402
+                                            load_tokenizer, train_tokenizer)
+from distill_bench.train.budget import build_budgeted_dataset, trained_positions  # noqa: E402
+from distill_bench.train.trainer import (CheckpointMismatchError, TrainingInterrupted, TrainSettings,  # noqa: E402
+                                         train_student)
+from test_models import TINY_ARCH, FakeMeter, _save_dataset, arith_pairs  # noqa: E402
+
+
+def toy_examples(n=7):
+    exs = []
+    for i in range(n):
+        plen, clen = 2 + i % 3, 1 + (i * 5) % 4
+        exs.append({"input_ids": list(range(100 + i, 100 + i + plen + clen)),
+                    "completion_mask": [0] * plen + [1] * clen, "example_index": 10 * i})
+    return exs
+
+
+@pytest.mark.parametrize("budget", [1, 3, 5, 16, 17, 40, 123])
+def test_budget_is_exact_with_truncated_last_example(budget):
+    exs = toy_examples()
+    stream, info = build_budgeted_dataset(exs, budget, seed=3)
+    assert sum(trained_positions(e["completion_mask"]) for e in stream) == budget
+    last = stream[-1]
+    assert last["completion_mask"][-1] == 1  # ends exactly on a counted token
+    src = exs[last["source_index"]]
+    assert last["input_ids"] == src["input_ids"][:len(last["input_ids"])]
+    assert all(e["example_index"] == 10 * e["source_index"] for e in stream)  # extra fields carried
+    total = sum(sum(e["completion_mask"]) for e in exs)  # 17
+    assert info["epochs_started"] == math.ceil(budget / total)
+
+
+def test_budget_larger_than_data_repeats_epochs_with_new_shuffle_and_is_deterministic():
+    exs = toy_examples()
+    s1, _ = build_budgeted_dataset(exs, 17 * 3, seed=1)
+    s2, _ = build_budgeted_dataset(exs, 17 * 3, seed=1)
+    s3, _ = build_budgeted_dataset(exs, 17 * 3, seed=2)
+    assert s1 == s2 and s1 != s3
+    orders = [[e["source_index"] for e in s1 if e["epoch"] == k] for k in range(3)]
+    assert all(sorted(o) == list(range(len(exs))) for o in orders)  # every example once per epoch
+    assert len({tuple(o) for o in orders}) > 1
+
+
+def test_budget_rejects_completion_at_position_zero_and_bad_budget():
+    with pytest.raises(ValueError, match="position 0"):
+        build_budgeted_dataset([{"input_ids": [1, 2], "completion_mask": [1, 1]}], 1, 0)
+    with pytest.raises(ValueError, match="token_budget"):
+        build_budgeted_dataset(toy_examples(), 0, 0)
+
+
+def test_settings_reject_unknown_key_and_bad_precision():
+    with pytest.raises(ValueError, match="tokn_budget"):
+        TrainSettings.from_dict({"tokn_budget": 5, "token_budget": 5, "max_length": 10})
+    with pytest.raises(ValueError, match="precision"):
+        TrainSettings.from_dict({"token_budget": 5, "max_length": 10, "precision": "fp8"})
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trtok") / "tok"
+    train_tokenizer([t for p, r in arith_pairs(100) for t in (p, r)], 100, d)
+    return load_tokenizer(d)
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    out = []
+    for i, (p, r) in enumerate(arith_pairs(40)):
+        e = encode_prompt_response(tok, p, r, 64)
+        e["example_index"] = i
+        out.append(e)
+    return out
+
+
+def settings(**kw):
+    base = dict(token_budget=300, max_length=64, batch_size=4, grad_accum=1, lr=5e-3, warmup_ratio=0.1,
+                lr_scheduler="cosine", save_steps=1000, logging_steps=1)
+    base.update(kw)
+    return TrainSettings.from_dict(base)
+
+
+def model(tok, seed=0):
+    from distill_bench.models.build import init_model_from_arch
+
+    return init_model_from_arch(TINY_ARCH, tok, seed)
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "final" / "model.safetensors"))
+
+
+def test_tiny_run_trains_exactly_the_budget_and_lr_decays_to_zero(tok, examples, tmp_path):
+    meter = FakeMeter()
+    s = settings(batch_size=2)
+    res = train_student(model=model(tok), tokenizer=tok, examples=examples, settings=s, seed=0,
+                        output_dir=tmp_path / "run", meter=meter)
+    stream, _ = build_budgeted_dataset(examples, s.token_budget, 0)
+    assert res["max_steps"] == res["steps"] == math.ceil(len(stream) / s.batch_size)
+    assert meter.tokens["trained_tokens"] == res["trained_tokens"] == 300 and meter.primary == "trained_tokens"
+    assert meter.metrics["trained_tokens_total"] == 300 and meter.metrics["training_completed"] is True
+    assert meter.tokens["input_tokens"] == sum(len(e["input_ids"]) for e in stream)
+    lrs = [lr for _, lr in res["lr_curve"]]
+    assert max(lrs) == pytest.approx(s.lr, rel=0.05)
+    n, w = res["steps"], math.ceil(0.1 * res["steps"])  # cosine over the real optimizer steps
+    assert res["lr_last_step"] == pytest.approx(s.lr * 0.5 * (1 + math.cos(math.pi * (n - 1 - w) / (n - w))))
+    assert res["lr_last_step"] < 0.05 * s.lr and res["lr_end"] < 1e-9
+    assert res["loss_curve"][-1][0] == res["steps"] and res["final_loss"] < res["loss_curve"][0][1]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert (tmp_path / "run" / "final" / "tokenizer.json").is_file()
+    assert (tmp_path / "run" / "train_log.json").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_grad_accumulation_matches_one_big_batch(tok, examples, tmp_path):
+    import torch
+
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    train_student(model=model(tok), tokenizer=tok, examples=examples, settings=settings(batch_size=8), seed=0,
+                  output_dir=a)
+    train_student(model=model(tok), tokenizer=tok, examples=examples,
+                  settings=settings(batch_size=4, grad_accum=2), seed=0, output_dir=b)
+    wa, wb = weights(a), weights(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+class _KillAt:
+    """A TrainerCallback that sends this process SIGTERM once, at a given optimizer step."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class Kill(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        return Kill()
+
+
+def test_sigterm_checkpoints_then_resume_matches_uninterrupted_run_and_other_config_refused(tok, examples,
+                                                                                            tmp_path):
+    import torch
+
+    s = settings(save_steps=1000)
+    ref = train_student(model=model(tok), tokenizer=tok, examples=examples, settings=s, seed=0,
+                        output_dir=tmp_path / "ref")
+
+    seen, first = [], FakeMeter()
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # stands in for the meter
+    try:
+        with pytest.raises(TrainingInterrupted):
+            train_student(model=model(tok), tokenizer=tok, examples=examples, settings=s, seed=0,
+                          output_dir=tmp_path / "run", trainer_kwargs={"callbacks": [_KillAt(4)]}, meter=first)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert seen == [signal.SIGTERM]  # the previous handler got the signal after the checkpoint
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-4").is_dir()
+    assert not (tmp_path / "run" / "final").exists()
+
+    with pytest.raises(CheckpointMismatchError, match="settings"):
+        train_student(model=model(tok), tokenizer=tok, examples=examples, settings=settings(lr=1e-3), seed=0,
+                      output_dir=tmp_path / "run")
+    with pytest.raises(CheckpointMismatchError, match="seed"):
+        train_student(model=model(tok), tokenizer=tok, examples=examples, settings=s, seed=1,
+                      output_dir=tmp_path / "run")
+
+    meter = FakeMeter()
+    res = train_student(model=model(tok), tokenizer=tok, examples=examples, settings=s, seed=0,
+                        output_dir=tmp_path / "run", meter=meter)
+    assert res["resumed_from_step"] == 4 and res["steps"] == ref["steps"]
+    # the meter sums attempts: each attempt bills only what it trained, together exactly the budget
+    assert res["trained_tokens"] == 300 and 0 < res["trained_tokens_this_attempt"] < 300
+    assert first.tokens["trained_tokens"] + meter.tokens["trained_tokens"] == 300
+    assert meter.tokens["trained_tokens"] == res["trained_tokens_this_attempt"]
+    assert first.tokens["input_tokens"] + meter.tokens["input_tokens"] == ref["input_tokens"]
+    wr, wf = weights(tmp_path / "ref"), weights(tmp_path / "run")
+    assert all(torch.allclose(wr[k], wf[k], atol=1e-5) for k in wr)
+    assert res["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-5)
+
+
+def test_train_stage_refuses_tokenizer_mismatch_then_trains_sft_gt(tmp_path, tok):
+    from distill_bench.models.build import save_model_dir
+    from distill_bench.train.stage import train_student as stage
+
+    data = _save_dataset(tmp_path / "data", arith_pairs(30))
+    tok.save_pretrained(str(tmp_path / "tok"))
+    other = tmp_path / "other_tok"
+    train_tokenizer(["unrelated vocabulary words only"] * 10, 60, other)
+    save_model_dir(model(tok), tmp_path / "init", tok)
+    training = dict(token_budget=120, max_length=64, batch_size=4, grad_accum=1, lr=3e-3, weight_decay=0.0,
+                    warmup_ratio=0.05, lr_scheduler="cosine", precision="fp32", save_steps=200)
+    with pytest.raises(TokenizerMismatchError) as err:
+        stage(meter=FakeMeter(), pipeline="sft_gt", dataset=str(data), tokenizer=str(other),
+              init_model=str(tmp_path / "init"), out_dir=str(tmp_path / "s1"), training=training, seed=0)
+    assert "other_tok" in str(err.value) and "init" in str(err.value)
+    assert not (tmp_path / "s1").exists()
+
+    meter = FakeMeter()
+    stage(meter=meter, pipeline="sft_gt", dataset=str(data), tokenizer=str(tmp_path / "tok"),
+          init_model=str(tmp_path / "init"), out_dir=str(tmp_path / "s2"), training=training, seed=0)
+    assert meter.tokens["trained_tokens"] == 120
+    assert meter.metrics["dropped_over_max_length"] == 0
+    assert (tmp_path / "s2" / "final" / "model.safetensors").is_file()
