@@ -43,7 +43,7 @@ def synthetic_corpus(n: int, max_length: int, seed: int) -> list[dict]:
 def peaked_teacher(seed: int):
     model = tiny_llama(VOCAB, hidden=64, layers=2, heads=4, seed=seed)
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(12.0)
+        model.get_output_embeddings().weight.mul_(40.0)
     return model.eval()
 
 
@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20, help="timed training steps for KD and for SFT")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: stable timings on a shared CPU; many small ops suffer from contention)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -103,9 +104,16 @@ def main() -> None:
     examples = [dict(e, example_index=i) for i, e in enumerate(corpus)]
     batches = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
 
-    # int8 vs fp16 KD loss on the same batches and the same student, tau 1 and 2 not needed: tau=1 cached
+    # int8 / bf16 vs fp16 KD loss on the same batches: a random student (large KL) and a student close to the teacher
+    # (teacher weights perturbed, small KL: the hard case for relative error)
+    near = peaked_teacher(args.seed)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(args.seed + 7)
+        for p in near.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.std())
     diffs = {}
-    for alpha in (0.5, 0.0):
+    for (student_name, stu), alpha in [(("random", student), 0.5), (("random", student), 0.0),
+                                       (("near_teacher", near), 0.5), (("near_teacher", near), 0.0)]:
         tot = {}
         for dtype in ("float16", "bfloat16", "int8"):
             col = KDCollator(str(caches[dtype]), pad_token_id=0, top_k=K, temperature=1.0)
@@ -113,11 +121,11 @@ def main() -> None:
             with torch.no_grad():
                 for b in batches:
                     x = col(b)
-                    logits = student(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+                    logits = stu(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
                     s += kd_loss(logits, x["labels"], x["kd_ids"], x["kd_values"], x["kd_tail"], alpha=alpha,
                                  temperature=1.0)[0].item()
             tot[dtype] = s / len(batches)
-        diffs[f"alpha{alpha}"] = {**{f"loss_{k}": v for k, v in tot.items()},
+        diffs[f"{student_name}_alpha{alpha}"] = {**{f"loss_{k}": v for k, v in tot.items()},
                                   "int8_rel_diff_vs_fp16": abs(tot["int8"] - tot["float16"]) / tot["float16"],
                                   "bf16_rel_diff_vs_fp16": abs(tot["bfloat16"] - tot["float16"]) / tot["float16"]}
     res["loss_effect"] = diffs
@@ -164,6 +172,9 @@ def main() -> None:
     res["read_vs_consumption_ratio"] = res["collator_positions_per_s"] / kd_pos_s
 
     f16, i8 = res["cache_float16"], res["cache_int8"]
+    worst_int8 = max(v["int8_rel_diff_vs_fp16"] for v in diffs.values())
+    worst_bf16 = max(v["bf16_rel_diff_vs_fp16"] for v in diffs.values())
+    res["int8_worst_rel_diff_vs_fp16"], res["bf16_worst_rel_diff_vs_fp16"] = worst_int8, worst_bf16
     rows = [
         ("fp16 values + uint16 ids, k=64: B/position (layout | on disk)",
          f"{f16['bytes_per_position_layout']} | {f16['bytes_per_position_on_disk']:.1f}", "≤256 (entries)"),
@@ -171,11 +182,9 @@ def main() -> None:
          f"{f16['bytes_per_entry_values_ids']:.2f} | {f16['bytes_per_entry_all']:.2f}", "≤4"),
         ("int8: B per kept entry (values+ids | incl. offset/scale/normaliser)",
          f"{i8['bytes_per_entry_values_ids']:.2f} | {i8['bytes_per_entry_all']:.2f}", "≤3"),
-        ("int8 KD loss rel. diff vs fp16 (alpha 0.5 | KL only)",
-         f"{diffs['alpha0.5']['int8_rel_diff_vs_fp16']:.2%} | {diffs['alpha0.0']['int8_rel_diff_vs_fp16']:.2%}",
-         "≤1%"),
-        ("bf16 KD loss rel. diff vs fp16 (alpha 0.5 | KL only)",
-         f"{diffs['alpha0.5']['bf16_rel_diff_vs_fp16']:.2%} | {diffs['alpha0.0']['bf16_rel_diff_vs_fp16']:.2%}", "-"),
+        *[(f"KD loss rel. diff vs fp16, {name} (int8 | bf16)",
+           f"{v['int8_rel_diff_vs_fp16']:.3%} | {v['bf16_rel_diff_vs_fp16']:.3%}", "int8 ≤1%")
+          for name, v in diffs.items()],
         ("vocab 100k (17-bit ids) fp16 k=64 | k=128: B/position",
          f"{res['layout_other']['fp16_k64_vocab100k_packed17']} | {res['layout_other']['fp16_k128_vocab100k_packed17']}",
          "DistillKit ≈300 @k=128; original ≈1600"),

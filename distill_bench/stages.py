@@ -6,6 +6,7 @@ as in the rule) plus ``meter``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -67,8 +68,8 @@ def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str,
         artifact=meter_args.get("artifact"),
         out_json=Path(out_json),
         settings=settings,
-        fn=fn,
-        **kwargs,
+        # bound here: stage arguments may share names with run_stage's own (e.g. pipeline)
+        fn=functools.partial(fn, **kwargs),
     )
 
 

@@ -206,3 +206,20 @@ def test_prepare_tokenizer_trains_on_dataset_dirs_and_init_student_saves_model(t
     with pytest.raises(FileNotFoundError, match="missing-data"):
         prepare_tokenizer(meter=FakeMeter(), out_dir=str(tmp_path / "tok2"), source="train", vocab_size=100,
                           datasets=[str(tmp_path / "missing-data")], seed=1)
+
+
+def test_prepare_teacher_train_writes_trained_hf_model_dir(tmp_path, tok_dir, tok):
+    from distill_bench.models.stage import prepare_teacher
+
+    data = _save_dataset(tmp_path / "data", arith_pairs(20))
+    meter = FakeMeter()
+    training = {"token_budget": 999, "max_length": 64, "batch_size": 8, "lr": 1e-3, "save_steps": 100}
+    prepare_teacher(meter=meter, out_dir=str(tmp_path / "teacher"), tokenizer=str(tok_dir),
+                    teacher={"source": "train", "arch": TINY_ARCH, "train": {"tokens": 150, "lr": 5e-3,
+                                                                             "batch_size": 4}},
+                    dataset=str(data), training=training, seed=0)
+    assert meter.tokens["trained_tokens"] == 150  # teacher.train.tokens, not training.token_budget
+    assert meter.metrics["parameters"] == count_parameters(load_model(tmp_path / "teacher"))
+    assert (tmp_path / "teacher" / "train_log.json").is_file()
+    assert vocab_hash(load_tokenizer(tmp_path / "teacher")) == vocab_hash(tok)
+    assert not any(p.name.startswith(".teacher") for p in tmp_path.iterdir())  # work dir cleaned up

@@ -140,16 +140,16 @@ def _logits_artifact(cfg: dict, dataset: str, exp_sections: dict) -> Artifact:
 
 
 def _synthetic_artifact(cfg: dict, dataset: str, exp_sections: dict) -> Artifact:
+    from distill_bench.synthetic.ids import generation_shard_key, synthetic_artifact_id
+
     syn = exp_sections["synthetic"]
-    decoding = {k: syn[k] for k in ("backend", "temperature", "top_p", "max_new_tokens", "samples_per_prompt",
-                                    "n_prompts", "shards")}
-    identity = {"teacher": _teacher_identity(cfg), "dataset": cfg["datasets"][dataset], **decoding}
-    shard_key = f"{dataset}-t{_fmt(syn['temperature'])}-n{syn['max_new_tokens']}-{stable_hash(identity, 6)}"
-    art_id = f"{shard_key}-f{stable_hash(syn['filters'], 4)}"
+    teacher = stable_hash({"teacher": _teacher_identity(cfg), "dataset": cfg["datasets"][dataset]}, 12)
+    shard_key = generation_shard_key(dataset, syn, seed=cfg["seed"], teacher=teacher)
+    art_id = synthetic_artifact_id(dataset, syn, seed=cfg["seed"], teacher=teacher)
     shards = syn["shards"]
     stage_ids = [f"teacher.generate.{shard_key}.shard{i}of{shards}" for i in range(shards)]
     stage_ids.append(f"teacher.merge.{art_id}")
-    return Artifact(id=art_id, kind="synthetic", dataset=dataset, params={**decoding, "filters": syn["filters"]},
+    return Artifact(id=art_id, kind="synthetic", dataset=dataset, params=copy.deepcopy(syn),
                     stage_ids=stage_ids, shard_key=shard_key)
 
 

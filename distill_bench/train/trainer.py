@@ -83,8 +83,8 @@ class TrainSettings:
                 raise ValueError(f"training.{key} must be a positive integer, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"training.lr must be a positive number, got {self.lr!r}")
-        if not 0 <= float(self.warmup_ratio) < 1:
-            raise ValueError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= float(self.warmup_ratio) <= 1:
+            raise ValueError(f"training.warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lr_scheduler not in SCHEDULERS:
@@ -233,7 +233,8 @@ def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: i
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=float(settings.lr),
         weight_decay=float(settings.weight_decay),
-        warmup_steps=float(settings.warmup_ratio),  # a float in [0,1) is a ratio of the real optimizer steps
+        # exact integer step count: HF reads a float >= 1 as steps, so a ratio of 1.0 must not reach it as a float
+        warmup_steps=int(math.ceil(float(settings.warmup_ratio) * max_steps)),
         lr_scheduler_type=settings.lr_scheduler,
         max_grad_norm=float(settings.max_grad_norm),
         bf16=settings.precision == "bf16",
