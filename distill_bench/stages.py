@@ -23,11 +23,13 @@ STAGES: dict[str, tuple[str, str]] = {
     "cache_logits": ("distill_bench.kd.stage:cache_logits", "teacher"),
     "generate_synthetic": ("distill_bench.synthetic.stage:generate_shard", "teacher"),
     "merge_synthetic": ("distill_bench.synthetic.stage:merge_shards", "teacher"),
+    "sample_preferences": ("distill_bench.dpo.stage:sample_candidates", "teacher"),
+    "judge_preferences": ("distill_bench.dpo.stage:judge_candidates", "teacher"),
     "evaluate": ("distill_bench.eval.stage:evaluate", "eval"),
 }
 
 # inputs that only order the DAG (the meter finds them through its settings), never stage arguments
-ADAPTER_ONLY_INPUTS = ("idle", "environment")
+ADAPTER_ONLY_INPUTS = ("idle", "environment", "model_dirs", "judge_inputs")
 
 # keys of a rule's params that configure the meter rather than the stage function
 METER_KEYS = ("stage_id", "role", "pipeline", "experiment", "artifact", "energy")

@@ -69,9 +69,11 @@ def model_dir_for(model_id):
 
 
 def artifact_dir(artifact_id):
+    """Where a shared teacher artifact lives: a logit cache, a synthetic set, or a preference-pair set."""
     art = PLAN.artifacts[artifact_id]
-    sub = "logits" if art.kind == "logits" else "synthetic"
-    return f"{R}/teacher/{sub}/{artifact_id}"
+    if art.kind == "preferences":
+        return f"{R}/teacher/preferences/{artifact_id}/pairs"
+    return f"{R}/teacher/{art.kind}/{artifact_id}"
 
 
 def shard_dirs(artifact_id):

@@ -1,5 +1,5 @@
 # KD, teacher side: one top-k logit cache per (teacher, corpus, tokenizer, k, dtype), shared by every KD student
-# of that corpus. Temperature and alpha are applied at training time, so a tau/alpha sweep reuses one cache.
+# of that corpus (the teacher is the configured teacher, or an earlier student for self-distillation). Temperature and alpha are applied at training time, so a tau/alpha sweep reuses one cache.
 
 
 def logits_artifact(wildcards):
@@ -9,7 +9,7 @@ def logits_artifact(wildcards):
 rule cache_logits:
     input:
         **METER_INPUTS,
-        teacher=f"{R}/models/teacher",
+        teacher=lambda w: model_dir_for(logits_artifact(w).teacher),
         tokenizer=f"{R}/tokenizer",
         dataset=lambda w: f"{R}/data/{logits_artifact(w).dataset}",
     output:

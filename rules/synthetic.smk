@@ -5,7 +5,7 @@
 rule generate_synthetic:
     input:
         **METER_INPUTS,
-        teacher=f"{R}/models/teacher",
+        teacher=lambda w: model_dir_for(synthetic_artifact_by_shard_key(w.shard_key).teacher),
         tokenizer=f"{R}/tokenizer",
         dataset=lambda w: f"{R}/data/{synthetic_artifact_by_shard_key(w.shard_key).dataset}",
     output:

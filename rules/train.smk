@@ -3,13 +3,16 @@
 
 
 def train_inputs(wildcards):
+    """The student starts from its init, or from an earlier experiment's model (DPO, self-distillation,
+    continued training); it reads ground truth, a synthetic set or preference pairs, plus a logit cache for KD."""
     exp = experiment(wildcards)
-    inputs = {**METER_INPUTS, "tokenizer": f"{R}/tokenizer", "init_model": init_dir(exp.student)}
-    if exp.pipeline == "sft":
+    init = model_dir_for(exp.init_from) if exp.init_from else init_dir(exp.student)
+    inputs = {**METER_INPUTS, "tokenizer": f"{R}/tokenizer", "init_model": init}
+    if exp.trainer in ("sft", "dpo"):
         inputs["dataset"] = artifact_dir(exp.artifact)
     else:
         inputs["dataset"] = f"{R}/data/{exp.dataset}"
-    if exp.pipeline == "kd":
+    if exp.trainer == "kd":
         inputs["kd_cache"] = artifact_dir(exp.artifact)
     return inputs
 
@@ -24,7 +27,9 @@ rule train_student:
         pipeline=lambda w: experiment(w).pipeline,
         out_dir=lambda w: f"{R}/models/students/{w.exp}",
         training=lambda w: experiment(w).training,
-        kd=lambda w: experiment(w).sections["kd"] if experiment(w).pipeline == "kd" else None,
+        method=lambda w: experiment(w).trainer,
+        kd=lambda w: experiment(w).sections["kd"] if experiment(w).trainer == "kd" else None,
+        dpo=lambda w: experiment(w).sections["dpo"] if experiment(w).trainer == "dpo" else None,
         seed=CFG["seed"],
         stage_id=lambda w: f"student.train.{w.exp}",
         role="student",

@@ -88,11 +88,14 @@ def test_lm_eval_backend_runs_embedded_task_offline_and_agrees_with_native(workd
     assert meter.records["loglikelihood_requests"] == 0 and meter.records["generate_requests"] == 4
 
 
-def test_unknown_lm_eval_task_lists_close_matches_before_loading_any_model(workdir):
+@pytest.mark.parametrize("where", ["task", "eval.tasks"])
+def test_unknown_lm_eval_task_lists_close_matches_before_loading_any_model(workdir, where):
+    kw = {"task": "gsm8kk"} if where == "task" else {"eval": _eval_cfg(backend="lm_eval", tasks=["mmlu", "gsm8kk"])}
+    # the model path does not exist: the task check must come first
     with pytest.raises(ValueError, match=r"unknown lm-eval task.*'gsm8kk'.*close matches: .*gsm8k"):
-        evaluate(meter=RecordingMeter(), model=str(workdir / "no-such-model"), tokenizer=str(workdir / "nope"),
-                 dataset=str(workdir / "data"), out_json=str(workdir / "x.json"),
-                 eval=_eval_cfg(backend="lm_eval", tasks=["gsm8kk"]), model_id="m", seed=1)
+        evaluate(**{"meter": RecordingMeter(), "model": str(workdir / "no-such-model"), "tokenizer": None,
+                    "dataset": str(workdir / "data"), "out_json": str(workdir / "x.json"),
+                    "eval": _eval_cfg(backend="lm_eval"), "model_id": "m", "seed": 1, **kw})
 
 
 def test_standard_task_without_offline_data_fails_fast_with_clear_message(workdir, monkeypatch):

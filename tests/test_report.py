@@ -48,11 +48,12 @@ def _eval(results: Path, model_id: str, dataset: str, acc: float) -> None:
                                 "metrics": {"strict_match": metric, "flexible_extract": metric}}))
 
 
-@pytest.fixture()
-def run_dir(tmp_path) -> tuple[Path, dict]:
-    """A run whose two KD students share one logit cache, with hand-chosen energies and accuracies."""
+def _build_run(tmp_path: Path, extra_experiments: list[dict] | None = None) -> tuple[Path, dict]:
     with open(ROOT / "workflow_config.yaml") as fh:
-        cfg = validate_config({**yaml.safe_load(fh), "results_dir": str(tmp_path)})
+        raw = yaml.safe_load(fh)
+    raw["experiments"] = [e for e in raw["experiments"] if e["pipeline"] in ("sft_gt", "kd", "sft")]
+    raw["experiments"] += extra_experiments or []
+    cfg = validate_config({**raw, "results_dir": str(tmp_path)})
     plan = build_plan(cfg)
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "plan.json").write_text(json.dumps(plan.to_dict()))
@@ -66,6 +67,39 @@ def run_dir(tmp_path) -> tuple[Path, dict]:
         pipeline = plan.experiments[model_id].pipeline if model_id in plan.experiments else None
         _eval(tmp_path, model_id, dataset, accuracy.get(pipeline, 0.9 if model_id == "teacher" else 0.01))
     return tmp_path, plan.to_dict()
+
+
+ENERGY_J["student.train.sft.tiny"] = 1000.0
+
+
+@pytest.fixture()
+def run_dir(tmp_path) -> tuple[Path, dict]:
+    """A run whose two KD students share one logit cache, with hand-chosen energies and accuracies."""
+    return _build_run(tmp_path)
+
+
+def test_amortised_column_sums_back_with_upstream_checkpoints(tmp_path):
+    """Self-distillation and continued training both build on the sft_gt checkpoint: its training is shared."""
+    results, plan = _build_run(tmp_path, [
+        {"pipeline": "selfdistill", "students": ["tiny"], "datasets": ["arith"],
+         "overrides": {"selfdistill": {"from": "sft_gt", "method": "kd"}}},
+        {"pipeline": "continued", "students": ["tiny"], "datasets": ["arith"],
+         "overrides": {"selfdistill": {"from": "sft_gt"}}},
+    ])
+    table = rollup_run(results, plots=False).set_index("experiment")
+    consumed = set()
+    from distill_bench.report.rollup import charged_units
+
+    for exp_id in plan["experiments"]:
+        for ids in charged_units(plan, exp_id).values():
+            consumed |= set(ids)
+    measured = sum(_energy_for(s) for s in consumed) / 3.6e6
+    assert table.total_kwh_amortised.sum() == pytest.approx(measured, rel=1e-12)
+    assert table.loc["continued.tiny.arith", "upstream_kwh_oneoff"] == pytest.approx(1000 / 3.6e6)
+    assert table.loc["continued.tiny.arith", "lineage"] == "sft_gt.tiny.arith -> continued.tiny.arith"
+    # the sft_gt training is shared three ways: its own row, self-distillation and continued training
+    assert table.loc["continued.tiny.arith", "upstream_kwh_amortised"] == pytest.approx(1000 / 3 / 3.6e6)
+    assert table.loc["selfdistill.tiny.arith", "teacher_kwh_oneoff"] == pytest.approx(9000 / 3.6e6)
 
 
 def test_amortised_teacher_cost_sums_back_to_the_measured_total(run_dir):

@@ -11,7 +11,7 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("workflow.schema.yaml")
-SECTIONS = ("training", "kd", "synthetic", "eval")
+SECTIONS = ("training", "kd", "synthetic", "eval", "dpo", "selfdistill")
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,7 @@
-"""The run plan: experiments from the grid, shared teacher artifacts, stage ids and who consumes what.
+"""The run plan: experiments from the grid, shared teacher artifacts, lineage, stage ids and who consumes what.
 
-The Snakefile, the roll-up and the tests all read the same plan, so the accounting (which teacher stages each
-student is charged for) can never drift from the DAG that was run.
+The Snakefile, the roll-up and the tests all read the same plan, so the accounting (which teacher stages and which
+upstream checkpoints each student is charged for) can never drift from the DAG that was run.
 """
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from distill_bench.config.load import SECTIONS
+from distill_bench.config.load import SECTIONS, ConfigError
 
-PIPELINES_WITH_TEACHER_ARTIFACT = {"kd": "logits", "sft": "synthetic"}
 # datasets whose eval split has a verifiable final answer, scored by exact match on their own held-out split
 VERIFIABLE_SOURCES = {"embedded", "openr1_math"}
+# pipelines that start from an earlier experiment's model, and the section naming it
+LINEAGE_KEY = {"dpo": ("dpo", "start_from"), "selfdistill": ("selfdistill", "from"),
+               "continued": ("selfdistill", "from")}
 
 
 def stable_hash(obj: Any, n: int = 8) -> str:
@@ -50,12 +52,15 @@ def _deep_merge(base: dict, override: dict) -> dict:
 @dataclass
 class Experiment:
     id: str
-    pipeline: str
+    pipeline: str                            # what the table shows: sft_gt, kd, sft, dpo, selfdistill, continued
     student: str
     dataset: str
     variant: dict[str, Any]
     sections: dict[str, dict]
-    artifact: str | None = None            # the shared teacher artifact this experiment consumes
+    trainer: str = ""                        # the training machinery: sft_gt, kd, sft or dpo
+    artifact: str | None = None              # the shared teacher artifact this experiment consumes
+    init_from: str | None = None             # experiment whose final model this one starts from (else the init)
+    lineage: list[str] = field(default_factory=list)   # earlier experiments this one builds on, nearest first
 
     @property
     def training(self) -> dict:
@@ -65,12 +70,15 @@ class Experiment:
 @dataclass
 class Artifact:
     id: str
-    kind: str                                # logits | synthetic
+    kind: str                                # logits | synthetic | preferences
     dataset: str
     params: dict
     stage_ids: list[str]
+    teacher: str = "teacher"                 # model id of the model that produces it (teacher or an experiment)
     consumers: list[str] = field(default_factory=list)
     shard_key: str | None = None             # synthetic: generation shards shared across filter settings
+    sources: dict[str, str] = field(default_factory=dict)   # preferences: sample source label -> model id
+    judge_model: str | None = None           # preferences: model id or path of the judge (None: no model)
 
 
 @dataclass
@@ -107,11 +115,20 @@ class Plan:
         ids += [eval_stage_id(m, d) for m, d in self.eval_units]
         return ids
 
+    def checkpoint_consumers(self) -> dict[str, list[str]]:
+        """Experiment id -> the experiments that build on its model (directly or further down the lineage)."""
+        out: dict[str, list[str]] = {}
+        for exp in self.experiments.values():
+            for upstream in exp.lineage:
+                out.setdefault(upstream, []).append(exp.id)
+        return out
+
     def to_dict(self) -> dict:
         return {
             "run_name": self.config["run_name"],
             "experiments": {k: asdict(v) for k, v in self.experiments.items()},
             "artifacts": {k: asdict(v) for k, v in self.artifacts.items()},
+            "checkpoint_consumers": self.checkpoint_consumers(),
             "eval_units": [list(u) for u in self.eval_units],
             "stage_ids": self.all_stage_ids(),
         }
@@ -121,7 +138,7 @@ def eval_stage_id(model_id: str, dataset: str) -> str:
     return f"eval.{model_id}.{dataset}"
 
 
-def _teacher_identity(cfg: dict) -> dict:
+def _base_teacher_identity(cfg: dict) -> dict:
     t = cfg["teacher"]
     if t["source"] == "pretrained":
         return {"source": "pretrained", "name_or_path": t["name_or_path"], "tokenizer": cfg["tokenizer"]}
@@ -129,34 +146,66 @@ def _teacher_identity(cfg: dict) -> dict:
             "seed": cfg["seed"]}
 
 
-def _logits_artifact(cfg: dict, dataset: str, exp_sections: dict) -> Artifact:
-    kd = exp_sections["kd"]
+def _model_identity(cfg: dict, experiments: dict[str, Experiment], model_id: str) -> Any:
+    """What determines a model's weights: the configured teacher, or an experiment and everything upstream of it."""
+    if model_id == "teacher":
+        return _base_teacher_identity(cfg)
+    exp = experiments[model_id]
+    return {"experiment": exp.id, "sections": exp.sections, "student": cfg["students"][exp.student],
+            "upstream": [_model_identity(cfg, experiments, u) for u in exp.lineage[:1]], "seed": cfg["seed"]}
+
+
+def _logits_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) -> Artifact:
+    kd = exp.sections["kd"]
     params = {"top_k": kd["top_k"], "value_dtype": kd["value_dtype"], "batch_size": kd["batch_size"],
-              "cache_shards": kd["cache_shards"], "max_length": exp_sections["training"]["max_length"]}
-    identity = {"teacher": _teacher_identity(cfg), "dataset": cfg["datasets"][dataset], **params}
-    art_id = f"{dataset}-k{kd['top_k']}-{kd['value_dtype']}-{stable_hash(identity, 6)}"
-    return Artifact(id=art_id, kind="logits", dataset=dataset, params=params,
-                    stage_ids=[f"teacher.logits.{art_id}"])
+              "cache_shards": kd["cache_shards"], "max_length": exp.training["max_length"]}
+    ident = {"teacher": identity, "dataset": cfg["datasets"][exp.dataset], **params}
+    params["extra_temperatures"] = list(kd["cache_temperatures"])
+    prefix = exp.dataset if teacher == "teacher" else f"{exp.dataset}-from-{exp.lineage[0].split('.')[0]}"
+    art_id = f"{prefix}-k{kd['top_k']}-{kd['value_dtype']}-{stable_hash(ident, 6)}"
+    return Artifact(id=art_id, kind="logits", dataset=exp.dataset, params=params,
+                    stage_ids=[f"teacher.logits.{art_id}"], teacher=teacher)
 
 
-def _synthetic_artifact(cfg: dict, dataset: str, exp_sections: dict) -> Artifact:
+def _synthetic_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) -> Artifact:
     from distill_bench.synthetic.ids import generation_shard_key, synthetic_artifact_id
 
-    syn = exp_sections["synthetic"]
-    teacher = stable_hash({"teacher": _teacher_identity(cfg), "dataset": cfg["datasets"][dataset]}, 12)
-    shard_key = generation_shard_key(dataset, syn, seed=cfg["seed"], teacher=teacher)
-    art_id = synthetic_artifact_id(dataset, syn, seed=cfg["seed"], teacher=teacher)
+    syn = exp.sections["synthetic"]
+    teacher_hash = stable_hash({"teacher": identity, "dataset": cfg["datasets"][exp.dataset]}, 12)
+    name = exp.dataset if teacher == "teacher" else f"{exp.dataset}-from-{exp.lineage[0].split('.')[0]}"
+    shard_key = generation_shard_key(name, syn, seed=cfg["seed"], teacher=teacher_hash)
+    art_id = synthetic_artifact_id(name, syn, seed=cfg["seed"], teacher=teacher_hash)
     shards = syn["shards"]
     stage_ids = [f"teacher.generate.{shard_key}.shard{i}of{shards}" for i in range(shards)]
     stage_ids.append(f"teacher.merge.{art_id}")
-    return Artifact(id=art_id, kind="synthetic", dataset=dataset, params=copy.deepcopy(syn),
-                    stage_ids=stage_ids, shard_key=shard_key)
+    return Artifact(id=art_id, kind="synthetic", dataset=exp.dataset, params=copy.deepcopy(syn),
+                    stage_ids=stage_ids, shard_key=shard_key, teacher=teacher)
 
 
-def build_plan(cfg: dict) -> Plan:
-    """Expand the experiment grid of a *validated* config into experiments, artifacts and eval units."""
+def _preference_artifact(cfg: dict, exp: Experiment, experiments: dict[str, Experiment]) -> Artifact:
+    dpo = exp.sections["dpo"]
+    start = exp.init_from
+    sources = {}
+    if dpo["sample_source"] in ("student", "both"):
+        sources["student"] = start
+    if dpo["sample_source"] in ("teacher", "both"):
+        sources["teacher"] = "teacher"
+    judge_model = None
+    if dpo["judge"] in ("teacher_logprob", "llm"):
+        judge_model = dpo["judge_model"] or "teacher"
+    keys = ("sample_source", "samples_per_prompt", "temperature", "top_p", "max_new_tokens", "batch_size",
+            "n_prompts", "judge", "judge_model", "margin")
+    params = {k: dpo[k] for k in keys}
+    ident = {"params": params, "dataset": cfg["datasets"][exp.dataset], "judge": judge_model,
+             "sources": {k: _model_identity(cfg, experiments, v) for k, v in sources.items()}}
+    art_id = f"{exp.dataset}-{dpo['judge']}-n{dpo['samples_per_prompt']}-{stable_hash(ident, 6)}"
+    return Artifact(id=art_id, kind="preferences", dataset=exp.dataset, params=params,
+                    stage_ids=[f"teacher.sample.{art_id}", f"teacher.judge.{art_id}"],
+                    teacher=judge_model or "teacher", sources=sources, judge_model=judge_model)
+
+
+def _expand(cfg: dict) -> dict[str, Experiment]:
     experiments: dict[str, Experiment] = {}
-    artifacts: dict[str, Artifact] = {}
     for index, spec in enumerate(cfg["experiments"]):
         base_sections = {s: _deep_merge(cfg[s], (spec.get("overrides") or {}).get(s, {})) for s in SECTIONS}
         grid = spec.get("grid") or {}
@@ -174,16 +223,82 @@ def build_plan(cfg: dict) -> Plan:
                 for dataset in spec["datasets"]:
                     exp_id = ".".join([spec["pipeline"], student, dataset] + suffix_parts)
                     if exp_id in experiments:
-                        raise _duplicate(exp_id, index)
-                    exp = Experiment(id=exp_id, pipeline=spec["pipeline"], student=student, dataset=dataset,
-                                     variant=variant, sections=sections)
-                    kind = PIPELINES_WITH_TEACHER_ARTIFACT.get(spec["pipeline"])
-                    if kind:
-                        art = (_logits_artifact if kind == "logits" else _synthetic_artifact)(cfg, dataset, sections)
-                        art = artifacts.setdefault(art.id, art)
-                        art.consumers.append(exp_id)
-                        exp.artifact = art.id
-                    experiments[exp_id] = exp
+                        raise ConfigError(f"config key 'experiments[{index}]': experiment id {exp_id!r} is "
+                                          f"produced twice; give one of the experiments a distinct 'name'")
+                    experiments[exp_id] = Experiment(id=exp_id, pipeline=spec["pipeline"], student=student,
+                                                     dataset=dataset, variant=variant, sections=sections)
+    return experiments
+
+
+def _resolve_reference(exp: Experiment, experiments: dict[str, Experiment]) -> str:
+    section, key = LINEAGE_KEY[exp.pipeline]
+    ref = exp.sections[section][key]
+    where = f"{section}.{key}"
+    if ref in experiments:
+        target = experiments[ref]
+    else:
+        matches = [e for e in experiments.values()
+                   if e.pipeline == ref and e.student == exp.student and e.dataset == exp.dataset]
+        if not matches:
+            raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: no experiment {ref!r} (neither an "
+                              f"experiment id nor a pipeline with student {exp.student!r} and dataset "
+                              f"{exp.dataset!r}); experiments: {sorted(experiments)}")
+        if len(matches) > 1:
+            raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: {ref!r} matches several experiments "
+                              f"({sorted(m.id for m in matches)}); name one by its experiment id")
+        target = matches[0]
+    if target.id == exp.id:
+        raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: an experiment cannot start from itself")
+    if exp.pipeline == "dpo" and target.pipeline == "dpo":
+        raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: DPO starts from a distilled-SFT "
+                          f"checkpoint, not from another DPO run ({target.id})")
+    return target.id
+
+
+def _resolve_lineage(experiments: dict[str, Experiment]) -> None:
+    direct = {e.id: _resolve_reference(e, experiments) for e in experiments.values() if e.pipeline in LINEAGE_KEY}
+    for exp in experiments.values():
+        chain, node = [], exp.id
+        while node in direct:
+            node = direct[node]
+            if node in chain or node == exp.id:
+                raise ConfigError(f"experiment {exp.id!r}: its lineage loops ({' -> '.join([exp.id] + chain)})")
+            chain.append(node)
+        exp.lineage = chain
+        exp.init_from = chain[0] if chain else None
+        if exp.pipeline == "selfdistill":
+            exp.trainer = exp.sections["selfdistill"]["method"]
+        elif exp.pipeline == "continued":
+            exp.trainer = "sft_gt"
+        else:
+            exp.trainer = exp.pipeline
+
+
+def build_plan(cfg: dict) -> Plan:
+    """Expand the experiment grid of a *validated* config into experiments, artifacts and eval units."""
+    experiments = _expand(cfg)
+    _resolve_lineage(experiments)
+    artifacts: dict[str, Artifact] = {}
+    for exp in experiments.values():
+        art = None
+        if exp.trainer in ("kd", "sft"):
+            teacher = exp.init_from if exp.pipeline == "selfdistill" else "teacher"
+            identity = _model_identity(cfg, experiments, teacher)
+            make = _logits_artifact if exp.trainer == "kd" else _synthetic_artifact
+            art = make(cfg, exp, teacher, identity)
+        elif exp.trainer == "dpo":
+            art = _preference_artifact(cfg, exp, experiments)
+        if art is not None:
+            art = artifacts.setdefault(art.id, art)
+            art.consumers.append(exp.id)
+            exp.artifact = art.id
+    for art in artifacts.values():
+        if art.kind == "logits":
+            # one cache for a whole temperature sweep: the tail mass is stored for every temperature its consumers
+            # use (exact KL at each); adding a temperature changes these params, so Snakemake rebuilds the cache
+            temps = {float(t) for t in art.params.pop("extra_temperatures")}
+            temps |= {float(experiments[c].sections["kd"]["temperature"]) for c in art.consumers}
+            art.params["cache_temperatures"] = sorted(temps)
     datasets = sorted({e.dataset for e in experiments.values()})
     students = sorted({e.student for e in experiments.values()})
     tasks = list(cfg["eval"]["tasks"]) if cfg["eval"]["backend"] == "lm_eval" else []
@@ -193,10 +308,3 @@ def build_plan(cfg: dict) -> Plan:
     eval_units += [(e.id, d) for e in experiments.values()
                    for d in ([e.dataset] if e.dataset in scored else []) + tasks]
     return Plan(config=cfg, experiments=experiments, artifacts=artifacts, eval_units=eval_units)
-
-
-def _duplicate(exp_id: str, index: int):
-    from distill_bench.config.load import ConfigError
-
-    return ConfigError(f"config key 'experiments[{index}]': experiment id {exp_id!r} is produced twice; give one "
-                       f"of the experiments a distinct 'name'")

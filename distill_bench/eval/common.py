@@ -90,13 +90,28 @@ def samples_path(out_json: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".samples.jsonl")
 
 
-def check_model_dir(model: str | os.PathLike, tokenizer: str | os.PathLike | None) -> None:
-    """Fail before loading anything: the model directory must exist with a config, the tokenizer must be findable."""
+def resolve_model(model: str | os.PathLike) -> str:
+    """The directory / HF id to load (follows ``model_ref.json`` pointers via ``distill_bench.models.build``);
+    a local path that is missing or holds no model is a FileNotFoundError naming it."""
+    try:
+        from distill_bench.models.build import resolve_model_ref
+    except ImportError:  # models module absent: plain directories only
+        resolve_model_ref = None
+    if resolve_model_ref is not None:
+        return resolve_model_ref(model)
     m = Path(model)
-    if m.exists() and not (m / "config.json").exists():
+    if m.is_dir() and not (m / "config.json").exists():
         raise FileNotFoundError(f"model directory {str(m)!r} has no config.json (not a saved HF model)")
-    tok = Path(tokenizer) if tokenizer else m
+    return str(model)
+
+
+def check_model_dir(model: str | os.PathLike, tokenizer: str | os.PathLike | None) -> str:
+    """Fail before loading anything: the model must resolve and a tokenizer must be findable. Returns the
+    resolved model path / id."""
+    target = resolve_model(model)
+    tok = Path(tokenizer) if tokenizer else Path(target)
     if tok.exists() and not any((tok / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                              "tokenizer.model")):
         raise FileNotFoundError(f"no tokenizer in {str(tok)!r} (expected tokenizer.json / tokenizer_config.json)"
                                 + ("; pass the tokenizer directory explicitly" if not tokenizer else ""))
+    return target

@@ -165,14 +165,21 @@ def _metrics(task_results: Mapping[str, Any], confidence: float) -> dict[str, di
     return out
 
 
-def evaluate_lm_eval(*, meter, model: str, tokenizer: str, dataset: str, out_json: str, eval: Mapping[str, Any],
-                     model_id: str, seed: int, split: str = "eval", task: str | None = None) -> dict[str, Any]:
-    """Run lm-eval on ``model`` for ``task`` (or every ``eval.tasks``) and write one result JSON."""
+def evaluate_lm_eval(*, meter, model: str, tokenizer: str | None, dataset: str | None, out_json: str,
+                     eval: Mapping[str, Any], model_id: str, seed: int, split: str = "eval",
+                     task: str | None = None) -> dict[str, Any]:
+    """Run lm-eval on ``model`` for ``task`` and write one result JSON. ``task=None`` means our embedded task over
+    ``dataset`` (the workflow's per-dataset eval); a standard task (gsm8k, mmlu, ...) needs no dataset."""
     cfg = parse_eval_config(eval)
-    tasks = [task] if task else list(cfg["tasks"] or ["distill_arith"])
+    tasks = [task or "distill_arith"]
     manager = task_manager()
-    check_task_names(tasks, manager)          # before any data or model loads
-    check_model_dir(model, tokenizer)
+    # every configured task is checked, so a typo in eval.tasks fails the first eval stage, before any model loads
+    check_task_names(tasks + [t for t in cfg["tasks"] or [] if t not in tasks], manager)
+    if any(t in EMBEDDED_TASKS for t in tasks) and not dataset:
+        raise ValueError(f"lm-eval task {tasks[0]!r} is our embedded task and needs the dataset directory")
+    target = check_model_dir(model, tokenizer)
+    tokenizer = tokenizer or target
+    model = target
     import lm_eval
 
     with tempfile.TemporaryDirectory(prefix="distill_bench_lmeval_") as tmp:

@@ -10,13 +10,16 @@ from distill_bench.eval.common import (atomic_write_json, atomic_write_text, che
 from distill_bench.eval.scoring import bootstrap_ci, per_item, stderr
 
 
-def evaluate_native(*, meter, model: str, tokenizer: str, dataset: str, out_json: str, eval: Mapping[str, Any],
+def evaluate_native(*, meter, model: str, tokenizer: str | None, dataset: str | None, out_json: str, eval: Mapping[str, Any],
                     model_id: str, seed: int, split: str = "eval") -> dict[str, Any]:
     from distill_bench.generation import GenerationSettings, generate, resolve_backend, summarize
     from distill_bench.generation.prompts import load_tokenizer
 
     cfg = parse_eval_config(eval)
-    check_model_dir(model, tokenizer)
+    if not dataset:
+        raise ValueError("native evaluation needs a dataset (eval.backend: native scores a verifiable dataset split)")
+    target = check_model_dir(model, tokenizer)
+    tokenizer = tokenizer or target
     rows = load_split(dataset, split, cfg["limit"])
     tok = load_tokenizer(tokenizer)
     settings = GenerationSettings(backend="auto", batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
@@ -27,7 +30,7 @@ def evaluate_native(*, meter, model: str, tokenizer: str, dataset: str, out_json
 
         model_obj = load_model(model)
     else:
-        model_obj = model  # vLLM loads the directory itself
+        model_obj = target  # vLLM loads the directory itself
     prompts = list(rows["prompt"])
     steady: list[tuple[int, float]] = []
     t0 = time.perf_counter()

@@ -6,10 +6,12 @@ from typing import Any, Mapping
 from distill_bench.eval.common import parse_eval_config
 
 
-def evaluate(*, meter, model: str, tokenizer: str, dataset: str, out_json: str, eval: Mapping[str, Any],
-             model_id: str, seed: int, split: str = "eval", task: str | None = None) -> dict[str, Any]:
-    """Write ``out_json`` (result JSON + ``<name>.samples.jsonl`` beside it); ``task`` picks one lm-eval task
-    (the workflow runs one stage per (model, task)); native ignores it."""
+def evaluate(*, meter, model: str, out_json: str, eval: Mapping[str, Any], model_id: str, seed: int,
+             tokenizer: str | None = None, dataset: str | None = None, split: str = "eval",
+             task: str | None = None) -> dict[str, Any]:
+    """Write ``out_json`` (result JSON + ``<name>.samples.jsonl`` beside it). ``task`` picks one lm-eval task (the
+    workflow runs one stage per (model, task)); ``task=None`` evaluates ``dataset``'s split -- natively, or with
+    lm-eval through our local ``distill_arith`` task YAML. ``tokenizer=None``: the model directory's own."""
     cfg = parse_eval_config(eval)
     if cfg["backend"] == "lm_eval":
         from distill_bench.eval.lm_eval_backend import evaluate_lm_eval

@@ -11,7 +11,9 @@ batch* (the Trainer's ``num_items_in_batch``), so 1 x 8 and 2 x 4 micro-batches 
 Memory/compute: per chunk of positions the student's log-softmax over the vocabulary is computed once and serves
 both CE and the KD term (at tau != 1 the KD term needs a second one, of z / tau); one gather picks the target and
 top-k entries. Chunks bound the [chunk, V] temporaries, and with gradients on each chunk is recomputed in backward
-(activation checkpointing) instead of keeping its [chunk, V] activations.
+(activation checkpointing) instead of keeping its [chunk, V] activations. The loss-bearing rows are gathered from
+the [B, L, V] logits once and cut into chunks by one ``split``: indexing the logits per chunk would make autograd
+write a zero-filled [B, L, V] gradient per chunk (hundreds at a 100k vocabulary; see docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -79,10 +81,10 @@ def teacher_bucket_log_probs(values: torch.Tensor, tail_tau: torch.Tensor, tau: 
     return a - torch.logsumexp(a, dim=1, keepdim=True)
 
 
-def _chunk_terms(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor,
-                 ids: torch.Tensor, t_p: torch.Tensor, t_negent: torch.Tensor, tau: float, alpha: float,
+def _chunk_terms(z: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, t_p: torch.Tensor,
+                 t_negent: torch.Tensor, tau: float, alpha: float,
                  compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    z = logits[rows, cols].to(compute_dtype)                      # [c, V]
+    z = z.to(compute_dtype)                                       # [c, V] student logits of c positions
     logq1 = torch.log_softmax(z, dim=-1)                          # the one full-vocab pass at tau = 1
     if tau == 1.0:
         g = logq1.gather(1, torch.cat([targets[:, None], ids], dim=1))
@@ -141,10 +143,10 @@ def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tenso
     total = logits.new_zeros((), dtype=compute_dtype)
     ce_sum = logits.new_zeros((), dtype=compute_dtype)
     kl_sum = logits.new_zeros((), dtype=compute_dtype)
-    for s in range(0, n, chunk):
+    z_all = logits[rows, cols]                                    # [n, V]: one gather, one scatter in backward
+    for s, z in zip(range(0, n, chunk), z_all.split(chunk)):
         e = min(n, s + chunk)
-        args = (logits, rows[s:e], cols[s:e], targets[s:e], teacher_ids[s:e], t_p[s:e], t_negent[s:e], tau,
-                alpha, compute_dtype)
+        args = (z, targets[s:e], teacher_ids[s:e], t_p[s:e], t_negent[s:e], tau, alpha, compute_dtype)
         if use_ckpt:
             part, ce_c, kl_c = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:

@@ -3,12 +3,13 @@
 Accounting rules (README "Reading the table"):
 - every stage belongs to exactly one bucket: setup (shown, never charged), data, teacher side (a shared artifact),
   student training, eval, idle;
-- a shared teacher artifact (logit cache, synthetic set) is charged **one-off** (its full energy to each consumer,
-  what a single study pays) and **amortised** (split evenly across the consumers of this run, which sums back to the
-  measured total);
+- a shared teacher artifact (logit cache, synthetic set, preference pairs) and an upstream checkpoint (the SFT model
+  DPO starts from, the student self-distillation learns from) are charged **one-off** (their full energy to each
+  consumer, what a single study pays) and **amortised** (every stage split evenly across the experiments whose bill
+  contains it, so the amortised column sums back to the measured total);
 - N* (break-even reuse) is the smallest number of students sharing the teacher artifact for which the pipeline's
   per-student energy T/N + S is at most the plain-SFT baseline's B, given its quality is at least the baseline's:
-  N* = ceil(T / (B - S)) when B > S, else never.
+  N* = ceil(T / (B - S)) when B > S, else never. T = teacher side + upstream (shareable), S = own training + eval.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ import pandas as pd
 J_PER_KWH = 3.6e6
 
 COMPARISON_COLUMNS = [
-    "experiment", "pipeline", "student", "dataset", "variant", "artifact", "artifact_consumers",
+    "experiment", "pipeline", "student", "dataset", "variant", "lineage", "artifact", "artifact_consumers",
     "strict_acc", "strict_ci_low", "strict_ci_high", "flexible_acc", "flexible_ci_low", "flexible_ci_high",
     "eval_n", "eval_backend",
-    "teacher_kwh_oneoff", "teacher_kwh_amortised", "student_train_kwh", "eval_kwh",
+    "teacher_kwh_oneoff", "teacher_kwh_amortised", "upstream_kwh_oneoff", "upstream_kwh_amortised",
+    "student_train_kwh", "eval_kwh",
     "total_kwh_oneoff", "total_kwh_amortised", "net_total_kwh_oneoff", "net_total_kwh_amortised",
     "kwh_per_quality_point", "break_even_reuse", "trained_tokens", "train_tokens_per_s", "train_j_per_token",
     "teacher_tokens", "co2_kg_oneoff", "duration_s_oneoff", "energy_sources", "status",
@@ -138,46 +140,81 @@ def _metric(result: dict | None, name: str) -> tuple[float, float, float]:
     return (m.get("value", math.nan), m.get("ci_low", math.nan), m.get("ci_high", math.nan))
 
 
+def charged_units(plan: dict, exp_id: str) -> dict[str, list[str]]:
+    """The stages an experiment's bill is made of, by bucket.
+
+    teacher: the stages of the shared teacher artifact it consumes, and of those its upstream checkpoints consumed;
+    upstream: the training stages of the earlier experiments it builds on (DPO's SFT start, self-distillation's
+    teacher, the checkpoint continued training continues); student: its own training; eval: its own evaluations.
+    """
+    exps, arts = plan["experiments"], plan["artifacts"]
+    exp = exps[exp_id]
+    teacher: list[str] = []
+    upstream: list[str] = []
+    for owner in [exp_id] + list(exp.get("lineage") or []):
+        art_id = exps[owner].get("artifact")
+        if art_id:
+            teacher += [s for s in arts[art_id]["stage_ids"] if s not in teacher]
+        if owner != exp_id:
+            upstream.append(f"student.train.{owner}")
+    evals = [f"eval.{m}.{d}" for m, d in plan["eval_units"] if m == exp_id]
+    return {"teacher": teacher, "upstream": upstream, "student": [f"student.train.{exp_id}"], "eval": evals}
+
+
+def unit_consumers(plan: dict) -> dict[str, int]:
+    """How many experiments' bills contain each stage: the divisor of the amortised charge."""
+    counts: dict[str, int] = {}
+    for exp_id in plan["experiments"]:
+        for stage_ids in charged_units(plan, exp_id).values():
+            for stage_id in stage_ids:
+                counts[stage_id] = counts.get(stage_id, 0) + 1
+    return counts
+
+
+def _lineage(plan: dict, exp_id: str) -> str:
+    chain = list(reversed(plan["experiments"][exp_id].get("lineage") or []))
+    return " -> ".join(chain + [exp_id])
+
+
 def comparison_frame(plan: dict, stages: dict[str, dict], results_dir: str | Path) -> pd.DataFrame:
     results_dir = Path(results_dir)
-    artifacts = plan["artifacts"]
+    n_consumers = unit_consumers(plan)
     rows = []
     for exp_id, exp in plan["experiments"].items():
-        art_id = exp.get("artifact")
-        art_stage_ids = artifacts[art_id]["stage_ids"] if art_id else []
-        consumers = len(artifacts[art_id]["consumers"]) if art_id else 0
-        teacher_stages = [stages[s] for s in art_stage_ids]
-        teacher_j = sum(_energy(s) for s in teacher_stages)
-        teacher_net_j = sum(_energy(s, "net_j") for s in teacher_stages)
+        units = charged_units(plan, exp_id)
+        gross = {b: sum(_energy(stages[s]) for s in ids) for b, ids in units.items()}
+        net = {b: sum(_energy(stages[s], "net_j") for s in ids) for b, ids in units.items()}
+        share = {b: sum(_energy(stages[s]) / n_consumers[s] for s in ids) for b, ids in units.items()}
+        share_net = {b: sum(_energy(stages[s], "net_j") / n_consumers[s] for s in ids) for b, ids in units.items()}
         train = stages[f"student.train.{exp_id}"]
-        ev = stages[f"eval.{exp_id}.{exp['dataset']}"]
-        own = [train, ev]
-        train_j, eval_j = _energy(train), _energy(ev)
-        own_net_j = sum(_energy(s, "net_j") for s in own)
+        teacher_stages = [stages[s] for s in units["teacher"]]
+        all_stages = [stages[s] for ids in units.values() for s in ids]
         result = _eval_result(results_dir, exp_id, exp["dataset"])
         strict, flexible = _metric(result, "strict_match"), _metric(result, "flexible_extract")
-        amort = teacher_j / consumers if consumers else 0.0
-        amort_net = teacher_net_j / consumers if consumers else 0.0
+        art_id = exp.get("artifact")
+        total_oneoff = sum(gross.values())
         train_tokens = ((train.get("tokens") or {}).get("counts") or {}).get("trained_tokens")
         teacher_tokens = sum(((s.get("tokens") or {}).get("counts") or {}).get(
             (s.get("tokens") or {}).get("primary") or "", 0) for s in teacher_stages)
-        all_stages = teacher_stages + own
-        total_oneoff = teacher_j + train_j + eval_j
-        sources = sorted({f"{k}={v}" for s in all_stages for k, v in ((s.get("energy") or {}).get("sources") or {}).items()})
-        statuses = sorted({s.get("status") for s in all_stages})
+        sources = sorted({f"{k}={v}" for s in all_stages
+                          for k, v in ((s.get("energy") or {}).get("sources") or {}).items()})
+        statuses = sorted({str(s.get("status")) for s in all_stages})
         rows.append({
             "experiment": exp_id, "pipeline": exp["pipeline"], "student": exp["student"], "dataset": exp["dataset"],
-            "variant": json.dumps(exp.get("variant") or {}, sort_keys=True), "artifact": art_id,
-            "artifact_consumers": consumers,
+            "variant": json.dumps(exp.get("variant") or {}, sort_keys=True), "lineage": _lineage(plan, exp_id),
+            "artifact": art_id,
+            "artifact_consumers": len(plan["artifacts"][art_id]["consumers"]) if art_id else 0,
             "strict_acc": strict[0], "strict_ci_low": strict[1], "strict_ci_high": strict[2],
             "flexible_acc": flexible[0], "flexible_ci_low": flexible[1], "flexible_ci_high": flexible[2],
             "eval_n": (result or {}).get("n"), "eval_backend": (result or {}).get("backend"),
-            "teacher_kwh_oneoff": teacher_j / J_PER_KWH, "teacher_kwh_amortised": amort / J_PER_KWH,
-            "student_train_kwh": train_j / J_PER_KWH, "eval_kwh": eval_j / J_PER_KWH,
+            "teacher_kwh_oneoff": gross["teacher"] / J_PER_KWH, "teacher_kwh_amortised": share["teacher"] / J_PER_KWH,
+            "upstream_kwh_oneoff": gross["upstream"] / J_PER_KWH,
+            "upstream_kwh_amortised": share["upstream"] / J_PER_KWH,
+            "student_train_kwh": gross["student"] / J_PER_KWH, "eval_kwh": gross["eval"] / J_PER_KWH,
             "total_kwh_oneoff": total_oneoff / J_PER_KWH,
-            "total_kwh_amortised": (amort + train_j + eval_j) / J_PER_KWH,
-            "net_total_kwh_oneoff": (teacher_net_j + own_net_j) / J_PER_KWH,
-            "net_total_kwh_amortised": (amort_net + own_net_j) / J_PER_KWH,
+            "total_kwh_amortised": sum(share.values()) / J_PER_KWH,
+            "net_total_kwh_oneoff": sum(net.values()) / J_PER_KWH,
+            "net_total_kwh_amortised": sum(share_net.values()) / J_PER_KWH,
             "kwh_per_quality_point": (total_oneoff / J_PER_KWH) / (flexible[0] * 100)
             if flexible[0] and flexible[0] > 0 else math.inf,
             "break_even_reuse": None,
@@ -187,15 +224,14 @@ def comparison_frame(plan: dict, stages: dict[str, dict], results_dir: str | Pat
             "teacher_tokens": teacher_tokens,
             "co2_kg_oneoff": sum((s.get("co2_kg") or 0.0) for s in all_stages),
             "duration_s_oneoff": sum((s.get("duration_s") or 0.0) for s in all_stages),
-            "energy_sources": ";".join(sources), "status": ",".join(str(s) for s in statuses),
-            "_teacher_j": teacher_j, "_own_j": train_j + eval_j,
+            "energy_sources": ";".join(sources), "status": ",".join(statuses),
+            "_shared_j": gross["teacher"] + gross["upstream"], "_own_j": gross["student"] + gross["eval"],
         })
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
     for i, row in frame.iterrows():
         if row["pipeline"] == "sft_gt":
-            frame.at[i, "break_even_reuse"] = None
             continue
         base = frame[(frame.pipeline == "sft_gt") & (frame.student == row["student"])
                      & (frame.dataset == row["dataset"])]
@@ -203,7 +239,7 @@ def comparison_frame(plan: dict, stages: dict[str, dict], results_dir: str | Pat
             continue
         b = base.iloc[0]
         frame.at[i, "break_even_reuse"] = break_even_reuse(
-            row["_teacher_j"], row["_own_j"], b["_own_j"] + b["_teacher_j"], row["flexible_acc"], b["flexible_acc"])
+            row["_shared_j"], row["_own_j"], b["_own_j"] + b["_shared_j"], row["flexible_acc"], b["flexible_acc"])
     return frame[COMPARISON_COLUMNS]
 
 
@@ -242,18 +278,23 @@ def markdown_table(comparison: pd.DataFrame, references: pd.DataFrame, stages: p
              "Teacher side one-off = full cost of the shared teacher artifact; amortised = split across its "
              "consumers in this run. N* = students that must share the teacher artifact before the pipeline beats "
              "plain SFT (sft_gt) on energy at equal or better quality.", "",
-             "| experiment | pipeline | strict EM | flexible EM | teacher Wh (one-off / amortised) | train Wh | "
-             "eval Wh | total Wh (one-off / amortised) | net Wh (one-off) | trained tokens | train tok/s | N* |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| experiment | pipeline | strict EM | flexible EM | teacher Wh (one-off / amortised) | upstream Wh | "
+             "train Wh | eval Wh | total Wh (one-off / amortised) | net Wh (one-off) | trained tokens | train tok/s "
+             "| N* |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in comparison.iterrows():
         lines.append(
             f"| {r.experiment} | {r.pipeline} | {_pct(r.strict_acc, r.strict_ci_low, r.strict_ci_high)} | "
             f"{_pct(r.flexible_acc, r.flexible_ci_low, r.flexible_ci_high)} | "
             f"{1000 * r.teacher_kwh_oneoff:.3f} / {1000 * r.teacher_kwh_amortised:.3f} | "
-            f"{1000 * r.student_train_kwh:.3f} | {1000 * r.eval_kwh:.3f} | "
+            f"{1000 * r.upstream_kwh_oneoff:.3f} | {1000 * r.student_train_kwh:.3f} | {1000 * r.eval_kwh:.3f} | "
             f"{1000 * r.total_kwh_oneoff:.3f} / {1000 * r.total_kwh_amortised:.3f} | "
             f"{1000 * r.net_total_kwh_oneoff:.3f} | {r.trained_tokens} | "
             f"{(r.train_tokens_per_s or 0):.0f} | {_fmt_n_star(r.break_even_reuse)} |")
+    lineage = comparison[comparison.lineage != comparison.experiment]
+    if len(lineage):
+        lines += ["", "Lineage (upstream Wh = the training of the earlier checkpoints each row builds on):", ""]
+        lines += [f"- {r.lineage}" for _, r in lineage.iterrows()]
     if not references.empty:
         lines += ["", "Reference models (not trained in this comparison):", "",
                   "| model | dataset | strict EM | flexible EM | n |", "|---|---|---|---|---|"]

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
-PLAIN_PIPELINES = ("sft_gt", "sft", "selfdistill")  # SFT on a dataset dir's prompt/response columns
+PLAIN_PIPELINES = ("sft_gt", "sft", "continued")  # SFT on a dataset dir's prompt/response columns
 
 
 def check_model_tokenizer(init_model: str, tokenizer_dir: str, run_tokenizer) -> str:
@@ -33,8 +33,19 @@ def check_model_tokenizer(init_model: str, tokenizer_dir: str, run_tokenizer) ->
 
 def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_model: str, out_dir: str,
                   training: Mapping[str, Any], seed: int, kd_cache: str | None = None,
-                  kd: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Encode the dataset's train split, train ``init_model`` on the exact budget, write ``out_dir/final``."""
+                  kd: Mapping[str, Any] | None = None, method: str | None = None,
+                  dpo: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Encode the dataset's train split, train ``init_model`` on the exact budget, write ``out_dir/final``.
+
+    ``pipeline`` is what the comparison table shows; ``method`` (default: the pipeline) is the training machinery,
+    which differs for self-distillation (kd or sft from an earlier student) and continued training (sft_gt).
+    """
+    pipeline = method or pipeline
+    if pipeline == "dpo":
+        from distill_bench.dpo.train import train_dpo  # lazy: only DPO runs need it
+
+        return train_dpo(meter=meter, pairs=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir,
+                         dpo=dict(dpo or {}), training=training, seed=seed)
     from distill_bench.models.build import load_model
     from distill_bench.models.stage import encode_split, load_split
     from distill_bench.models.tokenizer import load_tokenizer
@@ -45,6 +56,12 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
         raise ValueError(f"train_student: pipeline {pipeline!r} is not trained by this stage "
                          f"(supported: {', '.join(PLAIN_PIPELINES + ('kd',))})")
     settings = TrainSettings.from_dict(training)
+    from distill_bench.train.launch import launch_train, wants_launch
+
+    if wants_launch(settings):  # gpus/nodes > 1: this process keeps the meter, torchrun workers train
+        return launch_train(meter=meter, settings=settings, stage_kwargs=dict(
+            pipeline=pipeline, dataset=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir,
+            training=dict(training), seed=seed, kd_cache=kd_cache, kd=dict(kd) if kd is not None else None))
     tok = load_tokenizer(tokenizer)
     h = check_model_tokenizer(init_model, tokenizer, tok)  # before any expensive work
     ds = load_split(dataset, "train")

@@ -29,6 +29,8 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_wi
 # settings that change what is learned; the rest (save_steps, workers...) may change between attempts
 _RESULT_KEYS = ("token_budget", "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                 "lr_scheduler", "precision", "gpus", "max_grad_norm")
+DISTRIBUTED = ("ddp", "fsdp")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -59,6 +61,10 @@ class TrainSettings:
     num_threads: int | None = None    # torch.set_num_threads on CPU; None leaves torch's default
     padding_free: bool = False        # flattened batches: pays off with flash-attention on GPU; on CPU/sdpa the
                                       # block-diagonal mask over one long row is slower than padding
+    nodes: int = 1                    # > 1: SLURM multi-node (distill_bench.train.launch)
+    distributed: str = "ddp"          # gpus * nodes > 1: "ddp", or "fsdp" (full shard) for students too big for DDP
+    attn_implementation: str | None = None  # None keeps the model's own (sdpa in transformers 5)
+    torch_compile: bool = False       # torch.compile the student (docs/BENCHMARKS.md: measured gain vs compile time)
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any], **overrides: Any) -> "TrainSettings":
@@ -76,7 +82,7 @@ class TrainSettings:
         return s
 
     def validate(self) -> None:
-        positive = ("token_budget", "max_length", "batch_size", "grad_accum", "save_steps", "gpus")
+        positive = ("token_budget", "max_length", "batch_size", "grad_accum", "save_steps", "gpus", "nodes")
         for key in positive:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -89,6 +95,11 @@ class TrainSettings:
             raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"training.lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"training.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"training.attn_implementation must be one of {ATTN_IMPLEMENTATIONS} or null, "
+                             f"got {self.attn_implementation!r}")
 
     def result_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _RESULT_KEYS}
@@ -191,15 +202,31 @@ def _callbacks():
             self.base = (0, 0)       # totals restored from the checkpoint we resumed from
             self.reported = (0, 0)   # this attempt's counts already given to the meter
 
-        def totals(self) -> tuple[int, int]:
+        def attempt_counts(self) -> tuple[int, int]:
+            """This attempt's counts summed over all ranks (a collective under DDP: call it on every rank)."""
             t = self.trainer
-            return self.base[0] + t._db_trained_tokens, self.base[1] + t._db_input_tokens
+            local = (t._db_trained_tokens, t._db_input_tokens)
+            import torch.distributed as dist
+
+            if t.args.world_size > 1 and dist.is_available() and dist.is_initialized():
+                import torch
+
+                v = torch.tensor(local, dtype=torch.long, device=t.args.device)
+                dist.all_reduce(v)
+                return int(v[0]), int(v[1])
+            return local
+
+        def totals(self) -> tuple[int, int]:
+            now = self.attempt_counts()
+            return self.base[0] + now[0], self.base[1] + now[1]
 
         def flush(self) -> None:
             t = self.trainer
-            if self.meter is None or t is None or t.args.process_index != 0:
+            if t is None:
                 return
-            now = (t._db_trained_tokens, t._db_input_tokens)
+            now = self.attempt_counts()
+            if self.meter is None or t.args.process_index != 0:
+                return
             if now[0] > self.reported[0]:
                 self.meter.add_tokens("trained_tokens", now[0] - self.reported[0])
             if now[1] > self.reported[1]:
@@ -212,8 +239,8 @@ def _callbacks():
 
         def on_save(self, args, state, control, **kwargs):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            trained, inputs = self.totals()   # every rank: the sum over ranks is a collective
             if ckpt.is_dir() and args.process_index == 0:
-                trained, inputs = self.totals()
                 _atomic_json(ckpt / COUNTS, {"trained_tokens": trained, "input_tokens": inputs,
                                              "global_step": state.global_step})
             return control
@@ -226,7 +253,16 @@ def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: i
     from trl import SFTConfig
 
     logging_steps = settings.logging_steps or max(1, min(50, max_steps // 50))
+    extra: dict[str, Any] = {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and settings.distributed == "fsdp":
+        extra.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
+    if settings.torch_compile:
+        extra.update(torch_compile=True)
+    if world > 1:
+        extra.update(ddp_find_unused_parameters=False)   # every parameter gets a gradient: skip the graph walk
     return SFTConfig(
+        **extra,
         output_dir=str(ckpt_dir),
         max_steps=max_steps,
         per_device_train_batch_size=settings.batch_size,
@@ -251,6 +287,7 @@ def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: i
         use_cpu=use_cpu,
         dataloader_num_workers=0 if use_cpu else settings.dataloader_workers,
         dataloader_pin_memory=not use_cpu,
+        dataloader_persistent_workers=bool(settings.dataloader_workers) and not use_cpu,
         remove_unused_columns=False,          # KD collators read extra columns (example_index, ...)
         dataset_kwargs={"skip_prepare_dataset": True},  # already tokenised, labels built, never truncated again
         max_length=None,
@@ -338,6 +375,8 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     _check_or_write_fingerprint(ckpt_dir, fp, last is not None)
 
     use_cpu = not torch.cuda.is_available()
+    if settings.attn_implementation:
+        model.set_attn_implementation(settings.attn_implementation)
     padding_free = bool(settings.padding_free)
     if padding_free and collator is not None:
         raise ValueError("training.padding_free needs TRL's own collator; a custom collator pads")
@@ -383,7 +422,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         "max_steps": max_steps,
         "steps": int(trainer.state.global_step),
         "resumed_from_step": start_step,
-        "trained_tokens_this_attempt": trainer._db_trained_tokens,
+        "trained_tokens_this_attempt": trained - counter.base[0],
         "loss_curve": curve,
         "lr_curve": _lr_curve(history),
         "final_loss": curve[-1][1] if curve else None,
@@ -395,12 +434,10 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         "trainer": base_cls.__name__,
         "fingerprint": fp,
     }
+    if hasattr(trainer, "data_wait_fraction"):  # KD: time waiting for the cache reads, as a share of step time
+        summary["data_wait_fraction"] = trainer.data_wait_fraction()
     summary["lr_last_step"] = summary["lr_curve"][-1][1] if summary["lr_curve"] else None
     summary["lr_end"] = float(trainer.lr_scheduler.get_last_lr()[0]) if trainer.lr_scheduler is not None else None
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([trained, input_tokens], dtype=torch.long, device=trainer.args.device)
-        torch.distributed.all_reduce(t)
-        summary["trained_tokens"], summary["input_tokens"] = int(t[0]), int(t[1])
 
     if stopper.signum is not None and trainer.state.global_step < max_steps:
         summary["interrupted_by_signal"] = stopper.signum
@@ -449,3 +486,5 @@ def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
     meter.record("budget_epochs", summary["budget"]["epochs"])
     meter.record("stream_examples", summary["budget"]["stream_examples"])
     meter.record("training_completed", bool(final))
+    if "data_wait_fraction" in summary:
+        meter.record("data_wait_fraction", summary["data_wait_fraction"])

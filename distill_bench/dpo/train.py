@@ -1,0 +1,349 @@
+"""DPO training stage: TRL ``DPOTrainer`` from a distilled-SFT checkpoint, reference = that same checkpoint.
+
+Shares the SFT trainer's conventions and helpers (``distill_bench.train.trainer``): settings from the ``training``
+section, a run fingerprint guarding ``out_dir/checkpoints``, resume from the last checkpoint with the exact token
+tally stored beside it, SIGTERM/SIGUSR1 -> checkpoint, re-deliver, ``TrainingInterrupted``; the final model goes
+atomically to ``out_dir/final`` and a summary to ``train_log.json``.
+
+Token budget (declared, exact): per pair, prompt + chosen + rejected tokens (chat-templated with
+``encode_prompt_response``, closing EOS included, no padding), times ``dpo.epochs``. The counting trainer adds up what
+each micro-batch really carried and the run fails if that differs from the declaration. ``input_tokens`` is what
+the policy forwarded (the prompt twice per pair, once with each response).
+
+Data format: TRL's conversational format (``prompt``: the user turn, ``chosen``/``rejected``: an assistant turn), so
+TRL renders the same chat template as ``encode_prompt_response``; the ids TRL produced are checked against ours
+before training. Pairs longer than ``max_length`` are dropped and counted, never truncated (a truncated response
+loses its EOS and changes what is preferred).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from distill_bench.dpo.config import normalize_dpo
+
+log = logging.getLogger(__name__)
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def resolve_lengths(cfg: Mapping[str, Any], training: Mapping[str, Any]) -> tuple[int, str]:
+    """(max_length, precision): dpo.max_length else training.max_length."""
+    max_length = cfg.get("max_length") or (training or {}).get("max_length")
+    if not max_length:
+        raise ValueError("dpo.max_length is null and training.max_length is not set")
+    return int(max_length), str((training or {}).get("precision", "fp32"))
+
+
+def check_reference_tokenizer(init_model: str, tokenizer_dir: str, run_tokenizer) -> str:
+    """Refuse a starting checkpoint (policy and DPO reference) whose tokenizer differs from the run's."""
+    from distill_bench.models.build import tokenizer_source_for_model
+    from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
+    from distill_bench.train.stage import check_model_tokenizer
+
+    src = tokenizer_source_for_model(init_model)
+    if src is not None:
+        assert_same_tokenizer(load_tokenizer(src), run_tokenizer, "DPO reference/policy (the starting checkpoint)",
+                              names=(str(init_model), str(tokenizer_dir)))
+    return check_model_tokenizer(init_model, tokenizer_dir, run_tokenizer)  # + vocabulary size vs the embeddings
+
+
+def encode_pairs(tokenizer, rows: Sequence[Mapping[str, Any]], max_length: int | None
+                 ) -> tuple[list[dict[str, Any]], int]:
+    """prompt/chosen/rejected ids per pair (``index`` = row number); pairs over ``max_length`` dropped, counted."""
+    from distill_bench.models.tokenizer import encode_prompt, encode_prompt_response
+
+    out, dropped = [], 0
+    for i, r in enumerate(rows):
+        p = encode_prompt(tokenizer, r["prompt"])
+        c = encode_prompt_response(tokenizer, r["prompt"], r["chosen"], max_length)
+        j = encode_prompt_response(tokenizer, r["prompt"], r["rejected"], max_length)
+        if c is None or j is None:
+            dropped += 1
+            continue
+        out.append({"index": i, "prompt_ids": p, "chosen_ids": c["input_ids"][len(p):],
+                    "rejected_ids": j["input_ids"][len(p):]})
+    return out, dropped
+
+
+def pair_tokens(e: Mapping[str, Sequence[int]]) -> int:
+    return len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+
+
+def implicit_rewards(policy, reference, tokenizer, rows: Sequence[Mapping[str, Any]], beta: float,
+                     batch_size: int = 16, max_length: int | None = None) -> dict[str, Any]:
+    """DPO implicit rewards r = beta * (log pi(y|x) - log pi_ref(y|x)) on ``rows``; accuracy = P(r_chosen > r_rejected)
+    (strict, as TRL's ``rewards/accuracies``), plus the mean margin. Used by tests and for ad-hoc evaluation."""
+    from distill_bench.dpo.judges import sequence_logprobs
+
+    enc, _ = encode_pairs(tokenizer, rows, max_length)
+    seqs = []
+    for e in enc:
+        for key in ("chosen_ids", "rejected_ids"):
+            seqs.append({"input_ids": e["prompt_ids"] + e[key],
+                         "completion_mask": [0] * len(e["prompt_ids"]) + [1] * len(e[key])})
+    pad = tokenizer.pad_token_id
+    pol = sequence_logprobs(policy, seqs, batch_size, pad)
+    ref = sequence_logprobs(reference, seqs, batch_size, pad)
+    margins, wins = [], 0
+    for k in range(len(enc)):
+        rc = beta * (pol[2 * k][0] - ref[2 * k][0])
+        rr = beta * (pol[2 * k + 1][0] - ref[2 * k + 1][0])
+        margins.append(rc - rr)
+        wins += rc > rr
+    n = len(enc)
+    return {"accuracy": wins / n if n else None, "margin_mean": sum(margins) / n if n else None, "pairs": n}
+
+
+def _dpo_trainer_class():
+    """DPOTrainer that counts exact tokens per micro-batch and consumes reference log-probs precomputed by the
+    ``precompute_reference`` stage (TRL would otherwise recompute them in its constructor)."""
+    from trl import DPOTrainer
+
+    class CountingDPOTrainer(DPOTrainer):
+        _db_trained_tokens = 0
+        _db_input_tokens = 0
+        _db_pairs = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            att, comp = inputs["attention_mask"], inputs["completion_mask"]
+            n = att.shape[0] // 2  # rows [chosen..., rejected...]; chosen row = prompt + chosen
+            self._db_trained_tokens += int(att[:n].sum()) + int(comp[n:].sum())
+            self._db_input_tokens += int(att.sum())
+            self._db_pairs += n
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: ARG002
+            missing = [c for c in REF_COLUMNS if c not in dataset.column_names]
+            if missing:
+                raise ValueError(f"dpo.precompute_ref_logprobs is true but the {name} pairs lack {missing}: pass the "
+                                 "output of the precompute_reference stage as pairs")
+            return dataset
+
+    return CountingDPOTrainer
+
+
+def _dpo_config(settings, cfg: Mapping[str, Any], ckpt_dir: Path, max_steps: int, seed: int, use_cpu: bool):
+    from trl import DPOConfig
+
+    logging_steps = settings.logging_steps or max(1, min(50, max_steps // 50))
+    return DPOConfig(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=int(cfg["epochs"]),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=float(settings.lr),
+        weight_decay=float(settings.weight_decay),
+        warmup_steps=int(math.ceil(float(settings.warmup_ratio) * max_steps)),
+        lr_scheduler_type=settings.lr_scheduler,
+        max_grad_norm=float(settings.max_grad_norm),
+        bf16=settings.precision == "bf16",
+        fp16=settings.precision == "fp16",
+        activation_checkpointing=bool(settings.gradient_checkpointing),  # TRL defaults it on
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=use_cpu,
+        dataloader_num_workers=0 if use_cpu else settings.dataloader_workers,
+        dataloader_pin_memory=not use_cpu,
+        seed=int(seed),
+        data_seed=int(seed),
+        eval_strategy="no",
+        save_only_model=False,
+        beta=float(cfg["beta"]),
+        loss_type=[cfg["loss_type"]],
+        max_length=None,                     # over-long pairs were dropped; never truncate here
+        precompute_ref_log_probs=bool(cfg["precompute_ref_logprobs"]),
+        disable_dropout=True,
+    )
+
+
+def _curve(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(int(e["step"]), float(e[key])) for e in history
+            if key in e and "step" in e and math.isfinite(float(e[key]))]
+
+
+def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: str, dpo: Mapping[str, Any],
+              training: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """DPO on the judge's pairs for ``dpo.epochs``; writes ``out_dir/final`` and ``out_dir/train_log.json``."""
+    import torch
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar as quiet_datasets
+    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.utils.logging import disable_progress_bar as quiet_transformers
+
+    from distill_bench.dpo.stage import REFERENCE_INFO, read_pairs
+    from distill_bench.models.build import load_model, resolve_model_ref, save_model_dir
+    from distill_bench.models.tokenizer import load_tokenizer
+    from distill_bench.train.trainer import (COUNTS, CheckpointMismatchError, TrainSettings, _callbacks,
+                                             _check_or_write_fingerprint, _fingerprint, _atomic_json, _mean_loss,
+                                             _redeliver)
+
+    quiet_datasets()
+    quiet_transformers()
+    cfg = normalize_dpo(dpo)
+    max_length, _ = resolve_lengths(cfg, training)
+    lr = cfg["lr"] if cfg["lr"] is not None else (training or {}).get("lr")
+    tok = load_tokenizer(tokenizer)
+    vhash = check_reference_tokenizer(init_model, tokenizer, tok)  # before any expensive work
+    ds = read_pairs(pairs)
+    precompute = bool(cfg["precompute_ref_logprobs"])
+    if precompute:
+        ref_info_path = Path(pairs) / REFERENCE_INFO
+        if not ref_info_path.is_file() or any(c not in ds.column_names for c in REF_COLUMNS):
+            raise ValueError(f"dpo.precompute_ref_logprobs is true but {pairs!r} holds no precomputed reference "
+                             "log-probs: pass the precompute_reference stage's output as pairs")
+        ref_info = json.loads(ref_info_path.read_text())
+        if resolve_model_ref(ref_info["init_model"]) != resolve_model_ref(init_model) or \
+                int(ref_info["max_length"]) != max_length:
+            raise ValueError(f"reference log-probs in {pairs!r} were computed for init_model "
+                             f"{ref_info['init_model']!r}, max_length {ref_info['max_length']}; this run starts from "
+                             f"{init_model!r} with max_length {max_length}")
+    enc, dropped = encode_pairs(tok, ds, max_length)
+    if not enc:
+        raise ValueError(f"no DPO pair of {pairs!r} fits max_length={max_length} (dpo.max_length / training.max_length)")
+    epochs = int(cfg["epochs"])
+    declared = sum(pair_tokens(e) for e in enc) * epochs
+    settings = TrainSettings.from_dict(training, token_budget=declared, lr=lr, max_length=max_length)
+    if settings.num_threads:
+        torch.set_num_threads(int(settings.num_threads))
+    meter.set_primary_tokens("trained_tokens")
+    meter.record("pairs", len(enc))
+    meter.record("epochs", epochs)
+    meter.record("declared_token_budget", declared)
+    meter.record("dropped_over_max_length", dropped)
+    meter.record("beta", float(cfg["beta"]))
+    meter.record("vocab_hash", vhash)
+
+    rows = []
+    for e in enc:
+        r = ds[e["index"]]
+        row = {"prompt": [{"role": "user", "content": r["prompt"]}],
+               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+               "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+        if precompute:
+            row.update({c: float(r[c]) for c in REF_COLUMNS})
+        rows.append(row)
+    stream_hash = hashlib.sha256(json.dumps([[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in enc])
+                                 .encode()).hexdigest()
+
+    out = Path(out_dir)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(len(enc) / (settings.batch_size * world))
+    max_steps = epochs * max(batches // settings.grad_accum + int(batches % settings.grad_accum > 0), 1)
+
+    model = load_model(init_model)
+    extra = {"pipeline": "dpo", "beta": cfg["beta"], "loss_type": cfg["loss_type"], "epochs": epochs,
+             "precompute": precompute, "init_model": str(init_model)}
+    fp = _fingerprint(settings, seed, stream_hash, model.config.to_dict(), "DPOTrainer", extra)
+    last = get_last_checkpoint(str(ckpt_dir))
+    _check_or_write_fingerprint(ckpt_dir, fp, last is not None)
+    ref_model = None if precompute else load_model(init_model)  # frozen copy of the starting checkpoint
+    use_cpu = not torch.cuda.is_available()
+    args = _dpo_config(settings, cfg, ckpt_dir, max_steps, seed, use_cpu)
+    StopOnSignal, SaveCounts = _callbacks()
+    stopper, counter = StopOnSignal(), SaveCounts(meter)
+    trainer = _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+                                   processing_class=tok, callbacks=[stopper, counter])
+    counter.trainer = trainer
+    _check_trl_tokenization(trainer.train_dataset, enc)
+
+    start_step = 0
+    if last is not None:
+        counts_file = Path(last) / COUNTS
+        if not counts_file.is_file():
+            raise CheckpointMismatchError(f"checkpoint {last} has no {COUNTS}; cannot continue the exact token tally")
+        c = json.loads(counts_file.read_text())
+        counter.base = (int(c["trained_tokens"]), int(c["input_tokens"]))
+        start_step = int(c["global_step"])
+        log.info("resuming DPO from %s (step %d of %d)", last, start_step, max_steps)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            previous[s] = signal.signal(s, stopper.handler)
+    try:
+        result = trainer.train(resume_from_checkpoint=last)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    trained, input_tokens = counter.totals()
+    history = trainer.state.log_history
+    loss = _curve(history, "loss")
+    acc = _curve(history, "rewards/accuracies")
+    margins = _curve(history, "rewards/margins")
+    summary: dict[str, Any] = {
+        "trained_tokens": trained, "input_tokens": input_tokens, "declared_token_budget": declared,
+        "pairs": len(enc), "epochs": epochs, "dropped_over_max_length": dropped, "max_steps": max_steps,
+        "steps": int(trainer.state.global_step), "resumed_from_step": start_step,
+        "trained_tokens_this_attempt": trainer._db_trained_tokens, "loss_curve": loss,
+        "final_loss": loss[-1][1] if loss else None, "mean_loss": _mean_loss(loss),
+        "reward_accuracy_curve": acc, "reward_margin_curve": margins,
+        "reward_accuracy_final": acc[-1][1] if acc else None, "reward_margin_final": margins[-1][1] if margins else None,
+        "lr": float(settings.lr), "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "settings": dataclasses.asdict(settings), "dpo": dict(cfg), "seed": int(seed), "trainer": "DPOTrainer",
+        "fingerprint": fp, "init_model": str(init_model), "pairs_dir": str(pairs),
+    }
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([trained, input_tokens], dtype=torch.long, device=trainer.args.device)
+        torch.distributed.all_reduce(t)
+        summary["trained_tokens"], summary["input_tokens"] = int(t[0]), int(t[1])
+
+    if stopper.signum is not None and trainer.state.global_step < max_steps:
+        summary["interrupted_by_signal"] = stopper.signum
+        if trainer.args.process_index == 0:
+            _atomic_json(out / "train_log.json", summary)
+        counter.flush()
+        _report(meter, summary, final=False)
+        _redeliver(stopper.signum)
+
+    if summary["trained_tokens"] != declared:
+        raise RuntimeError(f"DPO trained {summary['trained_tokens']} tokens but declared {declared} "
+                           f"({len(enc)} pairs x {epochs} epochs): the batches consumed do not match the pairs")
+    if trainer.args.process_index == 0:
+        save_model_dir(trainer.model, out / "final", tok)
+        _atomic_json(out / "train_log.json", summary)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    counter.flush()
+    _report(meter, summary, final=True)
+    return summary
+
+
+def _check_trl_tokenization(prepared, enc: Sequence[Mapping[str, Any]]) -> None:
+    """TRL's ids must be ours (same template, same prompt/completion split), or the budget would be fiction."""
+    cols = ("prompt_ids", "chosen_ids", "rejected_ids")
+    got = prepared.select_columns(list(cols)).to_list()
+    if len(got) != len(enc):
+        raise RuntimeError(f"TRL kept {len(got)} of {len(enc)} pairs while preparing the dataset")
+    for i, (g, e) in enumerate(zip(got, enc)):
+        for c in cols:
+            if list(g[c]) != list(e[c]):
+                raise RuntimeError(f"TRL tokenised pair {e['index']} ({c}) differently from encode_prompt_response; "
+                                   "the chat template renders a prompt differently alone and with a response")
+
+
+def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
+    meter.set_primary_tokens("trained_tokens")
+    for key in ("final_loss", "mean_loss", "steps", "max_steps", "resumed_from_step", "trained_tokens_this_attempt",
+                "loss_curve", "reward_accuracy_final", "reward_margin_final", "reward_accuracy_curve",
+                "reward_margin_curve", "lr"):
+        meter.record(key, summary[key])
+    meter.record("trained_tokens_total", int(summary["trained_tokens"]))
+    meter.record("training_completed", bool(final))

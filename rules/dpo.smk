@@ -1,0 +1,71 @@
+# Preference distillation, teacher side: sample candidates (from the SFT'd student, the teacher or both), then a
+# judge ranks them into chosen/rejected pairs. Two metered stages, so sampling and judging energy show separately.
+
+
+def preference_artifact(wildcards):
+    return PLAN.artifacts[wildcards.artifact]
+
+
+rule sample_preferences:
+    input:
+        **METER_INPUTS,
+        model_dirs=lambda w: [model_dir_for(m) for m in preference_artifact(w).sources.values()],
+        tokenizer=f"{R}/tokenizer",
+        dataset=lambda w: f"{R}/data/{preference_artifact(w).dataset}",
+    output:
+        out_dir=directory(f"{R}/teacher/preferences/{{artifact}}/candidates"),
+        energy_json=energy_json("teacher.sample.{artifact}"),
+    params:
+        models=lambda w: {label: model_dir_for(m) for label, m in preference_artifact(w).sources.items()},
+        dpo=lambda w: preference_artifact(w).params,
+        seed=CFG["seed"],
+        stage_id=lambda w: f"teacher.sample.{w.artifact}",
+        role="teacher",
+        pipeline="dpo",
+        artifact=lambda w: w.artifact,
+        energy=ENERGY,
+    log:
+        f"{R}/logs/sample_preferences/{{artifact}}.log",
+    benchmark:
+        f"{R}/benchmarks/sample_preferences/{{artifact}}.tsv"
+    threads: threads_for("sample_preferences")
+    resources:
+        **resources_for("sample_preferences"),
+    script:
+        "../scripts/stage.py"
+
+
+def judge_model_path(artifact):
+    judge = artifact.judge_model
+    if judge is None:
+        return None
+    return model_dir_for(judge) if judge == "teacher" or judge in PLAN.experiments else judge
+
+
+rule judge_preferences:
+    input:
+        **METER_INPUTS,
+        candidates=f"{R}/teacher/preferences/{{artifact}}/candidates",
+        tokenizer=f"{R}/tokenizer",
+        judge_inputs=lambda w: [model_dir_for("teacher")] if preference_artifact(w).judge_model == "teacher" else [],
+    output:
+        out_dir=directory(f"{R}/teacher/preferences/{{artifact}}/pairs"),
+        energy_json=energy_json("teacher.judge.{artifact}"),
+    params:
+        judge_model=lambda w: judge_model_path(preference_artifact(w)),
+        dpo=lambda w: preference_artifact(w).params,
+        seed=CFG["seed"],
+        stage_id=lambda w: f"teacher.judge.{w.artifact}",
+        role="teacher",
+        pipeline="dpo",
+        artifact=lambda w: w.artifact,
+        energy=ENERGY,
+    log:
+        f"{R}/logs/judge_preferences/{{artifact}}.log",
+    benchmark:
+        f"{R}/benchmarks/judge_preferences/{{artifact}}.tsv"
+    threads: threads_for("judge_preferences")
+    resources:
+        **resources_for("judge_preferences"),
+    script:
+        "../scripts/stage.py"

@@ -1,0 +1,29 @@
+# Prerun: once per run, on the same kind of node as the stages (a GPU job under the h100/l40s presets), check that
+# the hardware matches config `hardware:` (GPU model, memory, enforced power limit = power_cap_w when set), burn the
+# GPUs in for hardware.burn_in_s seconds, and record the facts. The idle baseline is measured after it, so it sees
+# the card at its working temperature. Card settings are read, never changed (docs/SLURM.md).
+
+
+rule prerun:
+    output:
+        f"{R}/env/prerun.json",
+    params:
+        hardware=CFG.get("hardware") or {},
+        energy=ENERGY,
+    log:
+        f"{R}/logs/prerun.log",
+    benchmark:
+        f"{R}/benchmarks/prerun.tsv"
+    threads: 1
+    resources:
+        **resources_for("prerun"),
+    run:
+        from distill_bench.hardware import prerun
+
+        with open(log[0], "w") as fh:
+            try:
+                record = prerun(out_json=output[0], hardware=params.hardware, energy=params.energy)
+            except Exception as err:
+                fh.write(f"{err}\n")
+                raise
+            fh.write(f"prerun {record['status']}: {[g['name'] for g in record['gpus']] or 'no GPU'}\n")

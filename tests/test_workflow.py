@@ -1,0 +1,128 @@
+"""The Snakemake workflow end to end: dry-runs plan the right jobs, a tiny config runs to the comparison table, and a
+change to one experiment's hyperparameter reruns only that experiment's jobs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(*args: str, cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(cwd), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def planned_jobs(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job in a dry-run's output."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        head = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if not head:
+            continue
+        wildcards = {}
+        found = re.search(r"wildcards: (.*)", block)
+        if found:
+            for item in found.group(1).split(", "):
+                key, _, value = item.partition("=")
+                wildcards[key.strip()] = value.strip()
+        jobs.append((head.group(1), wildcards))
+    return jobs
+
+
+def test_embedded_default_dry_run_plans_every_stage(tmp_path):
+    proc = snakemake("-n", cwd=tmp_path)
+    rules = {rule for rule, _ in planned_jobs(proc.stdout)}
+    assert {"prepare_data", "prepare_tokenizer", "prepare_teacher", "init_student", "cache_logits",
+            "generate_synthetic", "merge_synthetic", "train_student", "evaluate", "idle_baseline",
+            "rollup"} <= rules
+    caching = [w for r, w in planned_jobs(proc.stdout) if r == "cache_logits"]
+    kd_students = [w for r, w in planned_jobs(proc.stdout) if r == "train_student" and w["exp"].startswith("kd.")]
+    assert len(caching) == 1 and len(kd_students) == 2, "one logit cache must feed both KD students"
+
+
+def test_cluster_example_dry_run_shows_gpu_resources_without_network(tmp_path):
+    proc = snakemake("-n", "--configfile", str(ROOT / "configs" / "olmo2_cluster.yaml"), cwd=tmp_path)
+    jobs = planned_jobs(proc.stdout)
+    trains = [w for r, w in jobs if r == "train_student"]
+    assert len(trains) == 27
+    evals = {(w["model_id"], w["eval_name"]) for r, w in jobs if r == "evaluate"}
+    for task in ("gsm8k", "mmlu", "ifeval"):
+        assert ("teacher", task) in evals and ("kd.olmo2_1b.tulu3", task) in evals
+    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)
+    train_block = next(b for b in blocks if b.strip().startswith(("rule train_student", "localrule train_student")))
+    assert "gpu=1" in train_block and "gpu_model=h100" in train_block
+
+
+def _run_tiny(workdir: Path, config: Path = TINY) -> None:
+    snakemake("-c2", "--configfile", str(config), cwd=workdir)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    _run_tiny(workdir)
+    return workdir
+
+
+def test_tiny_config_runs_to_the_comparison_table(tiny_run):
+    summary = tiny_run / "results" / "summary"
+    table = pd.read_csv(summary / "comparison.csv")
+    assert set(table.pipeline) == {"sft_gt", "kd", "sft"}
+    assert (table.trained_tokens == 1500).all(), "every pipeline trains on exactly the shared token budget"
+    kd = table[table.pipeline == "kd"]
+    assert kd.artifact.nunique() == 1 and (kd.artifact_consumers == 2).all()
+    assert (kd.teacher_kwh_oneoff > 0).all() and (table[table.pipeline == "sft_gt"].teacher_kwh_oneoff == 0).all()
+    for name in ("comparison.md", "stages.csv", "pareto.png", "energy_by_role.png", "power_timelines.png"):
+        assert (summary / name).stat().st_size > 0
+    stages = pd.read_csv(summary / "stages.csv")
+    assert (stages.status == "complete").all()
+    assert set(stages.role) >= {"setup", "data", "teacher", "student", "eval"}
+    merged = yaml.safe_load((tiny_run / "results" / "config" / "merged_config.yaml").read_text())
+    assert merged["training"]["token_budget"] == 1500 and merged["eval"]["confidence"] == 0.95
+
+
+def test_changing_one_experiments_hyperparameter_reruns_only_its_jobs(tiny_run, tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["experiments"][0]["overrides"] = {"training": {"lr": 1.0e-3}}      # the sft_gt experiment only
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", str(changed), cwd=tiny_run)
+    jobs = planned_jobs(proc.stdout)
+    trained = [w["exp"] for r, w in jobs if r == "train_student"]
+    evaluated = [w["model_id"] for r, w in jobs if r == "evaluate"]
+    assert trained == ["sft_gt.tiny.arith"]
+    assert evaluated == ["sft_gt.tiny.arith"]
+    assert not {r for r, _ in jobs} & {"prepare_teacher", "cache_logits", "generate_synthetic", "init_student"}
+
+
+def test_unchanged_config_plans_nothing(tiny_run):
+    proc = snakemake("-n", "--configfile", str(TINY), cwd=tiny_run)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_bad_config_stops_before_any_job_naming_the_key(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["training"]["lrr"] = 0.1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", str(bad), cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "training.lrr" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
