@@ -226,13 +226,14 @@ def check_partitions(cfg: Mapping[str, Any], partitions_file: str | os.PathLike 
                      rules: Iterable[str] | None = None) -> dict[str, str]:
     """Planning-time check: every rule's resources fit some partition of the partitions file.
 
-    ``partitions_file`` defaults to ``hardware.partitions_file`` (relative paths are taken from the current
-    directory, i.e. where snakemake runs). ``rules`` defaults to every rule named under ``resources.rules`` plus
-    ``default`` (which stands for all other rules). Returns rule -> the partitions it fits (comma-separated); raises
-    :class:`HardwareError` naming the rule, what it asks for and why each partition refuses it.
+    ``partitions_file`` defaults to ``hardware.partitions_file``, else the ``SNAKEMAKE_SLURM_PARTITIONS``
+    environment variable the SLURM plugin reads too (relative paths are taken from the current directory, i.e. where
+    snakemake runs); none of them set -> nothing to check. ``rules`` defaults to every rule named under
+    ``resources.rules`` plus ``default`` (which stands for all other rules). Returns rule -> the partitions it fits
+    (comma-separated); raises :class:`HardwareError` naming the rule, what it asks for and why each partition refuses.
     """
     hw = cfg.get("hardware") or {}
-    path = partitions_file or hw.get("partitions_file")
+    path = partitions_file or hw.get("partitions_file") or os.environ.get("SNAKEMAKE_SLURM_PARTITIONS")
     if not path:
         return {}
     partitions = read_partitions(path)

@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "merge_synthetic": ("distill_bench.synthetic.stage:merge_shards", "teacher"),
     "sample_preferences": ("distill_bench.dpo.stage:sample_candidates", "teacher"),
     "judge_preferences": ("distill_bench.dpo.stage:judge_candidates", "teacher"),
+    "precompute_reference": ("distill_bench.dpo.stage:precompute_reference", "student"),
     "evaluate": ("distill_bench.eval.stage:evaluate", "eval"),
 }
 

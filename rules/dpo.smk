@@ -69,3 +69,34 @@ rule judge_preferences:
         **resources_for("judge_preferences"),
     script:
         "../scripts/stage.py"
+
+
+rule precompute_reference:
+    """Optional (dpo.precompute_ref_logprobs): the reference model's log-probs of every pair, metered on its own
+    (student side: it is this experiment's cost), so training needs no second model in memory."""
+    input:
+        **METER_INPUTS,
+        pairs=lambda w: artifact_dir(experiment(w).artifact),
+        tokenizer=f"{R}/tokenizer",
+        init_model=lambda w: model_dir_for(experiment(w).init_from),
+    output:
+        out_dir=directory(f"{R}/models/students/{{exp}}/reference_pairs"),
+        energy_json=energy_json("student.reference.{exp}"),
+    params:
+        dpo=lambda w: experiment(w).sections["dpo"],
+        training=lambda w: experiment(w).training,
+        seed=CFG["seed"],
+        stage_id=lambda w: f"student.reference.{w.exp}",
+        role="student",
+        pipeline="dpo",
+        experiment=lambda w: w.exp,
+        energy=ENERGY,
+    log:
+        f"{R}/logs/precompute_reference/{{exp}}.log",
+    benchmark:
+        f"{R}/benchmarks/precompute_reference/{{exp}}.tsv"
+    threads: threads_for("precompute_reference")
+    resources:
+        **resources_for("precompute_reference"),
+    script:
+        "../scripts/stage.py"

@@ -8,7 +8,9 @@ def train_inputs(wildcards):
     exp = experiment(wildcards)
     init = model_dir_for(exp.init_from) if exp.init_from else init_dir(exp.student)
     inputs = {**METER_INPUTS, "tokenizer": f"{R}/tokenizer", "init_model": init}
-    if exp.trainer in ("sft", "dpo"):
+    if exp.trainer == "dpo" and exp.sections["dpo"]["precompute_ref_logprobs"]:
+        inputs["dataset"] = f"{R}/models/students/{exp.id}/reference_pairs"
+    elif exp.trainer in ("sft", "dpo"):
         inputs["dataset"] = artifact_dir(exp.artifact)
     else:
         inputs["dataset"] = f"{R}/data/{exp.dataset}"

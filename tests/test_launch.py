@@ -48,7 +48,8 @@ def test_two_gloo_processes_give_one_process_loss_curve_and_exact_tokens(tmp_pat
     from distill_bench.train.budget import build_budgeted_dataset, trained_positions
 
     examples, _ = encode_split(load_tokenizer(common["tokenizer"]), load_split(common["dataset"], "train"), 64)
-    stream, _ = build_budgeted_dataset(examples, 10**9, seed=0)
+    one_epoch = sum(trained_positions(e["completion_mask"]) for e in examples)
+    stream, _ = build_budgeted_dataset(examples, one_epoch, seed=0)
     base["token_budget"] = sum(trained_positions(e["completion_mask"]) for e in stream[:16])
 
     one = FakeMeter()

@@ -126,3 +126,19 @@ def test_bad_config_stops_before_any_job_naming_the_key(tmp_path):
     assert proc.returncode != 0
     assert "training.lrr" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_lm_eval_backend_runs_offline_and_the_table_carries_its_scores(tmp_path):
+    """Issue 6: the embedded task as a local lm-evaluation-harness task, scored offline, stderr in the table."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["eval"]["backend"] = "lm_eval"
+    cfg["experiments"] = [cfg["experiments"][0]]          # the sft_gt baseline is enough here
+    config = tmp_path / "lm_eval.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    _run_tiny(tmp_path, config)
+    table = pd.read_csv(tmp_path / "results" / "summary" / "comparison.csv")
+    assert list(table.eval_backend) == ["lm_eval"]
+    assert table.strict_stderr.notna().all() and table.flexible_stderr.notna().all()
+    result = json.loads((tmp_path / "results" / "eval" / "sft_gt.tiny.arith" / "arith.json").read_text())
+    assert result["backend"] == "lm_eval"
+    assert "harness_version" in json.dumps(result) or "lm_eval_version" in json.dumps(result)

@@ -209,8 +209,11 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
     path = Path(path_or_dict)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
     return validate_config(data)

@@ -112,6 +112,7 @@ class Plan:
         for art in self.artifacts.values():
             ids += art.stage_ids
         ids += [f"student.train.{e}" for e in self.experiments]
+        ids += [reference_stage_id(e) for e in self.experiments.values() if reference_stage_id(e)]
         ids += [eval_stage_id(m, d) for m, d in self.eval_units]
         return ids
 
@@ -132,6 +133,13 @@ class Plan:
             "eval_units": [list(u) for u in self.eval_units],
             "stage_ids": self.all_stage_ids(),
         }
+
+
+def reference_stage_id(exp: Experiment) -> str | None:
+    """DPO with precomputed reference log-probs: that forward pass is its own metered stage."""
+    if exp.trainer == "dpo" and exp.sections["dpo"]["precompute_ref_logprobs"]:
+        return f"student.reference.{exp.id}"
+    return None
 
 
 def eval_stage_id(model_id: str, dataset: str) -> str:

@@ -22,6 +22,9 @@ DEFAULTS: dict[str, Any] = {
     "precompute_ref_logprobs": False,
     "loss_type": "sigmoid",
     "max_length": None,                # null: training.max_length
+    # read by the planner (which checkpoint to start from, which model judges); carried through unchanged
+    "start_from": "sft",
+    "judge_model": None,
 }
 SOURCES = ("student", "teacher", "both")
 JUDGES = ("verifier", "teacher_logprob", "llm")

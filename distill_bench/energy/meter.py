@@ -27,7 +27,7 @@ from .validate import SCHEMA_VERSION, load_json, validate_stage_dict
 log = logging.getLogger(__name__)
 
 ROLES = ("setup", "data", "teacher", "student", "eval", "idle")
-PIPELINES = ("sft_gt", "kd", "sft", "dpo", "selfdistill", "shared")
+PIPELINES = ("sft_gt", "kd", "sft", "dpo", "selfdistill", "continued", "shared")
 KWH = 3.6e6
 _TOKEN_KIND = re.compile(r"^[A-Za-z0-9_]+$")
 

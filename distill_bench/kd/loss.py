@@ -24,7 +24,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 TAU_MATCH = 1e-6
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # positions per chunk = this / vocab (64 MiB of float32 logits)
+DEFAULT_CHUNK_ELEMENTS = 1 << 28  # positions per chunk = this / vocab (1 GiB of float32 logits; ~2.7k positions at
+                                  # V=100k). 1 << 24 (167 positions) made KD 30 % slower than SFT on an H100
+                                  # (docs/BENCHMARKS.md)
 
 
 class KDConfigError(ValueError):

@@ -23,7 +23,8 @@ from distill_bench.kd.cache import (CacheWriter, check_disk_space, corpus_hash, 
 log = logging.getLogger(__name__)
 
 SHARD_RAM_BYTES = 1 << 30        # cap on un-encoded rows held per shard before it is written
-CHUNK_ELEMENTS = 1 << 24         # positions x vocab per LM-head / top-k chunk (64 MiB float32)
+CHUNK_ELEMENTS = 1 << 27         # positions x vocab per LM-head / top-k chunk (512 MiB float32; +39 % cache
+                                 # throughput over 64 MiB chunks on an H100, docs/BENCHMARKS.md)
 
 
 def cache_temperatures(kd: Mapping[str, Any]) -> list[float]:

@@ -24,8 +24,8 @@ J_PER_KWH = 3.6e6
 
 COMPARISON_COLUMNS = [
     "experiment", "pipeline", "student", "dataset", "variant", "lineage", "artifact", "artifact_consumers",
-    "strict_acc", "strict_ci_low", "strict_ci_high", "flexible_acc", "flexible_ci_low", "flexible_ci_high",
-    "eval_n", "eval_backend",
+    "strict_acc", "strict_ci_low", "strict_ci_high", "strict_stderr", "flexible_acc", "flexible_ci_low",
+    "flexible_ci_high", "flexible_stderr", "eval_n", "eval_backend", "other_evals",
     "teacher_kwh_oneoff", "teacher_kwh_amortised", "upstream_kwh_oneoff", "upstream_kwh_amortised",
     "student_train_kwh", "eval_kwh",
     "total_kwh_oneoff", "total_kwh_amortised", "net_total_kwh_oneoff", "net_total_kwh_amortised",
@@ -133,11 +133,26 @@ def _eval_result(results_dir: Path, model_id: str, dataset: str) -> dict | None:
         return json.load(fh)
 
 
-def _metric(result: dict | None, name: str) -> tuple[float, float, float]:
+def _metric(result: dict | None, name: str) -> tuple[float, float, float, float]:
+    """(value, ci_low, ci_high, stderr) of one metric of an eval result."""
     if not result:
-        return (math.nan, math.nan, math.nan)
+        return (math.nan, math.nan, math.nan, math.nan)
     m = (result.get("metrics") or {}).get(name) or {}
-    return (m.get("value", math.nan), m.get("ci_low", math.nan), m.get("ci_high", math.nan))
+    return (m.get("value", math.nan), m.get("ci_low", math.nan), m.get("ci_high", math.nan),
+            m.get("stderr", math.nan))
+
+
+def _other_evals(results_dir: Path, plan: dict, model_id: str, primary: str) -> str:
+    """Scores of a model's other evaluations (lm-eval tasks such as gsm8k, mmlu, ifeval), as compact JSON."""
+    out = {}
+    for m, name in plan["eval_units"]:
+        if m != model_id or name == primary:
+            continue
+        result = _eval_result(results_dir, m, name) or {}
+        out[name] = {"backend": result.get("backend"), "n": result.get("n"),
+                     **{k: {"value": v.get("value"), "stderr": v.get("stderr")}
+                        for k, v in (result.get("metrics") or {}).items()}}
+    return json.dumps(out, sort_keys=True) if out else ""
 
 
 def charged_units(plan: dict, exp_id: str) -> dict[str, list[str]]:
@@ -158,7 +173,8 @@ def charged_units(plan: dict, exp_id: str) -> dict[str, list[str]]:
         if owner != exp_id:
             upstream.append(f"student.train.{owner}")
     evals = [f"eval.{m}.{d}" for m, d in plan["eval_units"] if m == exp_id]
-    return {"teacher": teacher, "upstream": upstream, "student": [f"student.train.{exp_id}"], "eval": evals}
+    student = [s for s in (f"student.reference.{exp_id}", f"student.train.{exp_id}") if s in plan["stage_ids"]]
+    return {"teacher": teacher, "upstream": upstream, "student": student, "eval": evals}
 
 
 def unit_consumers(plan: dict) -> dict[str, int]:
@@ -205,8 +221,10 @@ def comparison_frame(plan: dict, stages: dict[str, dict], results_dir: str | Pat
             "artifact": art_id,
             "artifact_consumers": len(plan["artifacts"][art_id]["consumers"]) if art_id else 0,
             "strict_acc": strict[0], "strict_ci_low": strict[1], "strict_ci_high": strict[2],
-            "flexible_acc": flexible[0], "flexible_ci_low": flexible[1], "flexible_ci_high": flexible[2],
+            "strict_stderr": strict[3], "flexible_acc": flexible[0], "flexible_ci_low": flexible[1],
+            "flexible_ci_high": flexible[2], "flexible_stderr": flexible[3],
             "eval_n": (result or {}).get("n"), "eval_backend": (result or {}).get("backend"),
+            "other_evals": _other_evals(results_dir, plan, exp_id, exp["dataset"]),
             "teacher_kwh_oneoff": gross["teacher"] / J_PER_KWH, "teacher_kwh_amortised": share["teacher"] / J_PER_KWH,
             "upstream_kwh_oneoff": gross["upstream"] / J_PER_KWH,
             "upstream_kwh_amortised": share["upstream"] / J_PER_KWH,
@@ -253,8 +271,9 @@ def reference_rows(plan: dict, results_dir: str | Path) -> pd.DataFrame:
         result = _eval_result(results_dir, model_id, dataset)
         strict, flexible = _metric(result, "strict_match"), _metric(result, "flexible_extract")
         rows.append({"model": model_id, "dataset": dataset, "strict_acc": strict[0], "strict_ci_low": strict[1],
-                     "strict_ci_high": strict[2], "flexible_acc": flexible[0], "flexible_ci_low": flexible[1],
-                     "flexible_ci_high": flexible[2], "eval_n": (result or {}).get("n")})
+                     "strict_ci_high": strict[2], "strict_stderr": strict[3], "flexible_acc": flexible[0],
+                     "flexible_ci_low": flexible[1], "flexible_ci_high": flexible[2], "flexible_stderr": flexible[3],
+                     "eval_n": (result or {}).get("n"), "eval_backend": (result or {}).get("backend")})
     return pd.DataFrame(rows)
 
 
@@ -278,29 +297,39 @@ def markdown_table(comparison: pd.DataFrame, references: pd.DataFrame, stages: p
              "Teacher side one-off = full cost of the shared teacher artifact; amortised = split across its "
              "consumers in this run. N* = students that must share the teacher artifact before the pipeline beats "
              "plain SFT (sft_gt) on energy at equal or better quality.", "",
-             "| experiment | pipeline | strict EM | flexible EM | teacher Wh (one-off / amortised) | upstream Wh | "
+             "| experiment | pipeline | strict EM | flexible EM | scored by | teacher Wh (one-off / amortised) | upstream Wh | "
              "train Wh | eval Wh | total Wh (one-off / amortised) | net Wh (one-off) | trained tokens | train tok/s "
              "| N* |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in comparison.iterrows():
         lines.append(
             f"| {r.experiment} | {r.pipeline} | {_pct(r.strict_acc, r.strict_ci_low, r.strict_ci_high)} | "
-            f"{_pct(r.flexible_acc, r.flexible_ci_low, r.flexible_ci_high)} | "
+            f"{_pct(r.flexible_acc, r.flexible_ci_low, r.flexible_ci_high)} | {r.eval_backend} | "
             f"{1000 * r.teacher_kwh_oneoff:.3f} / {1000 * r.teacher_kwh_amortised:.3f} | "
             f"{1000 * r.upstream_kwh_oneoff:.3f} | {1000 * r.student_train_kwh:.3f} | {1000 * r.eval_kwh:.3f} | "
             f"{1000 * r.total_kwh_oneoff:.3f} / {1000 * r.total_kwh_amortised:.3f} | "
             f"{1000 * r.net_total_kwh_oneoff:.3f} | {r.trained_tokens} | "
             f"{(r.train_tokens_per_s or 0):.0f} | {_fmt_n_star(r.break_even_reuse)} |")
+    others = comparison[comparison.other_evals.fillna("") != ""]
+    if len(others):
+        lines += ["", "Other evaluations (value ± stderr):", ""]
+        for _, r in others.iterrows():
+            scores = json.loads(r.other_evals)
+            parts = [f"{task} {name} {100 * m['value']:.1f} ± {100 * (m['stderr'] or 0):.1f}"
+                     for task, result in scores.items() for name, m in result.items()
+                     if isinstance(m, dict) and m.get("value") is not None]
+            lines.append(f"- {r.experiment}: " + "; ".join(parts))
     lineage = comparison[comparison.lineage != comparison.experiment]
     if len(lineage):
         lines += ["", "Lineage (upstream Wh = the training of the earlier checkpoints each row builds on):", ""]
         lines += [f"- {r.lineage}" for _, r in lineage.iterrows()]
     if not references.empty:
         lines += ["", "Reference models (not trained in this comparison):", "",
-                  "| model | dataset | strict EM | flexible EM | n |", "|---|---|---|---|---|"]
+                  "| model | eval | strict EM | flexible EM | n | scored by |", "|---|---|---|---|---|---|"]
         for _, r in references.iterrows():
             lines.append(f"| {r.model} | {r.dataset} | {_pct(r.strict_acc, r.strict_ci_low, r.strict_ci_high)} | "
-                         f"{_pct(r.flexible_acc, r.flexible_ci_low, r.flexible_ci_high)} | {r.eval_n} |")
+                         f"{_pct(r.flexible_acc, r.flexible_ci_low, r.flexible_ci_high)} | {r.eval_n} | "
+                         f"{r.eval_backend} |")
     setup = stages[stages.role.isin(["setup", "data", "idle"])]
     if not setup.empty:
         lines += ["", "Setup and data stages (shown, not charged to any pipeline):", "",
