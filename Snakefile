@@ -15,6 +15,7 @@ import yaml
 
 sys.path.insert(0, workflow.basedir)
 from distill_bench.config import ConfigError, build_plan, load_config
+from distill_bench.hardware import HardwareError, apply_preset, check_partitions
 
 # The embedded default is loaded only when no --configfile brought a full config: merging it under a cluster
 # config would leak the embedded datasets and students into the cluster grid.
@@ -26,8 +27,9 @@ if "experiments" not in config:
     config.update(_default)
 
 try:
-    CFG = load_config(dict(config))
-except ConfigError as _err:
+    CFG = apply_preset(load_config(dict(config)))
+    check_partitions(CFG)
+except (ConfigError, HardwareError) as _err:
     raise WorkflowError(str(_err)) from None
 
 PLAN = build_plan(CFG)
@@ -39,6 +41,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/setup.smk"
+include: "rules/prerun.smk"
 include: "rules/kd.smk"
 include: "rules/synthetic.smk"
 include: "rules/dpo.smk"

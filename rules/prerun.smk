@@ -17,13 +17,5 @@ rule prerun:
     threads: 1
     resources:
         **resources_for("prerun"),
-    run:
-        from distill_bench.hardware import prerun
-
-        with open(log[0], "w") as fh:
-            try:
-                record = prerun(out_json=output[0], hardware=params.hardware, energy=params.energy)
-            except Exception as err:
-                fh.write(f"{err}\n")
-                raise
-            fh.write(f"prerun {record['status']}: {[g['name'] for g in record['gpus']] or 'no GPU'}\n")
+    script:
+        "../scripts/prerun.py"

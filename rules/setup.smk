@@ -32,6 +32,7 @@ rule idle_baseline:
     """Idle power of each device, measured once per run on the hardware the stages use."""
     input:
         environment=f"{R}/env/environment.json",
+        prerun=f"{R}/env/prerun.json",
     output:
         f"{R}/energy/idle.json",
     params:
