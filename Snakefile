@@ -54,3 +54,4 @@ rule all:
     default_target: True
     input:
         f"{R}/summary/comparison.csv",
+        [f"{R}/summary/wandb_runs.txt"] if CFG["report"]["wandb"]["enabled"] else [],

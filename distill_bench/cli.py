@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stage": ("distill_bench.cli:stage_main", "run one workflow stage without Snakemake"),
     "rollup": ("distill_bench.report.cli:rollup_main", "roll stage JSONs up into the comparison table"),
     "compare": ("distill_bench.report.cli:compare_main", "compare several run directories"),
+    "wandb": ("distill_bench.report.wandb_log:wandb_main", "log a finished run to Weights & Biases (offline by default)"),
 }
 
 

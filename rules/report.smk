@@ -12,6 +12,7 @@ rule rollup:
     output:
         csv=report(f"{R}/summary/comparison.csv", caption="../report/comparison.rst", category="1. Comparison"),
         md=f"{R}/summary/comparison.md",
+        html=report(f"{R}/summary/report.html", caption="../report/summary_html.rst", category="1. Comparison"),
         references=report(f"{R}/summary/references.csv", caption="../report/references.rst",
                           category="1. Comparison"),
         stages=report(f"{R}/summary/stages.csv", caption="../report/stages.rst", category="3. Stages"),
@@ -28,3 +29,23 @@ rule rollup:
         f"{R}/benchmarks/rollup.tsv"
     script:
         "../scripts/rollup.py"
+
+
+rule wandb_log:
+    """Optional (report.wandb.enabled): log the finished run to Weights & Biases, offline by default; upload later
+    with `wandb sync`. It only reads the roll-up, so it is not a metered stage."""
+    localrule: True
+    input:
+        csv=f"{R}/summary/comparison.csv",
+        stages=f"{R}/summary/stages.csv",
+    output:
+        f"{R}/summary/wandb_runs.txt",
+    params:
+        results_dir=R,
+        config=CFG,
+    log:
+        f"{R}/logs/wandb_log.log",
+    benchmark:
+        f"{R}/benchmarks/wandb_log.tsv"
+    script:
+        "../scripts/wandb_log.py"

@@ -11,24 +11,11 @@ import pytest
 
 from distill_bench.data.io import SUMMARY_FILE, content_hash, dataset_content_hash, load_dataset_dir
 from distill_bench.data.stage import prepare_data
+from conftest import FakeMeter
 
 FIX = Path(__file__).parent / "fixtures" / "data"
 ARITH = {"source": "embedded", "n_train": 60, "n_eval": 10, "max_length": 160,
          "task": {"min_steps": 2, "max_steps": 3, "max_operand": 30}}
-
-
-class FakeMeter:
-    def __init__(self):
-        self.tokens, self.records, self.primary = {}, {}, None
-
-    def add_tokens(self, kind, n):
-        self.tokens[kind] = self.tokens.get(kind, 0) + n
-
-    def set_primary_tokens(self, kind):
-        self.primary = kind
-
-    def record(self, key, value):
-        self.records[key] = value
 
 
 def test_embedded_stage_writes_loadable_dir_with_summary(tmp_path):

@@ -14,28 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from distill_bench.dpo.config import DEFAULTS, normalize_dpo  # noqa: E402
 from distill_bench.dpo.judges import parse_judge_score  # noqa: E402
 from distill_bench.dpo.pairs import build_pairs  # noqa: E402
+from conftest import FakeMeter  # noqa: E402
 
 TRAINING = {"token_budget": 1, "max_length": 96, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "weight_decay": 0.0,
             "warmup_ratio": 0.0, "lr_scheduler": "constant", "precision": "fp32", "save_steps": 1000}
-
-
-class FakeMeter:
-    def __init__(self):
-        self.tokens, self.metrics, self.primary, self.steady_marks = {}, {}, None, 0
-
-    def add_tokens(self, kind, n):
-        assert isinstance(n, int) and n >= 0
-        self.tokens[kind] = self.tokens.get(kind, 0) + n
-
-    def set_primary_tokens(self, kind):
-        self.primary = kind
-
-    def record(self, key, value):
-        json.dumps(value, allow_nan=False)
-        self.metrics[key] = value
-
-    def mark_steady_state(self):
-        self.steady_marks += 1
 
 
 # --------------------------------------------------------------------------------------------- pairing rule

@@ -11,22 +11,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from distill_bench.eval.stage import evaluate  # noqa: E402
 from distill_bench.generation.toy import build_chain_model, build_toy_tokenizer  # noqa: E402
+from conftest import FakeMeter  # noqa: E402
 
 ANSWERS = ["7", "7", "3", "10"]
-
-
-class RecordingMeter:
-    def __init__(self):
-        self.tokens, self.records, self.primary = {}, {}, None
-
-    def add_tokens(self, kind, n):
-        self.tokens[kind] = self.tokens.get(kind, 0) + int(n)
-
-    def set_primary_tokens(self, kind):
-        self.primary = kind
-
-    def record(self, key, value):
-        self.records[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +39,7 @@ def _eval_cfg(**kw):
 
 
 def test_native_evaluate_writes_valid_result_json_with_exact_counts(workdir):
-    meter = RecordingMeter()
+    meter = FakeMeter()
     out = workdir / "eval" / "student" / "arith.json"
     evaluate(meter=meter, model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
              dataset=str(workdir / "data"), out_json=str(out), eval=_eval_cfg(), model_id="student", seed=1)
@@ -72,7 +59,7 @@ def test_native_evaluate_writes_valid_result_json_with_exact_counts(workdir):
 
 
 def test_lm_eval_backend_runs_embedded_task_offline_and_agrees_with_native(workdir):
-    meter = RecordingMeter()
+    meter = FakeMeter()
     out = workdir / "eval" / "student" / "arith.lm_eval.json"
     evaluate(meter=meter, model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
              dataset=str(workdir / "data"), out_json=str(out), eval=_eval_cfg(backend="lm_eval"),
@@ -93,7 +80,7 @@ def test_unknown_lm_eval_task_lists_close_matches_before_loading_any_model(workd
     kw = {"task": "gsm8kk"} if where == "task" else {"eval": _eval_cfg(backend="lm_eval", tasks=["mmlu", "gsm8kk"])}
     # the model path does not exist: the task check must come first
     with pytest.raises(ValueError, match=r"unknown lm-eval task.*'gsm8kk'.*close matches: .*gsm8k"):
-        evaluate(**{"meter": RecordingMeter(), "model": str(workdir / "no-such-model"), "tokenizer": None,
+        evaluate(**{"meter": FakeMeter(), "model": str(workdir / "no-such-model"), "tokenizer": None,
                     "dataset": str(workdir / "data"), "out_json": str(workdir / "x.json"),
                     "eval": _eval_cfg(backend="lm_eval"), "model_id": "m", "seed": 1, **kw})
 
@@ -103,7 +90,7 @@ def test_standard_task_without_offline_data_fails_fast_with_clear_message(workdi
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(workdir / "empty_hf_home"))  # nothing cached
     with pytest.raises(RuntimeError, match=r"task 'gsm8k'.*not in the local HF cache"):
-        evaluate(meter=RecordingMeter(), model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
+        evaluate(meter=FakeMeter(), model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
                  dataset=str(workdir / "data"), out_json=str(workdir / "y.json"),
                  eval=_eval_cfg(backend="lm_eval"), model_id="m", seed=1, task="gsm8k")
 
@@ -115,7 +102,7 @@ def test_standard_task_without_offline_data_fails_fast_with_clear_message(workdi
                                       (_eval_cfg(tasks="gsm8k"), "eval.tasks")])
 def test_bad_eval_config_names_the_key(workdir, cfg, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        evaluate(meter=RecordingMeter(), model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
+        evaluate(meter=FakeMeter(), model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
                  dataset=str(workdir / "data"), out_json=str(workdir / "z.json"), eval=cfg, model_id="m", seed=1)
 
 
@@ -128,12 +115,12 @@ def test_model_dir_without_tokenizer_is_a_clear_error(workdir, tmp_path):
         f.unlink()
     (bare / "special_tokens_map.json").unlink(missing_ok=True)
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
-        evaluate(meter=RecordingMeter(), model=str(bare), tokenizer=None, dataset=str(workdir / "data"),
+        evaluate(meter=FakeMeter(), model=str(bare), tokenizer=None, dataset=str(workdir / "data"),
                  out_json=str(tmp_path / "r.json"), eval=_eval_cfg(), model_id="m", seed=1)
 
 
 def test_missing_split_is_named(workdir):
     with pytest.raises(KeyError, match="no split 'test'"):
-        evaluate(meter=RecordingMeter(), model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
+        evaluate(meter=FakeMeter(), model=str(workdir / "model"), tokenizer=str(workdir / "tokenizer"),
                  dataset=str(workdir / "data"), out_json=str(workdir / "w.json"), eval=_eval_cfg(), model_id="m",
                  seed=1, split="test")

@@ -14,20 +14,7 @@ from distill_bench.kd.stage import build_cache, cache_logits  # noqa: E402
 from distill_bench.kd.toy import TEXTS, tiny_llama, tiny_tokenizer, toy_encoded, toy_pairs  # noqa: E402
 from distill_bench.kd.trainer import KDSFTTrainer, kd_trainer_parts  # noqa: E402
 from distill_bench.models.tokenizer import vocab_hash  # noqa: E402
-
-
-class FakeMeter:
-    def __init__(self):
-        self.tokens, self.records, self.primary = {}, {}, None
-
-    def add_tokens(self, kind, n):
-        self.tokens[kind] = self.tokens.get(kind, 0) + int(n)
-
-    def set_primary_tokens(self, kind):
-        self.primary = kind
-
-    def record(self, key, value):
-        self.records[key] = value
+from conftest import FakeMeter  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from distill_bench.train.launch import SAFE_ENV, inside_launch, torchrun_command, wants_launch, worker_env  # noqa: E402
 from distill_bench.train.trainer import TrainSettings  # noqa: E402
-from test_models import FakeMeter, _save_dataset, arith_pairs  # noqa: E402
+from conftest import FakeMeter, arith_pairs, save_pairs_dataset, save_tiny_model, train_arith_tokenizer  # noqa: E402
 
 # fp32 on CPU: DDP all-reduces (averages) gradients and the loss normaliser counts all ranks, so the only
 # difference to one process is the order of float sums
@@ -20,16 +20,11 @@ LOSS_RTOL = 1e-4
 
 
 def _setup(tmp_path):
-    from distill_bench.models.build import init_model_from_arch, save_model_dir
-    from distill_bench.models.tokenizer import load_tokenizer, train_tokenizer
+    from distill_bench.models.tokenizer import load_tokenizer
 
-    pairs = arith_pairs(32)
-    train_tokenizer([t for p, r in pairs for t in (p, r)], 100, tmp_path / "tok")
-    tok = load_tokenizer(tmp_path / "tok")
-    data = _save_dataset(tmp_path / "data", pairs)
-    model = init_model_from_arch({"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
-                                 tok, seed=0)
-    save_model_dir(model, tmp_path / "init", tok)
+    tok = load_tokenizer(train_arith_tokenizer(tmp_path / "tok", 32, 100))
+    data = save_pairs_dataset(tmp_path / "data", arith_pairs(32))
+    save_tiny_model(tok, tmp_path / "init")
     return dict(pipeline="sft_gt", dataset=str(data), tokenizer=str(tmp_path / "tok"),
                 init_model=str(tmp_path / "init"), seed=0)
 

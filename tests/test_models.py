@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 
@@ -16,40 +15,13 @@ from distill_bench.models.build import (count_parameters, init_model_from_arch, 
 from distill_bench.models.tokenizer import (EOS, TokenizerMismatchError, assert_same_tokenizer,  # noqa: E402
                                             encode_prompt, encode_prompt_response, load_tokenizer,
                                             train_tokenizer, vocab_hash)
-
-TINY_ARCH = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
-
-
-class FakeMeter:
-    def __init__(self):
-        self.tokens, self.primary, self.metrics = {}, None, {}
-
-    def add_tokens(self, kind, n):
-        self.tokens[kind] = self.tokens.get(kind, 0) + int(n)
-
-    def set_primary_tokens(self, kind):
-        self.primary = kind
-
-    def record(self, key, value):
-        self.metrics[key] = value
-
-
-def arith_pairs(n, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        out.append((f"Tom has {a} apples and buys {b} more. How many now?",
-                    f"{a} + {b} = {a + b}\n#### {a + b}"))
-    return out
+from conftest import (TINY_ARCH, FakeMeter, arith_pairs, save_pairs_dataset, save_tiny_model,  # noqa: E402
+                      train_arith_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok") / "tokenizer"
-    texts = [t for p, r in arith_pairs(200) for t in (p, r)]
-    train_tokenizer(texts, 120, d)
-    return d
+    return train_arith_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", 200, 120)
 
 
 @pytest.fixture(scope="module")
@@ -142,19 +114,18 @@ def test_missing_model_path_gives_clear_error(tmp_path):
 
 
 def test_model_ref_pointer_resolves_and_loads(tmp_path, tok):
-    from distill_bench.models.build import save_model_dir, write_model_ref
+    from distill_bench.models.build import write_model_ref
 
-    real = save_model_dir(init_model_from_arch(TINY_ARCH, tok, 0), tmp_path / "real", tok)
+    real = save_tiny_model(tok, tmp_path / "real")
     write_model_ref(tmp_path / "ptr", str(real))
     assert resolve_model_ref(tmp_path / "ptr") == str(real)
     assert count_parameters(load_model(tmp_path / "ptr")) == count_parameters(load_model(real))
 
 
 def test_prepare_teacher_pretrained_writes_model_ref_after_tokenizer_check(tmp_path, tok_dir, other_tok_dir, tok):
-    from distill_bench.models.build import save_model_dir
     from distill_bench.models.stage import prepare_teacher
 
-    teacher_dir = save_model_dir(init_model_from_arch(TINY_ARCH, tok, 0), tmp_path / "hub-teacher", tok)
+    teacher_dir = save_tiny_model(tok, tmp_path / "hub-teacher")
     meter = FakeMeter()
     prepare_teacher(meter=meter, out_dir=str(tmp_path / "teacher"), tokenizer=str(tok_dir),
                     teacher={"source": "pretrained", "name_or_path": str(teacher_dir)}, dataset="unused",
@@ -175,23 +146,10 @@ def test_prepare_teacher_pretrained_writes_model_ref_after_tokenizer_check(tmp_p
                         dataset="unused", training={}, seed=0)
 
 
-def _save_dataset(path, pairs):
-    from datasets import Dataset, DatasetDict
-
-    def split(name, items):
-        return Dataset.from_dict({"id": [f"t-{name}-{i}" for i in range(len(items))],
-                                  "prompt": [p for p, _ in items], "response": [r for _, r in items],
-                                  "answer": [r.split("#### ")[-1] for _, r in items],
-                                  "source": ["embedded"] * len(items)})
-
-    DatasetDict({"train": split("train", pairs), "eval": split("eval", pairs[:5])}).save_to_disk(str(path))
-    return path
-
-
 def test_prepare_tokenizer_trains_on_dataset_dirs_and_init_student_saves_model(tmp_path):
     from distill_bench.models.stage import init_student, prepare_tokenizer
 
-    ds = _save_dataset(tmp_path / "data", arith_pairs(50))
+    ds = save_pairs_dataset(tmp_path / "data", arith_pairs(50))
     meter = FakeMeter()
     prepare_tokenizer(meter=meter, out_dir=str(tmp_path / "tok"), source="train", vocab_size=100,
                       datasets=[str(ds)], seed=1)
@@ -211,7 +169,7 @@ def test_prepare_tokenizer_trains_on_dataset_dirs_and_init_student_saves_model(t
 def test_prepare_teacher_train_writes_trained_hf_model_dir(tmp_path, tok_dir, tok):
     from distill_bench.models.stage import prepare_teacher
 
-    data = _save_dataset(tmp_path / "data", arith_pairs(20))
+    data = save_pairs_dataset(tmp_path / "data", arith_pairs(20))
     meter = FakeMeter()
     training = {"token_budget": 999, "max_length": 64, "batch_size": 8, "lr": 1e-3, "save_steps": 100}
     prepare_teacher(meter=meter, out_dir=str(tmp_path / "teacher"), tokenizer=str(tok_dir),

@@ -27,12 +27,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from distill_bench.energy.meter import ledger_path_for  # noqa: E402
 from distill_bench.stages import run_named_stage  # noqa: E402
+from conftest import save_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TOL = 1e-4
 WEIGHT_TOL = 1e-5
 ENERGY = {"policy": "measured", "sample_interval_s": 0.05, "codecarbon": False, "snapshot_interval_s": 30}
-TINY_ARCH = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
 TRAINING = dict(token_budget=600, max_length=96, batch_size=4, grad_accum=1, lr=3e-3, weight_decay=0.0,
                 warmup_ratio=0.1, lr_scheduler="cosine", precision="fp32", save_steps=2, num_threads=1)
 SYNTHETIC = dict(backend="hf", batch_size=2, max_new_tokens=6, temperature=0.0, top_p=1.0, samples_per_prompt=1,
@@ -75,7 +75,6 @@ def env(tmp_path_factory):
     """Tiny embedded dataset, tokenizer and initial model (also the 'teacher' for generation)."""
     from distill_bench.data.io import save_dataset_dir
     from distill_bench.data.task import generate_task
-    from distill_bench.models.build import init_model_from_arch, save_model_dir
     from distill_bench.models.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("preempt")
@@ -83,7 +82,7 @@ def env(tmp_path_factory):
     data = save_dataset_dir(dsd, root / "data" / "arith", {"name": "arith", "source": "embedded"})
     texts = [t for row in dsd["train"] for t in (row["prompt"], row["response"])]
     tok = train_tokenizer(texts, 96, root / "tokenizer")
-    init = save_model_dir(init_model_from_arch(TINY_ARCH, tok, seed=0), root / "init", tok)
+    init = save_tiny_model(tok, root / "init")
     return {"root": root, "data": str(data), "tokenizer": str(root / "tokenizer"), "init": str(init)}
 
 

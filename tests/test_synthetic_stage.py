@@ -12,28 +12,12 @@ import pytest  # noqa: E402
 
 from distill_bench.synthetic import stage  # noqa: E402
 from distill_bench.synthetic.filters import NoSurvivorsError  # noqa: E402
+from conftest import FakeMeter  # noqa: E402
 
 MAX_NEW = 8
 CONTEXT = 64                     # prompts over 64 - 8 = 56 templated tokens are dropped
 NO_FILTERS = {"min_tokens": None, "max_tokens": None, "drop_truncated": False, "dedup": False,
               "verify_answer": False}
-
-
-class FakeMeter:
-    def __init__(self):
-        self.tokens, self.metrics, self.primary, self.steady_marks = {}, {}, None, 0
-
-    def add_tokens(self, kind, n):
-        self.tokens[kind] = self.tokens.get(kind, 0) + int(n)
-
-    def set_primary_tokens(self, kind):
-        self.primary = kind
-
-    def record(self, key, value):
-        self.metrics[key] = value
-
-    def mark_steady_state(self):
-        self.steady_marks += 1
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from distill_bench.models.tokenizer import (TokenizerMismatchError, encode_promp
 from distill_bench.train.budget import build_budgeted_dataset, trained_positions  # noqa: E402
 from distill_bench.train.trainer import (CheckpointMismatchError, TrainingInterrupted, TrainSettings,  # noqa: E402
                                          train_student)
-from test_models import TINY_ARCH, FakeMeter, _save_dataset, arith_pairs  # noqa: E402
+from conftest import TINY_ARCH, FakeMeter, arith_pairs, save_pairs_dataset, train_arith_tokenizer  # noqa: E402
 
 
 def toy_examples(n=7):
@@ -69,9 +69,7 @@ def test_settings_reject_unknown_key_and_bad_precision():
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trtok") / "tok"
-    train_tokenizer([t for p, r in arith_pairs(100) for t in (p, r)], 100, d)
-    return load_tokenizer(d)
+    return load_tokenizer(train_arith_tokenizer(tmp_path_factory.mktemp("trtok") / "tok", 100, 100))
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +195,7 @@ def test_train_stage_refuses_tokenizer_mismatch_then_trains_sft_gt(tmp_path, tok
     from distill_bench.models.build import save_model_dir
     from distill_bench.train.stage import train_student as stage
 
-    data = _save_dataset(tmp_path / "data", arith_pairs(30))
+    data = save_pairs_dataset(tmp_path / "data", arith_pairs(30))
     tok.save_pretrained(str(tmp_path / "tok"))
     other = tmp_path / "other_tok"
     train_tokenizer(["unrelated vocabulary words only"] * 10, 60, other)

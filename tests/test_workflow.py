@@ -20,7 +20,8 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def snakemake(*args: str, cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(cwd), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
@@ -94,6 +95,8 @@ def test_tiny_config_runs_to_the_comparison_table(tiny_run):
     stages = pd.read_csv(summary / "stages.csv")
     assert (stages.status == "complete").all()
     assert set(stages.role) >= {"setup", "data", "teacher", "student", "eval"}
+    wandb_runs = (summary / "wandb_runs.txt").read_text().split()
+    assert len(wandb_runs) == len(table) + 1, "one offline W&B run per experiment plus the stages run"
     merged = yaml.safe_load((tiny_run / "results" / "config" / "merged_config.yaml").read_text())
     assert merged["training"]["token_budget"] == 1500 and merged["eval"]["confidence"] == 0.95
 
@@ -142,3 +145,31 @@ def test_lm_eval_backend_runs_offline_and_the_table_carries_its_scores(tmp_path)
     result = json.loads((tmp_path / "results" / "eval" / "sft_gt.tiny.arith" / "arith.json").read_text())
     assert result["backend"] == "lm_eval"
     assert "harness_version" in json.dumps(result) or "lm_eval_version" in json.dumps(result)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (.ci/run installs Debian's chromium)")
+def test_reports_open_in_headless_chromium_with_table_and_figures(tiny_run, tmp_path):
+    """Issue 8: the run's HTML summary shows the table and figures; `snakemake --report` bundles them."""
+    summary = tiny_run / "results" / "summary" / "report.html"
+    shot = tmp_path / "summary.png"
+    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile1'}",
+                           "--window-size=1400,2000", f"--screenshot={shot}", summary.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 20_000, proc.stderr[-2000:]
+    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom",
+                          summary.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'id="comparison"' in dom and "sft_gt.tiny.arith" in dom
+    assert dom.count("data:image/png;base64,") == 3, "pareto, energy-by-role and power-timeline figures inline"
+
+    report = tmp_path / "report.html"
+    snakemake("--configfile", str(TINY), "--report", str(report), cwd=tiny_run)
+    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile3'}",
+                          "--virtual-time-budget=10000", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=180).stdout
+    for category in ("1. Comparison", "2. Figures", "3. Stages"):
+        assert category in dom, f"{category!r} missing from the rendered Snakemake report"

@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import datasets
+
+from distill_bench.artifacts import write_dir_atomically
+from distill_bench.energy.atomic import atomic_write_json
 
 SCHEMA_COLUMNS = ("id", "prompt", "response", "answer", "source")
 SPLITS = ("train", "eval")
@@ -31,40 +32,16 @@ def content_hash(dsd: datasets.DatasetDict) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_dataset_dir(dsd: datasets.DatasetDict, out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
     """save_to_disk into a temporary sibling dir, add the summary, then rename onto ``out_dir``.
 
     A reader never sees a half-written directory; an existing ``out_dir`` is swapped out and removed afterwards.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         dsd.save_to_disk(str(tmp))
-        _write_json_atomic(tmp / SUMMARY_FILE, summary)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        atomic_write_json(tmp / SUMMARY_FILE, summary, sort_keys=True, allow_nan=True)
+
+    return write_dir_atomically(out_dir, write)
 
 
 def load_dataset_dir(path: str | os.PathLike) -> datasets.DatasetDict:

@@ -17,15 +17,15 @@ Judging. See ``judges`` for the three judges and ``pairs.build_pairs`` for the p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from distill_bench.artifacts import (ChunkCheckpoint, dataset_hash_or_none, jsonl_text, short_hash,
+                                     write_dir_atomically)
 from distill_bench.dpo.config import normalize_dpo, sources_for
 from distill_bench.energy.atomic import atomic_write_json, atomic_write_text
 
@@ -44,46 +44,7 @@ PAIR_COLUMNS = ("prompt_id", "prompt", "chosen", "rejected", "chosen_score", "re
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-# --------------------------------------------------------------------------------------------- small IO helpers
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_dir(out: Path, write) -> None:
-    """Run ``write(tmp_dir)`` in a temporary sibling directory, then rename it over ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _dataset_hash(dataset: str) -> str | None:
-    try:
-        from distill_bench.data.io import dataset_content_hash
-
-        return dataset_content_hash(dataset)
-    except (FileNotFoundError, ValueError):
-        return None
+# --------------------------------------------------------------------------------------------- helpers
 
 
 def _device_model(path: str):
@@ -95,23 +56,6 @@ def _device_model(path: str):
 
 
 # --------------------------------------------------------------------------------------------- sampling
-
-
-def _load_partial(partial: Path, fingerprint: Mapping[str, Any]) -> dict[int, list[dict]]:
-    if not partial.is_dir():
-        return {}
-    try:
-        saved = json.loads((partial / "progress.json").read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        saved = None
-    if saved != json.loads(json.dumps(fingerprint)):
-        log.info("discarding partial candidates in %s (settings changed or unreadable)", partial)
-        shutil.rmtree(partial, ignore_errors=True)
-        return {}
-    done = {}
-    for f in sorted(partial.glob("chunk-*.jsonl")):
-        done[int(f.stem.split("-")[1])] = [json.loads(line) for line in f.read_text().splitlines() if line]
-    return done
 
 
 def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, dataset: str, out_dir: str,
@@ -171,16 +115,15 @@ def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, datas
     tok = None
     for s_index, source in enumerate(wanted):
         fingerprint = {"source": source, "model": str(models[source]), "tokenizer": str(tokenizer),
-                       "dataset": str(dataset), "dataset_hash": _dataset_hash(dataset), "decoding": decoding,
+                       "dataset": str(dataset), "dataset_hash": dataset_hash_or_none(dataset), "decoding": decoding,
                        "backend": backend, "n_prompts": total, "seed": int(seed), "chunk_prompts": per_chunk,
                        "source_index": s_index}
-        partial = partial_root / source
-        done = _load_partial(partial, fingerprint)
+        checkpoint = ChunkCheckpoint(partial_root / source, fingerprint, what="candidates")
+        done = checkpoint.done
         attempt["resumed_chunks"] += len(done)
         todo = [c for c in range(len(chunks)) if c not in done]
         if todo:
-            partial.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(partial / "progress.json", {"fingerprint": fingerprint})
+            checkpoint.start()
             model = models[source] if backend == "vllm" else _device_model(models[source])
             if tok is None:
                 tok = tokenizer if backend == "vllm" else load_tokenizer(tokenizer)
@@ -207,8 +150,7 @@ def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, datas
                 meter.add_tokens("generated_tokens", attempt["generated_tokens"] - charged["generated"])
                 charged["generated"] = attempt["generated_tokens"]
                 attempt["input_tokens"] += inp
-                atomic_write_text(partial / f"chunk-{c:06d}.jsonl", _jsonl(chunk_rows))
-                done[c] = chunk_rows
+                checkpoint.save(c, chunk_rows)
             del model
         all_rows.extend(row for c in range(len(chunks)) for row in done[c])
 
@@ -238,7 +180,7 @@ def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, datas
         ds.save_to_disk(str(tmp / "data"), num_shards=None if records else 1)
         atomic_write_json(tmp / CANDIDATES_INFO, info)  # completion marker, last
 
-    _write_dir(out, write)
+    write_dir_atomically(out, write)
     shutil.rmtree(partial_root, ignore_errors=True)
     for kind in ("generated_tokens", "input_tokens"):
         meter.add_tokens(kind, 0)
@@ -338,10 +280,10 @@ def judge_candidates(*, meter, candidates: str, out_dir: str, dpo: Mapping[str, 
     def write(tmp: Path) -> None:
         ds = datasets.Dataset.from_list([{k: p[k] for k in PAIR_COLUMNS} for p in pairs])
         datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp))
-        atomic_write_text(tmp / SCORED, _jsonl(scored_out))
+        atomic_write_text(tmp / SCORED, jsonl_text(scored_out))
         atomic_write_json(tmp / JUDGE_INFO, info)
 
-    _write_dir(Path(out_dir), write)
+    write_dir_atomically(Path(out_dir), write)
     meter.record("mean_chosen_score", info["mean_chosen_score"])
     meter.record("mean_rejected_score", info["mean_rejected_score"])
     log.info("judge %s (margin %s): %d pairs from %d candidates (%s)", judge, margin, len(pairs), len(rows), counts)
@@ -408,13 +350,13 @@ def precompute_reference(*, meter, pairs: str, tokenizer: str, init_model: str, 
     rows = [dict(ds[e["index"]], ref_chosen_logps=c[0], ref_rejected_logps=r[0]) for e, c, r in zip(enc, lc, lr_)]
     info = {"init_model": str(init_model), "vocab_hash": vhash, "max_length": max_length, "precision": precision,
             "pairs": str(pairs), "n_pairs": len(rows), "dropped_too_long": dropped, "forwarded_tokens": forwarded,
-            "pairs_hash": _hash([[r["prompt"], r["chosen"], r["rejected"]] for r in rows])}
+            "pairs_hash": short_hash([[r["prompt"], r["chosen"], r["rejected"]] for r in rows])}
 
     def write(tmp: Path) -> None:
         datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp))
         atomic_write_json(tmp / REFERENCE_INFO, info)
 
-    _write_dir(Path(out_dir), write)
+    write_dir_atomically(Path(out_dir), write)
     meter.record("pairs", len(rows))
     meter.record("dropped_too_long", dropped)
     return info

@@ -18,14 +18,13 @@ loses its EOS and changes what is preferred).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import signal
-import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -122,6 +121,10 @@ def _dpo_trainer_class():
             self._db_pairs += n
             return super().training_step(model, inputs, num_items_in_batch)
 
+        def create_model_card(self, *args, **kwargs):
+            """No hub model cards in checkpoints (TRL 1.16's breaks when wandb is merely installed)."""
+            return None
+
         def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: ARG002
             missing = [c for c in REF_COLUMNS if c not in dataset.column_names]
             if missing:
@@ -135,35 +138,11 @@ def _dpo_trainer_class():
 def _dpo_config(settings, cfg: Mapping[str, Any], ckpt_dir: Path, max_steps: int, seed: int, use_cpu: bool):
     from trl import DPOConfig
 
-    logging_steps = settings.logging_steps or max(1, min(50, max_steps // 50))
+    from distill_bench.train.trainer import training_arguments
+
     return DPOConfig(
-        output_dir=str(ckpt_dir),
+        **training_arguments(settings, ckpt_dir, max_steps, seed, use_cpu),
         num_train_epochs=int(cfg["epochs"]),
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        learning_rate=float(settings.lr),
-        weight_decay=float(settings.weight_decay),
-        warmup_steps=int(math.ceil(float(settings.warmup_ratio) * max_steps)),
-        lr_scheduler_type=settings.lr_scheduler,
-        max_grad_norm=float(settings.max_grad_norm),
-        bf16=settings.precision == "bf16",
-        fp16=settings.precision == "fp16",
-        activation_checkpointing=bool(settings.gradient_checkpointing),  # TRL defaults it on
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        logging_strategy="steps",
-        logging_steps=logging_steps,
-        logging_first_step=True,
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=use_cpu,
-        dataloader_num_workers=0 if use_cpu else settings.dataloader_workers,
-        dataloader_pin_memory=not use_cpu,
-        seed=int(seed),
-        data_seed=int(seed),
-        eval_strategy="no",
-        save_only_model=False,
         beta=float(cfg["beta"]),
         loss_type=[cfg["loss_type"]],
         max_length=None,                     # over-long pairs were dropped; never truncate here
@@ -189,9 +168,9 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
     from distill_bench.dpo.stage import REFERENCE_INFO, read_pairs
     from distill_bench.models.build import load_model, resolve_model_ref, save_model_dir
     from distill_bench.models.tokenizer import load_tokenizer
-    from distill_bench.train.trainer import (COUNTS, CheckpointMismatchError, TrainSettings, _callbacks,
-                                             _check_or_write_fingerprint, _fingerprint, _atomic_json, _mean_loss,
-                                             _redeliver)
+    from distill_bench.train.trainer import (TrainSettings, check_or_write_fingerprint, mean_loss,
+                                             resume_and_train, run_fingerprint, stop_if_interrupted,
+                                             training_callbacks, write_train_log)
 
     quiet_datasets()
     quiet_transformers()
@@ -251,38 +230,20 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
     model = load_model(init_model)
     extra = {"pipeline": "dpo", "beta": cfg["beta"], "loss_type": cfg["loss_type"], "epochs": epochs,
              "precompute": precompute, "init_model": str(init_model)}
-    fp = _fingerprint(settings, seed, stream_hash, model.config.to_dict(), "DPOTrainer", extra)
+    fp = run_fingerprint(settings, seed, stream_hash, model.config.to_dict(), "DPOTrainer", extra)
     last = get_last_checkpoint(str(ckpt_dir))
-    _check_or_write_fingerprint(ckpt_dir, fp, last is not None)
+    check_or_write_fingerprint(ckpt_dir, fp, last is not None)
     ref_model = None if precompute else load_model(init_model)  # frozen copy of the starting checkpoint
     use_cpu = not torch.cuda.is_available()
     args = _dpo_config(settings, cfg, ckpt_dir, max_steps, seed, use_cpu)
-    StopOnSignal, SaveCounts = _callbacks()
+    StopOnSignal, SaveCounts = training_callbacks()
     stopper, counter = StopOnSignal(), SaveCounts(meter)
     trainer = _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
                                    processing_class=tok, callbacks=[stopper, counter])
     counter.trainer = trainer
     _check_trl_tokenization(trainer.train_dataset, enc)
 
-    start_step = 0
-    if last is not None:
-        counts_file = Path(last) / COUNTS
-        if not counts_file.is_file():
-            raise CheckpointMismatchError(f"checkpoint {last} has no {COUNTS}; cannot continue the exact token tally")
-        c = json.loads(counts_file.read_text())
-        counter.base = (int(c["trained_tokens"]), int(c["input_tokens"]))
-        start_step = int(c["global_step"])
-        log.info("resuming DPO from %s (step %d of %d)", last, start_step, max_steps)
-
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            previous[s] = signal.signal(s, stopper.handler)
-    try:
-        result = trainer.train(resume_from_checkpoint=last)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    result, start_step = resume_and_train(trainer, stopper, counter, last, max_steps, what="DPO ")
 
     trained, input_tokens = counter.totals()
     history = trainer.state.log_history
@@ -294,7 +255,7 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
         "pairs": len(enc), "epochs": epochs, "dropped_over_max_length": dropped, "max_steps": max_steps,
         "steps": int(trainer.state.global_step), "resumed_from_step": start_step,
         "trained_tokens_this_attempt": trainer._db_trained_tokens, "loss_curve": loss,
-        "final_loss": loss[-1][1] if loss else None, "mean_loss": _mean_loss(loss),
+        "final_loss": loss[-1][1] if loss else None, "mean_loss": mean_loss(loss),
         "reward_accuracy_curve": acc, "reward_margin_curve": margins,
         "reward_accuracy_final": acc[-1][1] if acc else None, "reward_margin_final": margins[-1][1] if margins else None,
         "lr": float(settings.lr), "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
@@ -306,20 +267,14 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
         torch.distributed.all_reduce(t)
         summary["trained_tokens"], summary["input_tokens"] = int(t[0]), int(t[1])
 
-    if stopper.signum is not None and trainer.state.global_step < max_steps:
-        summary["interrupted_by_signal"] = stopper.signum
-        if trainer.args.process_index == 0:
-            _atomic_json(out / "train_log.json", summary)
-        counter.flush()
-        _report(meter, summary, final=False)
-        _redeliver(stopper.signum)
+    stop_if_interrupted(trainer, stopper, counter, summary, max_steps, out, functools.partial(_report, meter))
 
     if summary["trained_tokens"] != declared:
         raise RuntimeError(f"DPO trained {summary['trained_tokens']} tokens but declared {declared} "
                            f"({len(enc)} pairs x {epochs} epochs): the batches consumed do not match the pairs")
     if trainer.args.process_index == 0:
         save_model_dir(trainer.model, out / "final", tok)
-        _atomic_json(out / "train_log.json", summary)
+        write_train_log(out, summary)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     counter.flush()
     _report(meter, summary, final=True)

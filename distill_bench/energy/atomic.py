@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -28,9 +28,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """JSON version of :func:`atomic_write_text` (NaN/inf refused: they are not JSON)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False, allow_nan: bool = False,
+                      default: Callable[[Any], Any] | None = None) -> Path:
+    """JSON version of :func:`atomic_write_text`. NaN/inf are refused by default (they are not JSON); writers whose
+    payload may legitimately hold a diverged loss pass ``allow_nan=True``."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan, default=default)
+    return atomic_write_text(path, text + "\n")
 
 
 def check_writable_dir(directory: str | os.PathLike, what: str = "output") -> Path:

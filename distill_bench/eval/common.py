@@ -1,9 +1,7 @@
-"""Eval config parsing, dataset loading and atomic writes shared by the native and lm-eval backends."""
+"""Eval config parsing and dataset loading shared by the native and lm-eval backends."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -65,24 +63,6 @@ def gold_of(row: Mapping[str, Any]) -> str:
     """The reference answer: ``answer`` when set, else the full response (normalisation strips to ``#### N``)."""
     ans = row.get("answer")
     return str(ans) if ans is not None else str(row.get("response") or "")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def samples_path(out_json: str | os.PathLike) -> Path:

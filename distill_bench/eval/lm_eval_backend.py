@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -22,8 +21,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from distill_bench.eval.common import (atomic_write_json, atomic_write_text, check_model_dir, load_split,
-                                       parse_eval_config, samples_path)
+from distill_bench.artifacts import short_hash
+from distill_bench.energy.atomic import atomic_write_json, atomic_write_text
+from distill_bench.eval.common import check_model_dir, load_split, parse_eval_config, samples_path
 
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 EMBEDDED_TASKS = {p.stem for p in TASK_DIR.glob("*.yaml")}
@@ -98,12 +98,12 @@ def _load_tasks(manager, tasks: list[str], specs: Mapping[str, Any]):
 
 def _config_hash(task) -> str:
     if isinstance(task, dict):
-        return hashlib.sha256(json.dumps(task, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return short_hash(task)
     try:
         cfg = task.dump_config() if hasattr(task, "dump_config") else dict(task.config)
     except Exception:
         cfg = repr(getattr(task, "config", task))
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return short_hash(cfg)
 
 
 def counting_lm(model_dir: str, tokenizer: str, batch_size: int, device: str | None = None, max_length=None):
@@ -235,5 +235,5 @@ def evaluate_lm_eval(*, meter, model: str, tokenizer: str | None, dataset: str |
            {f"{t}/{k}": v for t, r in per_task.items() for k, v in r["metrics"].items()},
            "tokens": {"generated_tokens": counts["generated_tokens"], "input_tokens": counts["input_tokens"]},
            "requests": {k: v for k, v in counts.items() if k.endswith("requests")}, "samples": spath.name}
-    atomic_write_json(out_json, out)
+    atomic_write_json(out_json, out, allow_nan=True)
     return out

@@ -5,8 +5,9 @@ import json
 import time
 from typing import Any, Mapping
 
-from distill_bench.eval.common import (atomic_write_json, atomic_write_text, check_model_dir, gold_of, load_split,
-                                       parse_eval_config, samples_path)
+from distill_bench.energy.atomic import atomic_write_json, atomic_write_text
+from distill_bench.eval.common import (check_model_dir, gold_of, load_split, parse_eval_config,
+                                       samples_path)
 from distill_bench.eval.scoring import bootstrap_ci, per_item, stderr
 
 
@@ -80,5 +81,5 @@ def evaluate_native(*, meter, model: str, tokenizer: str | None, dataset: str | 
         "finished": stats["finished"], "truncated_prompts": stats["truncated_prompts"],
         "dropped_prompts": stats["dropped_prompts"], "samples": spath.name,
     }
-    atomic_write_json(out_json, result)
+    atomic_write_json(out_json, result, allow_nan=True)
     return result

@@ -1,5 +1,9 @@
 """HF transformers backend: static left-padded, length-sorted batches (or transformers' continuous batching).
 
+Decode modes for static batches (``GenerationSettings.hf_decode``): ``eager`` HF ``generate`` with the dynamic cache;
+``hf_static`` HF ``generate`` with a static cache + its auto-compile; ``graph`` our static-cache loop with a CUDA-graph
+decode step (``static_decode``); ``auto`` picks ``graph`` on CUDA. Measured in docs/BENCHMARKS.md (generation).
+
 Why left padding: decoder-only models append new tokens at the right; right padding puts pad tokens between the
 prompt and the generation, which corrupts greedy output (the original study did that at batch 4 and also counted
 the padding as generated tokens). Sorting prompts by length before chunking keeps padding per batch minimal.
@@ -39,12 +43,12 @@ def context_length(model) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _generation_config(model, tokenizer, settings: GenerationSettings, eos: set[int], pad_id: int,
+def _generation_config(settings: GenerationSettings, eos: set[int], pad_id: int, bos_id: int | None,
                        num_return_sequences: int):
     from transformers import GenerationConfig
 
     kw = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos),
-              num_return_sequences=num_return_sequences, bos_token_id=tokenizer.bos_token_id)
+              num_return_sequences=num_return_sequences, bos_token_id=bos_id)
     if settings.greedy:
         kw.update(do_sample=False)
     else:
@@ -76,14 +80,15 @@ def _dropped(p: PreparedPrompt, settings: GenerationSettings) -> list[Generation
 
 def generate_hf(model_or_dir, tokenizer, prompts: list[str], settings: GenerationSettings,
                 on_batch: OnBatch | None = None) -> list[GenerationResult]:
-    import torch
-
     model = load_model(model_or_dir)
     model.eval()
     eos = eos_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     prepared = prepare(tokenizer, prompts, settings, context_length(model))
     live = [p for p in prepared if p.ids is not None]
+    if settings.continuous_batching and settings.hf_decode not in ("eager", "auto"):
+        raise ValueError(f"generation settings: continuous_batching and hf_decode={settings.hf_decode!r} exclude "
+                         "each other (continuous batching has its own CUDA graphs)")
     results: dict[tuple[int, int], GenerationResult] = {}
     for p in prepared:
         if p.ids is None:
@@ -92,37 +97,100 @@ def generate_hf(model_or_dir, tokenizer, prompts: list[str], settings: Generatio
     if settings.continuous_batching and live:
         _continuous(model, tokenizer, live, settings, eos, pad_id, results, on_batch)
     else:
-        # longest first: a batch that does not fit in memory fails at once, not at the end
-        order = sorted(live, key=lambda p: (-len(p.ids), p.index))
-        per_batch = max(1, settings.batch_size // settings.num_samples)
-        gen_config = _generation_config(model, tokenizer, settings, eos, pad_id, settings.num_samples)
-        device = getattr(model, "device", torch.device("cpu"))
-        for b, start in enumerate(range(0, len(order), per_batch)):
-            batch = order[start:start + per_batch]
-            width = max(len(p.ids) for p in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, p in enumerate(batch):
-                ids[row, width - len(p.ids):] = torch.tensor(p.ids, dtype=torch.long)
-                mask[row, width - len(p.ids):] = 1
-            if not settings.greedy:
-                # seeded per batch: sampled output is reproducible for a given batch_size and prompt order
-                torch.manual_seed(settings.seed + b)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=gen_config)
-            elapsed = time.perf_counter() - t0
-            new = out[:, width:].tolist()
+        def per_batch(rows: list[int], new_tokens: list[list[list[int]]], elapsed: float) -> None:
             n_batch = 0
-            for row, p in enumerate(batch):
-                for s in range(settings.num_samples):
-                    r = _result(p, s, new[row * settings.num_samples + s], tokenizer, eos)
+            for k, samples in zip(rows, new_tokens):
+                p = live[k]
+                for s, tokens in enumerate(samples):
+                    r = _result(p, s, tokens, tokenizer, eos)
                     results[(p.index, s)] = r
                     n_batch += r.generated_tokens
             if on_batch is not None:
                 on_batch(n_batch, elapsed)
+
+        generate_ids(model, [p.ids for p in live], settings, eos, pad_id, per_batch, bos_id=tokenizer.bos_token_id)
     return [results[(p.index, s)] for p in prepared for s in range(settings.num_samples)]
+
+
+def resolve_decode(settings: GenerationSettings, device) -> str:
+    """``auto`` -> ``graph`` on CUDA, ``eager`` elsewhere."""
+    if settings.hf_decode != "auto":
+        return settings.hf_decode
+    return "graph" if getattr(device, "type", "cpu") == "cuda" else "eager"
+
+
+def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSettings, eos: set[int], pad_id: int,
+                 on_batch: Callable[[list[int], list[list[list[int]]], float], None], *,
+                 bos_id: int | None = None, stats: dict | None = None) -> None:
+    """Static-batch decoding of token-id prompts: longest first, ``batch_size // num_samples`` prompts per batch,
+    left padded. ``on_batch(prompt_positions, new_tokens_per_prompt_per_sample, elapsed_s)`` per batch; new tokens
+    are what ``generate`` returns after the prompt (pad after EOS included; callers count with
+    ``count_generated``). ``stats`` (optional dict) receives the resolved mode, row count, cache length and, for
+    ``graph``, per-batch prefill/decode times. Shared by ``generate_hf`` and benchmarks/gpu_generation.py."""
+    import torch
+
+    if not prompt_ids:
+        return
+    device = getattr(model, "device", torch.device("cpu"))
+    mode = resolve_decode(settings, device)
+    # longest first: a batch that does not fit in memory fails at once, not at the end
+    order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
+    per_batch = max(1, settings.batch_size // settings.num_samples)
+    fixed_rows = mode != "eager"  # compiled paths: every batch has the same row count (no recompile)
+    if fixed_rows:
+        per_batch = min(per_batch, len(order))
+    longest = len(prompt_ids[order[0]])
+    gen_config = _generation_config(settings, eos, pad_id, bos_id, settings.num_samples)
+    decoder = None
+    if mode == "hf_static":
+        from transformers import CompileConfig
+
+        from distill_bench.generation.static_decode import cache_length
+
+        gen_config.cache_implementation = "static"
+        gen_config.max_cache_len = cache_length(longest, settings.max_new_tokens)
+        gen_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead", dynamic=False)
+    elif mode == "graph":
+        from distill_bench.generation.static_decode import StaticDecoder, cache_length
+
+        decoder = StaticDecoder(model, per_batch * settings.num_samples,
+                                cache_length(longest, settings.max_new_tokens), compile=device.type == "cuda")
+    if stats is not None:
+        stats.update(mode=mode, rows_per_batch=per_batch * settings.num_samples,
+                     cache_len=decoder.max_cache_len if decoder is not None else gen_config.max_cache_len,
+                     batches=decoder.timings if decoder is not None else [])
+    for b, start in enumerate(range(0, len(order), per_batch)):
+        rows = order[start:start + per_batch]
+        real = len(rows)
+        if fixed_rows and real < per_batch:  # filler rows (copies of the first) keep the compiled shape
+            rows = rows + [rows[0]] * (per_batch - real)
+        width = max(len(prompt_ids[k]) for k in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, k in enumerate(rows):
+            n = len(prompt_ids[k])
+            ids[row, width - n:] = torch.tensor(prompt_ids[k], dtype=torch.long)
+            mask[row, width - n:] = 1
+        if not settings.greedy:
+            # seeded per batch: sampled output is reproducible for a given batch_size and prompt order
+            torch.manual_seed(settings.seed + b)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if decoder is not None:
+                reps = settings.num_samples
+                new = decoder.generate(ids.repeat_interleave(reps, 0).to(device),
+                                       mask.repeat_interleave(reps, 0).to(device),
+                                       max_new_tokens=settings.max_new_tokens, eos=eos, pad_id=pad_id,
+                                       greedy=settings.greedy, temperature=settings.temperature,
+                                       top_p=settings.top_p)
+            else:
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=gen_config)
+                new = out[:, width:]
+            new = new.tolist()
+        elapsed = time.perf_counter() - t0
+        k = settings.num_samples
+        on_batch(rows[:real], [new[r * k:(r + 1) * k] for r in range(real)], elapsed)
 
 
 def _continuous(model, tokenizer, live, settings, eos, pad_id, results, on_batch) -> None:
@@ -137,7 +205,7 @@ def _continuous(model, tokenizer, live, settings, eos, pad_id, results, on_batch
         import torch
 
         torch.manual_seed(settings.seed)
-    gen_config = _generation_config(model, tokenizer, settings, eos, pad_id, settings.num_samples)
+    gen_config = _generation_config(settings, eos, pad_id, tokenizer.bos_token_id, settings.num_samples)
     t0 = time.perf_counter()
     # warm-up pre-captures CUDA graphs; on CPU it only costs time (~13 s here)
     warmup = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 BACKENDS = ("hf", "vllm", "auto")
 OVERFLOW_POLICIES = ("truncate", "drop")
+HF_DECODE = ("eager", "hf_static", "graph", "auto")
 # config spellings used by other sections (synthetic.samples_per_prompt) -> field name
 ALIASES = {"samples_per_prompt": "num_samples"}
 
@@ -22,6 +23,11 @@ class GenerationSettings:
     config states its context length, else unlimited.
     ``continuous_batching``: hf backend only, use transformers' ``generate_batch`` (paged continuous batching)
     instead of static left-padded batches; off by default (see ``hf_backend`` for why).
+    ``hf_decode`` (hf backend, static batches): ``eager`` = HF ``generate`` with the dynamic cache (host-bound on
+    GPU); ``hf_static`` = HF ``generate`` with a static cache and its auto-compile (``CompileConfig`` fullgraph,
+    reduce-overhead), batches padded to one row count and one cache length per call so it compiles once;
+    ``graph`` = our static-cache loop with the decode step in a CUDA graph (``generation.static_decode``; eager on
+    CPU); ``auto`` = ``graph`` on CUDA, ``eager`` elsewhere. Greedy output equals ``eager`` (tests, CPU).
     ``dtype``: vllm only (``auto`` lets vLLM choose); the hf backend uses the model as loaded.
     """
 
@@ -35,6 +41,7 @@ class GenerationSettings:
     max_prompt_tokens: int | None = None
     prompt_overflow: str = "truncate"
     continuous_batching: bool = False
+    hf_decode: str = "eager"
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -61,6 +68,8 @@ class GenerationSettings:
             raise bad("prompt_overflow", f"must be one of {', '.join(OVERFLOW_POLICIES)}")
         if not isinstance(self.continuous_batching, bool):
             raise bad("continuous_batching", "must be true or false")
+        if self.hf_decode not in HF_DECODE:
+            raise bad("hf_decode", f"must be one of {', '.join(HF_DECODE)}")
         if self.temperature == 0 and self.num_samples > 1:
             raise bad("num_samples", "> 1 needs temperature > 0 (greedy samples would all be identical)")
 

@@ -25,6 +25,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from distill_bench.artifacts import replace_dir
+from distill_bench.energy.atomic import atomic_write_json
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VALUE_DTYPES = ("float16", "bfloat16", "int8")
@@ -297,16 +300,8 @@ class CacheWriter:
             "data_bytes": data_bytes,
             "shards": self.shards,
         }
-        with open(self.tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic_write_json(self.tmp / MANIFEST, manifest, allow_nan=True)
+        replace_dir(self.tmp, self.out)
         return manifest
 
     def abort(self) -> None:

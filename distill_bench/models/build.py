@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
+
+from distill_bench.artifacts import write_dir_atomically
+from distill_bench.energy.atomic import atomic_write_json
 
 MODEL_REF = "model_ref.json"
 ARCH_KEYS = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "num_kv_heads",
@@ -71,11 +72,7 @@ def write_model_ref(out_dir: str | os.PathLike, name_or_path: str, **extra: Any)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"name_or_path": str(name_or_path), **extra}
-    fd, tmp = tempfile.mkstemp(prefix=".model_ref.", dir=out)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-    os.replace(tmp, out / MODEL_REF)
-    return out / MODEL_REF
+    return atomic_write_json(out / MODEL_REF, payload, sort_keys=True, allow_nan=True)
 
 
 def resolve_model_ref(ref: str | os.PathLike) -> str:
@@ -153,17 +150,9 @@ def tokenizer_source_for_model(ref: str | os.PathLike) -> str | None:
 
 def save_model_dir(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """save_pretrained (model + optional tokenizer) into a temp sibling dir, then rename over ``out_dir``."""
-    from distill_bench.models.tokenizer import _replace_dir
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir_atomically(out_dir, write)

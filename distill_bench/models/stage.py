@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from distill_bench.artifacts import replace_dir, write_dir_atomically
 from distill_bench.models.build import (count_parameters, init_model_from_arch, save_model_dir, write_model_ref)
 from distill_bench.models.tokenizer import (assert_same_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer,
                                             vocab_hash)
@@ -78,17 +78,7 @@ def _pointer_dir(out_dir: str | os.PathLike, name_or_path: str, run_tokenizer, t
     target = resolve_model_ref(name_or_path)  # clear error for a missing local path
     other = load_tokenizer(target)
     h = assert_same_tokenizer(other, run_tokenizer, what, names=(target, tokenizer_dir))
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write_model_ref(tmp, target, vocab_hash=h)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dir_atomically(out_dir, lambda tmp: write_model_ref(tmp, target, vocab_hash=h))
     return h
 
 
@@ -161,9 +151,7 @@ def prepare_teacher(*, meter, out_dir: str, tokenizer: str, teacher: Mapping[str
     work = out.with_name(f".{out.name}.train")
     summary = train_student(model=model, tokenizer=tok, examples=examples, settings=settings, seed=seed,
                             output_dir=work, meter=meter, fingerprint_extra={"role": "teacher"})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work / "final", out)
+    replace_dir(work / "final", out)
     os.replace(work / "train_log.json", out / "train_log.json")
     shutil.rmtree(work, ignore_errors=True)
     return {"trained_tokens": summary["trained_tokens"], "final_loss": summary["final_loss"]}

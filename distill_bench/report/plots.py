@@ -76,13 +76,15 @@ def plot_energy_by_role(comparison: pd.DataFrame, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(labels)), 4.8))
     bottom = [0.0] * len(labels)
     parts = [("teacher_kwh_amortised", "teacher side (amortised)", "#DD8452"),
+             ("upstream_kwh_amortised", "upstream checkpoint (amortised)", "#8172B3"),
              ("student_train_kwh", "student training", "#4C72B0"), ("eval_kwh", "evaluation", "#55A868")]
     for column, name, color in parts:
         values = [1000 * v for v in frame[column]]
         ax.bar(labels, values, bottom=bottom, label=name, color=color)
         bottom = [b + v for b, v in zip(bottom, values)]
-    oneoff_extra = [1000 * (o - a) for o, a in zip(frame.teacher_kwh_oneoff, frame.teacher_kwh_amortised)]
-    ax.bar(labels, oneoff_extra, bottom=bottom, label="teacher side, one-off surcharge", color="#DD8452",
+    oneoff_extra = [1000 * (o - a + uo - ua) for o, a, uo, ua in zip(
+        frame.teacher_kwh_oneoff, frame.teacher_kwh_amortised, frame.upstream_kwh_oneoff, frame.upstream_kwh_amortised)]
+    ax.bar(labels, oneoff_extra, bottom=bottom, label="one-off surcharge (shared costs paid in full)", color="#DD8452",
            alpha=0.35, hatch="//")
     ax.set_ylabel("energy, Wh")
     ax.set_title("Energy by role per experiment")

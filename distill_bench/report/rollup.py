@@ -377,6 +377,11 @@ def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool =
             plot_pareto(comparison, out / "pareto.png", size_labels=sizes)
             plot_energy_by_role(comparison, out / "energy_by_role.png")
         plot_power_timelines(stage_frame, out / "power_timelines.png")
+    from distill_bench.report.html import write_html_summary
+
+    notes = [line for line in md.splitlines() if line.startswith(("Note:", "Estimated"))]
+    write_html_summary(out, (config or {}).get("run_name", results_dir.name), comparison, references, stage_frame,
+                       notes)
     if print_table:
         print(md)
     return comparison

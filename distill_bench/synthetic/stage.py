@@ -31,11 +31,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from distill_bench.artifacts import ChunkCheckpoint, dataset_hash_or_none, write_dir_atomically
+from distill_bench.energy.atomic import atomic_write_json
 from distill_bench.generation import GenerationSettings, generate, resolve_backend
 from distill_bench.generation.prompts import load_tokenizer
 from distill_bench.synthetic.filters import apply_filters
@@ -83,55 +84,10 @@ def shard_chunks(n_chunks: int, shard: int, num_shards: int) -> range:
     return range(shard * n_chunks // num_shards, (shard + 1) * n_chunks // num_shards)
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_jsonl(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _load_source(dataset: str):
     from distill_bench.data.io import load_dataset_dir
 
     return load_dataset_dir(dataset)
-
-
-def _dataset_hash(dataset: str) -> str | None:
-    try:
-        from distill_bench.data.io import dataset_content_hash
-
-        return dataset_content_hash(dataset)
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def _load_teacher(teacher: str, backend: str):
@@ -201,14 +157,15 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
     shard_key = generation_shard_key(Path(dataset).name, synthetic, seed=seed)
     fingerprint = {
         "shard_key": shard_key, "teacher": str(teacher), "tokenizer": str(tokenizer), "dataset": str(dataset),
-        "dataset_hash": _dataset_hash(dataset), "decoding": decoding, "resolved_backend": backend,
+        "dataset_hash": dataset_hash_or_none(dataset), "decoding": decoding, "resolved_backend": backend,
         "n_prompts": total, "seed": int(seed), "chunk_prompts": per_chunk, "chunk_batches": CHUNK_BATCHES,
         "shard": shard, "num_shards": num_shards,
     }
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    done = _load_partial(partial, fingerprint)
+    checkpoint = ChunkCheckpoint(partial, fingerprint)
+    done = checkpoint.done
 
     rows = train.select(range(chunks[mine.start][0], chunks[mine.stop - 1][1])) if len(mine) else train.select([])
     offset = chunks[mine.start][0] if len(mine) else 0
@@ -220,8 +177,7 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
     fresh_gen = fresh_in = charged_in = 0
     t_gen = 0.0
     if todo:
-        partial.mkdir(parents=True, exist_ok=True)  # fingerprint first: chunks without one are never reused
-        _atomic_json(partial / "progress.json", {"fingerprint": fingerprint})
+        checkpoint.start()
         model = _load_teacher(teacher, backend)
         tok = tokenizer if backend == "vllm" else load_tokenizer(tokenizer)  # vLLM loads it from the path
         if backend == "vllm":  # one call for the whole shard: vLLM schedules its own continuous batches
@@ -251,8 +207,7 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
             meter.add_tokens("input_tokens", fresh_in - charged_in)
             charged_in = fresh_in
             for c, chunk_rows in by_chunk.items():
-                done[c] = chunk_rows
-                _atomic_jsonl(partial / f"chunk-{c:06d}.jsonl", chunk_rows)
+                checkpoint.save(c, chunk_rows)
             log.info("shard %d/%d: chunks %d..%d done (%d/%d)", shard, num_shards, group[0], group[-1],
                      len([c for c in mine if c in done]), len(mine))
 
@@ -288,39 +243,17 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
     return info
 
 
-def _load_partial(partial: Path, fingerprint: Mapping[str, Any]) -> dict[int, list[dict]]:
-    """Chunks completed by an interrupted earlier attempt with identical settings; anything else is discarded."""
-    if not partial.is_dir():
-        return {}
-    try:
-        saved = json.loads((partial / "progress.json").read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        saved = None
-    if saved != json.loads(json.dumps(fingerprint)):
-        log.info("discarding partial output in %s (settings changed or unreadable)", partial)
-        shutil.rmtree(partial, ignore_errors=True)
-        return {}
-    done: dict[int, list[dict]] = {}
-    for f in sorted(partial.glob("chunk-*.jsonl")):
-        done[int(f.stem.split("-")[1])] = [json.loads(line) for line in f.read_text().splitlines() if line]
-    log.info("resuming from %s: %d chunk(s) already generated", partial, len(done))
-    return done
-
-
 def _write_shard(out: Path, records: list[dict], info: dict) -> None:
     import datasets
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         ds = datasets.Dataset.from_list(records, features=_features()) if records else \
             datasets.Dataset.from_dict({k: [] for k in COLUMNS}, features=_features())
         # an empty Dataset saved with the default 0 shards cannot be loaded back (datasets 5.2): force one
         ds.save_to_disk(str(tmp / "data"), num_shards=None if records else 1)
-        _atomic_json(tmp / SHARD_INFO, info)  # the completion marker, written last
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / SHARD_INFO, info, sort_keys=True)  # the completion marker, written last
+
+    write_dir_atomically(out, write)
 
 
 def read_shard(path: str | os.PathLike) -> tuple[Any, dict]:
@@ -398,17 +331,12 @@ def merge_shards(*, meter: Any, shards: list[str], out_dir: str, synthetic: Mapp
     }
     summary = {"dataset": Path(out_dir).name, "source": source, "n_train": len(train), "n_eval": len(eval_split),
                "content_hash": content_hash(dsd), "synthetic": info}
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         dsd.save_to_disk(str(tmp))
-        _atomic_json(tmp / SYNTHETIC_INFO, info)
-        _atomic_json(tmp / SUMMARY_FILE, summary)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / SYNTHETIC_INFO, info, sort_keys=True)
+        atomic_write_json(tmp / SUMMARY_FILE, summary, sort_keys=True)
+
+    out = write_dir_atomically(Path(out_dir), write)
 
     meter.record("filter_counts", counts)
     meter.record("samples_input", counts["input"])

@@ -23,10 +23,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from distill_bench.energy.atomic import atomic_write_json
 
 RESULT_ENV = "DISTILL_BENCH_LAUNCH_RESULT"
 # keep NVLink multicast off whatever the caller's environment says (it can take shared hosts' GPUs down)
@@ -64,14 +65,6 @@ class RecordingMeter:
 
     def mark_steady_state(self) -> None:  # the launching process's meter owns the window
         pass
-
-
-def _atomic_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def _free_port() -> int:
@@ -155,7 +148,8 @@ def launch_train(*, meter, settings, stage_kwargs: Mapping[str, Any]) -> dict[st
     result = work / "result.json"
     result.unlink(missing_ok=True)
     spec = work / "spec.json"
-    _atomic_json(spec, {"stage_kwargs": dict(stage_kwargs), "result": str(result)})
+    atomic_write_json(spec, {"stage_kwargs": dict(stage_kwargs), "result": str(result)}, sort_keys=True,
+                      allow_nan=True, default=str)
     env = worker_env()
     env[RESULT_ENV] = str(result)
     nodes = int(getattr(settings, "nodes", 1))
@@ -230,9 +224,9 @@ def worker_main(spec_path: str) -> int:
     summary = train_student(meter=rec, **spec["stage_kwargs"])
     inventory = _rank_inventory()
     if int(os.environ.get("RANK", "0")) == 0:
-        _atomic_json(Path(os.environ.get(RESULT_ENV) or spec["result"]),
-                     {"summary": summary, "tokens": rec.tokens, "primary": rec.primary, "metrics": rec.metrics,
-                      "distributed": inventory})
+        atomic_write_json(Path(os.environ.get(RESULT_ENV) or spec["result"]),
+                          {"summary": summary, "tokens": rec.tokens, "primary": rec.primary, "metrics": rec.metrics,
+                           "distributed": inventory}, sort_keys=True, allow_nan=True, default=str)
     return 0
 
 

@@ -6,18 +6,19 @@ accounting are identical; KD only swaps in a trainer subclass (its own `compute_
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import json
 import logging
 import math
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from distill_bench.artifacts import short_hash
+from distill_bench.energy.atomic import atomic_write_json
 from distill_bench.train.budget import build_budgeted_dataset
 
 log = logging.getLogger(__name__)
@@ -108,26 +109,27 @@ class TrainSettings:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _atomic_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+def _write_json(path: Path, payload: Any) -> None:
+    """Checkpoint-side JSON (sorted keys; a diverged NaN loss is still written, not lost)."""
+    atomic_write_json(path, payload, sort_keys=True, allow_nan=True)
 
 
-def _fingerprint(settings: TrainSettings, seed: int, stream_hash: str, model_config: Mapping[str, Any],
-                 trainer_name: str, extra: Mapping[str, Any] | None) -> dict[str, str]:
-    def h(obj: Any) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def write_train_log(out: Path, summary: Mapping[str, Any]) -> None:
+    """``out/train_log.json``: the run summary every trainer (SFT, KD, DPO) leaves beside its model."""
+    _write_json(out / "train_log.json", summary)
 
+
+def run_fingerprint(settings: TrainSettings, seed: int, stream_hash: str, model_config: Mapping[str, Any],
+                    trainer_name: str, extra: Mapping[str, Any] | None) -> dict[str, str]:
+    """What a checkpoint must match to be resumed: settings, seed, data stream, model config, trainer, extras."""
     cfg = {k: v for k, v in dict(model_config).items()
            if k not in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures")}
-    return {"settings": h(settings.result_dict()), "seed": str(int(seed)), "stream": stream_hash[:16],
-            "model_config": h(cfg), "trainer": trainer_name, "extra": h(dict(extra or {}))}
+    return {"settings": short_hash(settings.result_dict()), "seed": str(int(seed)), "stream": stream_hash[:16],
+            "model_config": short_hash(cfg), "trainer": trainer_name, "extra": short_hash(dict(extra or {}))}
 
 
-def _check_or_write_fingerprint(ckpt_dir: Path, fp: dict[str, str], has_checkpoint: bool) -> None:
+def check_or_write_fingerprint(ckpt_dir: Path, fp: dict[str, str], has_checkpoint: bool) -> None:
+    """Refuse to resume checkpoints of another run; start a fresh run by storing its fingerprint."""
     path = ckpt_dir / FINGERPRINT
     if has_checkpoint:
         if not path.is_file():
@@ -143,7 +145,7 @@ def _check_or_write_fingerprint(ckpt_dir: Path, fp: dict[str, str], has_checkpoi
                 f"{{{', '.join(f'{k}: {fp.get(k)}' for k in diff)}}}); refusing to mix runs — delete {ckpt_dir} "
                 "to start over")
     else:
-        _atomic_json(path, fp)
+        _write_json(path, fp)
 
 
 def _counting_trainer_class(base: type) -> type:
@@ -167,11 +169,16 @@ def _counting_trainer_class(base: type) -> type:
                 self._db_input_tokens += int(inputs["input_ids"].numel())
             return super().training_step(model, inputs, num_items_in_batch)
 
+        def create_model_card(self, *args, **kwargs):
+            """No hub model cards in checkpoints (TRL 1.16's breaks when wandb is merely installed)."""
+            return None
+
     _Counting.__name__ = _Counting.__qualname__ = f"Counting{base.__name__}"
     return _Counting
 
 
-def _callbacks():
+def training_callbacks():
+    """(StopOnSignal, SaveCounts) callback classes shared by every trainer (transformers imported lazily)."""
     from transformers import TrainerCallback
 
     class StopOnSignal(TrainerCallback):
@@ -241,30 +248,19 @@ def _callbacks():
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             trained, inputs = self.totals()   # every rank: the sum over ranks is a collective
             if ckpt.is_dir() and args.process_index == 0:
-                _atomic_json(ckpt / COUNTS, {"trained_tokens": trained, "input_tokens": inputs,
-                                             "global_step": state.global_step})
+                _write_json(ckpt / COUNTS, {"trained_tokens": trained, "input_tokens": inputs,
+                                            "global_step": state.global_step})
             return control
 
     return StopOnSignal, SaveCounts
 
 
-def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: int, use_cpu: bool,
-                padding_free: bool):
-    from trl import SFTConfig
-
-    logging_steps = settings.logging_steps or max(1, min(50, max_steps // 50))
-    extra: dict[str, Any] = {}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and settings.distributed == "fsdp":
-        extra.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
-    if settings.torch_compile:
-        extra.update(torch_compile=True)
-    if world > 1:
-        extra.update(ddp_find_unused_parameters=False)   # every parameter gets a gradient: skip the graph walk
-    return SFTConfig(
-        **extra,
+def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: int,
+                       use_cpu: bool) -> dict[str, Any]:
+    """The ``TrainingArguments`` keywords every trainer shares (SFT, KD, DPO): optimizer, schedule over the real
+    ``max_steps``, precision, checkpointing, logging, data loading and seeds."""
+    return dict(
         output_dir=str(ckpt_dir),
-        max_steps=max_steps,
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=float(settings.lr),
@@ -280,13 +276,36 @@ def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: i
         save_steps=settings.save_steps,
         save_total_limit=2,
         logging_strategy="steps",
-        logging_steps=logging_steps,
+        logging_steps=settings.logging_steps or max(1, min(50, max_steps // 50)),
         logging_first_step=True,
         report_to="none",
         disable_tqdm=True,
         use_cpu=use_cpu,
         dataloader_num_workers=0 if use_cpu else settings.dataloader_workers,
         dataloader_pin_memory=not use_cpu,
+        seed=int(seed),
+        data_seed=int(seed),
+        eval_strategy="no",
+        save_only_model=False,                 # optimizer + scheduler + RNG needed to resume exactly
+    )
+
+
+def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: int, use_cpu: bool,
+                padding_free: bool):
+    from trl import SFTConfig
+
+    extra: dict[str, Any] = {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and settings.distributed == "fsdp":
+        extra.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
+    if settings.torch_compile:
+        extra.update(torch_compile=True)
+    if world > 1:
+        extra.update(ddp_find_unused_parameters=False)   # every parameter gets a gradient: skip the graph walk
+    return SFTConfig(
+        **extra,
+        **training_arguments(settings, ckpt_dir, max_steps, seed, use_cpu),
+        max_steps=max_steps,
         dataloader_persistent_workers=bool(settings.dataloader_workers) and not use_cpu,
         remove_unused_columns=False,          # KD collators read extra columns (example_index, ...)
         dataset_kwargs={"skip_prepare_dataset": True},  # already tokenised, labels built, never truncated again
@@ -294,10 +313,6 @@ def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: i
         packing=False,
         padding_free=padding_free,
         train_sampling_strategy="sequential",  # the stream order *is* the budget order
-        seed=int(seed),
-        data_seed=int(seed),
-        eval_strategy="no",
-        save_only_model=False,                 # optimizer + scheduler + RNG needed to resume exactly
     )
 
 
@@ -319,10 +334,50 @@ def _lr_curve(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
             if "learning_rate" in e and "step" in e]
 
 
-def _redeliver(signum: int) -> None:
+def redeliver_signal(signum: int) -> None:
     """Hand the signal to whoever owned it before training (e.g. the energy meter), then stop this stage."""
     signal.raise_signal(signum)
     raise TrainingInterrupted(f"training interrupted by signal {signum}; checkpoint saved, rerun to resume")
+
+
+def resume_and_train(trainer, stopper, counter, last: str | None, max_steps: int, what: str = "") -> tuple[Any, int]:
+    """Continue the exact token tally stored beside checkpoint ``last`` (if any), then train with SIGTERM/SIGUSR1
+    turned into checkpoint-and-stop (the previous handlers restored afterwards). Returns (train result, the step
+    resumed from)."""
+    start_step = 0
+    if last is not None:
+        counts_file = Path(last) / COUNTS
+        if not counts_file.is_file():
+            raise CheckpointMismatchError(f"checkpoint {last} has no {COUNTS}; cannot continue the exact token tally")
+        c = json.loads(counts_file.read_text())
+        counter.base = (int(c["trained_tokens"]), int(c["input_tokens"]))
+        start_step = int(c["global_step"])
+        log.info("resuming %sfrom %s (step %d of %d)", what, last, start_step, max_steps)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            previous[s] = signal.signal(s, stopper.handler)
+    try:
+        result = trainer.train(resume_from_checkpoint=last)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return result, start_step
+
+
+def stop_if_interrupted(trainer, stopper, counter, summary: dict[str, Any], max_steps: int, out: Path,
+                        report: Callable[[Mapping[str, Any], bool], None]) -> None:
+    """After a signal stopped training early: keep the partial summary, bill this attempt's tokens, report, and
+    re-deliver the signal (raises TrainingInterrupted). No-op when training ran to the end."""
+    if stopper.signum is None or trainer.state.global_step >= max_steps:
+        return
+    summary["interrupted_by_signal"] = stopper.signum
+    if trainer.args.process_index == 0:
+        write_train_log(out, summary)
+    counter.flush()
+    report(summary, False)
+    redeliver_signal(stopper.signum)
 
 
 # --------------------------------------------------------------------------------------------- main entry
@@ -369,10 +424,10 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     base_cls = trainer_cls or SFTTrainer
     if not issubclass(base_cls, SFTTrainer):
         raise TypeError(f"trainer_cls must subclass trl.SFTTrainer, got {base_cls!r}")
-    fp = _fingerprint(settings, seed, budget_info["stream_hash"], model.config.to_dict(), base_cls.__name__,
-                      fingerprint_extra)
+    fp = run_fingerprint(settings, seed, budget_info["stream_hash"], model.config.to_dict(), base_cls.__name__,
+                         fingerprint_extra)
     last = get_last_checkpoint(str(ckpt_dir))
-    _check_or_write_fingerprint(ckpt_dir, fp, last is not None)
+    check_or_write_fingerprint(ckpt_dir, fp, last is not None)
 
     use_cpu = not torch.cuda.is_available()
     if settings.attn_implementation:
@@ -381,7 +436,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     if padding_free and collator is not None:
         raise ValueError("training.padding_free needs TRL's own collator; a custom collator pads")
     args = _sft_config(settings, ckpt_dir, max_steps, seed, use_cpu, padding_free)
-    StopOnSignal, SaveCounts = _callbacks()
+    StopOnSignal, SaveCounts = training_callbacks()
     stopper, counter = StopOnSignal(), SaveCounts(meter)
     if meter is not None:
         meter.set_primary_tokens("trained_tokens")
@@ -391,26 +446,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         model=model, args=args, train_dataset=Dataset.from_list(_with_labels(stream)), processing_class=tokenizer,
         data_collator=collator, callbacks=callbacks, **kwargs)
     counter.trainer = trainer
-    start_step = 0
-    if last is not None:
-        counts_file = Path(last) / COUNTS
-        if not counts_file.is_file():
-            raise CheckpointMismatchError(f"checkpoint {last} has no {COUNTS}; cannot continue the exact token tally")
-        c = json.loads(counts_file.read_text())
-        counter.base = (int(c["trained_tokens"]), int(c["input_tokens"]))
-        start_step = int(c["global_step"])
-        log.info("resuming from %s (step %d of %d)", last, start_step, max_steps)
-
-    handled = (signal.SIGTERM, signal.SIGUSR1)
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in handled:
-            previous[s] = signal.signal(s, stopper.handler)
-    try:
-        result = trainer.train(resume_from_checkpoint=last)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    result, start_step = resume_and_train(trainer, stopper, counter, last, max_steps)
 
     trained, input_tokens = counter.totals()
     history = trainer.state.log_history
@@ -426,7 +462,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         "loss_curve": curve,
         "lr_curve": _lr_curve(history),
         "final_loss": curve[-1][1] if curve else None,
-        "mean_loss": _mean_loss(curve),
+        "mean_loss": mean_loss(curve),
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
         "budget": {k: v for k, v in budget_info.items()},
         "settings": dataclasses.asdict(settings),
@@ -439,20 +475,14 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     summary["lr_last_step"] = summary["lr_curve"][-1][1] if summary["lr_curve"] else None
     summary["lr_end"] = float(trainer.lr_scheduler.get_last_lr()[0]) if trainer.lr_scheduler is not None else None
 
-    if stopper.signum is not None and trainer.state.global_step < max_steps:
-        summary["interrupted_by_signal"] = stopper.signum
-        if trainer.args.process_index == 0:
-            _atomic_json(out / "train_log.json", summary)
-        counter.flush()
-        _report(meter, summary, final=False)
-        _redeliver(stopper.signum)
+    stop_if_interrupted(trainer, stopper, counter, summary, max_steps, out, functools.partial(_report, meter))
 
     if summary["trained_tokens"] != settings.token_budget:
         raise RuntimeError(f"trained {summary['trained_tokens']} loss-bearing tokens but the budget is "
                            f"{settings.token_budget}: the batches consumed do not match the stream")
     if trainer.args.process_index == 0:
         save_model_dir(trainer.model, out / "final", tokenizer)
-        _atomic_json(out / "train_log.json", summary)
+        write_train_log(out, summary)
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     counter.flush()
@@ -460,7 +490,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     return summary
 
 
-def _mean_loss(curve: list[tuple[int, float]]) -> float | None:
+def mean_loss(curve: list[tuple[int, float]]) -> float | None:
     """Step-weighted mean of the logged (interval-averaged) losses."""
     if not curve:
         return None

@@ -1,0 +1,242 @@
+"""Teacher generation on GPU (issue 10): hf backend decode modes vs the decode roofline, one table, one JSON.
+
+    python benchmarks/gpu_generation.py --out DIR            # OLMo-2-0425-1B shape, bf16, needs a CUDA GPU
+    python benchmarks/gpu_generation.py --out DIR --quick    # tiny shapes on CPU (checks the code paths only)
+
+Random-initialised weights (no downloads); prompts of random ids, 128-512 tokens; greedy; 128 new tokens. Each
+variant goes through ``distill_bench.generation.hf_backend.generate_ids`` (the backend's own batching), is warmed up
+on its first batch (compile + CUDA-graph capture time reported separately), then timed with CUDA events over all
+prompts inside ``StageMeter`` (codecarbon off). Generated tokens are counted exactly (up to and including EOS).
+Roofline = rows x HBM bandwidth / bytes of weights read per step (all parameters but the input embedding);
+``kv_roofline`` also counts the K/V bytes a step must read (the issue's target uses the weight-only one).
+HBM bandwidth: a 4 GiB device copy in the same call (bytes read + written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_suite import OLMO2_1B, TINY, Timer, dev, make_model, sync  # noqa: E402
+
+ENERGY = {"codecarbon": False, "sample_interval_s": 0.1}
+T0 = time.monotonic()
+
+
+class Metered:
+    def __init__(self, tmp: Path, name: str):
+        from distill_bench.energy import StageMeter
+
+        self.m = StageMeter(stage="benchmark", stage_id=f"bench.{name}", role="teacher",
+                            out_json=tmp / f"{name}.json", settings=ENERGY, is_measuring_process=True,
+                            install_signal_handlers=False)
+
+    def __enter__(self):
+        self.m.start()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        rec = self.m.stop("complete" if exc_type is None else "failed") or {}
+        e = rec.get("energy", {})
+        self.gpu_j = e.get("gpu_j") if e.get("sources", {}).get("gpu", "unavailable") != "unavailable" else None
+        self.avg_w = rec.get("power", {}).get("gpu_avg_w")
+        return False
+
+
+def hbm_copy_tb_s(quick: bool) -> float:
+    nbytes = (1 << 24) if quick else (4 << 30)
+    x = torch.empty(nbytes // 2, device=dev(), dtype=torch.bfloat16).normal_()
+    y = torch.empty_like(x)
+    for _ in range(2):
+        y.copy_(x)
+    with Timer() as t:
+        for _ in range(10):
+            y.copy_(x)
+    del x, y
+    return 2 * nbytes * 10 / t.s / 1e12
+
+
+def dynamo_counts() -> dict:
+    try:
+        from torch._dynamo.utils import counters
+
+        return {"frames_ok": int(counters["frames"]["ok"]), "unique_graphs": int(counters["stats"]["unique_graphs"])}
+    except Exception:  # noqa: BLE001 - counters are informative only
+        return {}
+
+
+def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True) -> dict:
+    from distill_bench.generation.hf_backend import count_generated, generate_ids
+
+    per = max(1, settings.batch_size)
+    first = sorted(prompts, key=len, reverse=True)[:per]
+    res = {"variant": name, "mode": settings.hf_decode, "batch": settings.batch_size, "prompts": len(prompts),
+           "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": settings.max_new_tokens}
+    if warm:
+        tc = time.perf_counter()
+        generate_ids(model, first, settings, eos, 0, lambda *a: None)
+        sync()
+        res["warmup_first_batch_s"] = time.perf_counter() - tc
+    before = dynamo_counts()
+    stats: dict = {}
+    gen = {}
+
+    def on_batch(rows, new, elapsed):
+        for k, samples in zip(rows, new):
+            gen[k] = samples[0]
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with Metered(tmp, name) as m, Timer() as t:
+        generate_ids(model, prompts, settings, eos, 0, on_batch, stats=stats)
+    n_tok = sum(count_generated(gen[k], eos)[0] for k in range(len(prompts)))
+    after = dynamo_counts()
+    res.update(time_s=t.s, generated_tokens=n_tok, tokens_per_s=n_tok / t.s, gpu_j=m.gpu_j,
+               j_per_token=m.gpu_j / n_tok if m.gpu_j else None, gpu_avg_w=m.avg_w,
+               recompiles_in_timed_run={k: after.get(k, 0) - before.get(k, 0) for k in after},
+               cache_len=stats.get("cache_len"), rows_per_batch=stats.get("rows_per_batch"),
+               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
+    b = [x for x in stats.get("batches", [])][-(-len(prompts) // per):]  # timed run's batches only
+    if b:
+        steps = sum(x["decode_steps"] for x in b)
+        res["prefill_s"] = sum(x["prefill_s"] for x in b)
+        res["decode_s"] = sum(x["decode_s"] for x in b)
+        res["decode_ms_per_step"] = 1e3 * res["decode_s"] / max(1, steps)
+    res["_tokens"] = gen
+    return res
+
+
+def continuous(model, name, prompts, new, eos, tmp) -> dict:
+    from transformers import GenerationConfig
+
+    from distill_bench.generation.hf_backend import count_generated
+
+    gc = GenerationConfig(max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=sorted(eos))
+    tc = time.perf_counter()
+    model.generate_batch(inputs=prompts[:8], generation_config=gc, progress_bar=False, warmup=True)
+    warm = time.perf_counter() - tc
+    with Metered(tmp, name) as m, Timer() as t:
+        outs = model.generate_batch(inputs=prompts, generation_config=gc, progress_bar=False, warmup=True)
+    toks = [list(o.generated_tokens) for o in outs.values()]
+    n_tok = sum(count_generated(x, eos)[0] for x in toks)
+    return {"variant": name, "mode": "continuous_batching", "batch": "auto", "prompts": len(prompts),
+            "max_new_tokens": new, "warmup_s": warm, "time_s_incl_manager_warmup": t.s, "generated_tokens": n_tok,
+            "tokens_per_s": n_tok / t.s, "gpu_j": m.gpu_j, "j_per_token": m.gpu_j / n_tok if m.gpu_j else None,
+            "gpu_avg_w": m.avg_w, "_tokens": dict(enumerate(toks))}
+
+
+def main() -> None:
+    from distill_bench.generation import GenerationSettings
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="skip later variants past this wall time")
+    ap.add_argument("--variants", default="eager_b64,graph_b64,eager_b256,graph_b256,cb_256,hf_static_b64,"
+                                          "graph_b512")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp())
+    torch.backends.cuda.matmul.allow_tf32 = True
+    quick = a.quick
+    bw = hbm_copy_tb_s(quick)
+    cfg = TINY if quick else OLMO2_1B
+    model = make_model(cfg, torch.bfloat16 if dev().type == "cuda" else torch.float32).eval()
+    emb = model.get_input_embeddings().weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
+    c = model.config
+    kv_bytes_per_pos = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) \
+        * emb.element_size()
+    new = 16 if quick else 128
+    lo, hi = (8, 40) if quick else (128, 512)
+    g = torch.Generator().manual_seed(0)
+    vocab = cfg["vocab_size"]
+    eos = {vocab - 1}
+
+    def prompts(n):
+        lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+        return [torch.randint(1, vocab - 1, (L,), generator=g).tolist() for L in lens]
+
+    sets = {64: prompts(128 if not quick else 8), 256: prompts(256 if not quick else 8),
+            512: prompts(512 if not quick else 8)}
+    scale = 8 if quick else 1  # quick: batch 64 -> 8 etc.
+    plan = {
+        "eager_b64": ("eager", 64), "graph_b64": ("graph", 64), "hf_static_b64": ("hf_static", 64),
+        "eager_b256": ("eager", 256), "graph_b256": ("graph", 256), "graph_b512": ("graph", 512),
+    }
+    runs = []
+    tokens = {}
+    for name in a.variants.split(","):
+        left = a.budget_s - (time.monotonic() - T0)
+        if left < (40 if name.startswith("eager") else 90):
+            print(f"skip {name}: {left:.0f}s of budget left", flush=True)
+            continue
+        try:
+            if name.startswith("cb_"):
+                n = int(name.split("_")[1])
+                r = continuous(model, name, sets[n], new, eos, tmp)
+                r["roofline_rows"] = n
+            else:
+                mode, batch = plan[name]
+                s = GenerationSettings(batch_size=max(1, batch // scale), max_new_tokens=new, hf_decode=mode)
+                r = run_variant(model, name, sets[batch], s, eos=eos, tmp=tmp)
+                r["roofline_rows"] = batch // scale
+                r["prompt_set"] = batch
+        except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            r = {"variant": name, "error": repr(e)[:400]}
+        if "tokens_per_s" in r:
+            rows = r["roofline_rows"]
+            r["roofline_tokens_per_s"] = rows * bw * 1e12 / weight_bytes
+            r["fraction_of_roofline"] = r["tokens_per_s"] / r["roofline_tokens_per_s"]
+            if r.get("cache_len"):
+                step_bytes = weight_bytes + rows * r["cache_len"] * kv_bytes_per_pos
+                r["kv_roofline_tokens_per_s"] = rows * bw * 1e12 / step_bytes
+                if r.get("decode_ms_per_step"):
+                    r["decode_step_bytes"] = step_bytes
+                    r["decode_achieved_tb_s"] = step_bytes / (r["decode_ms_per_step"] / 1e3) / 1e12
+            tokens[name] = r.pop("_tokens")
+            base = {"graph_b64": "eager_b64", "hf_static_b64": "eager_b64", "graph_b256": "eager_b256",
+                    "cb_256": "eager_b256"}.get(name)
+            if base in tokens:  # greedy agreement with eager on the same prompts (bf16 kernels may differ)
+                ref, got = tokens[base], tokens[name]
+                r["rows_identical_to_eager"] = sum(ref[k] == got[k] for k in ref) / len(ref)
+                r["first_token_identical"] = sum(ref[k][:1] == got[k][:1] for k in ref) / len(ref)
+        runs.append(r)
+        print(f"[{time.monotonic() - T0:6.1f}s] {json.dumps(r, default=str)}", flush=True)
+        payload = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                   "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "hbm_copy_tb_s": bw,
+                   "weight_bytes": weight_bytes, "kv_bytes_per_position": kv_bytes_per_pos,
+                   "model": "tiny" if quick else "OLMo-2-0425-1B shape", "runs": runs,
+                   "wall_s": time.monotonic() - T0}
+        (out / "gpu_generation.json").write_text(json.dumps(payload, indent=2, default=str))
+    print(f"\n{payload['device']}  HBM copy {bw:.2f} TB/s  weights {weight_bytes / 1e9:.2f} GB")
+    hdr = ("variant", "tok/s", "J/tok", "avg W", "% roofline", "% kv-roofline", "ms/step", "warm-up s", "recompiles")
+    print(" | ".join(hdr))
+    for r in runs:
+        if "error" in r:
+            print(f"{r['variant']} | ERROR {r['error'][:120]}")
+            continue
+        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "-")  # noqa: E731
+        kv = 100 * r["tokens_per_s"] / r["kv_roofline_tokens_per_s"] if r.get("kv_roofline_tokens_per_s") else None
+        print(" | ".join([r["variant"], f"{r['tokens_per_s']:,.0f}", f("j_per_token", "{:.4f}"), f("gpu_avg_w", "{:.0f}"),
+                          f"{100 * r['fraction_of_roofline']:.1f}", f"{kv:.1f}" if kv else "-",
+                          f("decode_ms_per_step", "{:.2f}"),
+                          f("warmup_first_batch_s", "{:.1f}") if "warmup_first_batch_s" in r else f("warmup_s", "{:.1f}"),
+                          str(r.get("recompiles_in_timed_run", "-"))]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Static-cache decode paths (hf_decode graph / hf_static) give the eager backend's greedy tokens and exact counts."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from distill_bench.generation import GenerationSettings, generate  # noqa: E402
+from distill_bench.generation.static_decode import LEN_BUCKET, cache_length  # noqa: E402
+from distill_bench.generation.toy import build_chain_model, build_toy_model, build_toy_tokenizer  # noqa: E402
+
+PROMPTS = ["What is 2+3?", "hi", "a much longer prompt with quite a few characters in it", "x" * 30,
+           "Compute 7*8.", "ok", "Sam has 4 apples and buys 9 more. How many?"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_toy_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_toy_model(tok, seed=3)
+
+
+@pytest.mark.parametrize("mode", ["graph", "hf_static"])
+@pytest.mark.parametrize("batch_size", [64, 3])  # 3: last batch is padded with filler rows to the fixed row count
+def test_static_modes_greedy_equal_eager(tok, model, mode, batch_size):
+    ref = generate(model, tok, PROMPTS, GenerationSettings(max_new_tokens=12, batch_size=batch_size))
+    got = generate(model, tok, PROMPTS, GenerationSettings(max_new_tokens=12, batch_size=batch_size,
+                                                           hf_decode=mode))
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    assert [(r.prompt_index, r.generated_tokens, r.prompt_tokens) for r in got] == \
+        [(r.prompt_index, r.generated_tokens, r.prompt_tokens) for r in ref]
+
+
+@pytest.mark.parametrize("mode", ["graph", "hf_static"])
+def test_static_modes_count_tokens_up_to_eos_and_stop_early(tok, mode):
+    chain = build_chain_model(tok, {"<|assistant|>": "a", "a": "b", "b": "c", "c": "</s>"})
+    # 40 new tokens allowed, EOS after 4: the loop's coarse all-finished check must not add padding tokens
+    results = generate(chain, tok, ["hi", "a longer prompt"],
+                       GenerationSettings(max_new_tokens=40, batch_size=8, hf_decode=mode))
+    assert [(r.text, r.generated_tokens, r.finished) for r in results] == [("abc", 4, True)] * 2
+    cut = generate(chain, tok, ["hi"], GenerationSettings(max_new_tokens=2, hf_decode=mode))[0]
+    assert (cut.text, cut.generated_tokens, cut.finished) == ("ab", 2, False)
+
+
+def test_graph_sampling_is_seeded_with_num_samples(tok, model):
+    s = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=0.9, num_samples=3, seed=7, batch_size=6,
+                           hf_decode="graph")
+    a = generate(model, tok, PROMPTS[:3], s)
+    assert [(r.prompt_index, r.sample_index) for r in a] == [(i, j) for i in range(3) for j in range(3)]
+    assert [r.token_ids for r in a] == [r.token_ids for r in generate(model, tok, PROMPTS[:3], s)]
+    assert len({r.token_ids for r in a}) > 3
+
+
+def test_auto_is_eager_on_cpu_and_bad_mode_names_the_key(tok, model):
+    from distill_bench.generation.hf_backend import resolve_decode
+
+    assert resolve_decode(GenerationSettings(hf_decode="auto"), model.device) == "eager"
+    with pytest.raises(ValueError, match="eval.*hf_decode"):
+        GenerationSettings.from_dict({"hf_decode": "cuda"}, where="eval")
+    with pytest.raises(ValueError, match="continuous_batching"):
+        generate(model, tok, ["hi"], GenerationSettings(continuous_batching=True, hf_decode="graph"))
+
+
+def test_cache_length_is_bucketed_and_fits_prompt_plus_new_tokens():
+    assert cache_length(1, 1) == LEN_BUCKET
+    assert cache_length(500, 128) == 640 and cache_length(513, 128) == 704
