@@ -105,7 +105,7 @@ def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True) 
                recompiles_in_timed_run={k: after.get(k, 0) - before.get(k, 0) for k in after},
                cache_len=stats.get("cache_len"), rows_per_batch=stats.get("rows_per_batch"),
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
-    b = [x for x in stats.get("batches", [])][-(-len(prompts) // per):]  # timed run's batches only
+    b = stats.get("batches", [])  # the timed call builds its own decoder: these are its batches only
     if b:
         steps = sum(x["decode_steps"] for x in b)
         res["prefill_s"] = sum(x["prefill_s"] for x in b)

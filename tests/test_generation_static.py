@@ -60,7 +60,8 @@ def test_graph_sampling_is_seeded_with_num_samples(tok, model):
 def test_auto_is_eager_on_cpu_and_bad_mode_names_the_key(tok, model):
     from distill_bench.generation.hf_backend import resolve_decode
 
-    assert resolve_decode(GenerationSettings(hf_decode="auto"), model.device) == "eager"
+    assert GenerationSettings().hf_decode == "auto"
+    assert resolve_decode(GenerationSettings(), model.device) == "eager"
     with pytest.raises(ValueError, match="eval.*hf_decode"):
         GenerationSettings.from_dict({"hf_decode": "cuda"}, where="eval")
     with pytest.raises(ValueError, match="continuous_batching"):

@@ -163,3 +163,32 @@ def test_kd_trainer_trains_with_grad_accumulation_and_reports_data_wait(setup, t
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     frac = trainer.data_wait_fraction()
     assert frac is not None and 0.0 <= frac < 1.0
+
+
+def test_head_on_loss_positions_gives_the_full_logits_loss_and_gradients(setup, tmp_path):
+    """kd_head_on_loss_positions (LM head on loss rows only) must be the same function as the [B, L, V] path."""
+    import datasets
+    from trl import SFTConfig
+
+    tok, enc, d, examples = setup
+    trainer_cls, collator, _ = kd_trainer_parts(str(d), {"top_k": 16, "temperature": 2.0, "alpha": 0.3}, tok,
+                                                examples)
+    ds = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "completion_mask": e["completion_mask"],
+                                      "example_index": e["example_index"]} for e in examples])
+    batch = collator([ds[i] for i in range(5)])
+    results = []
+    for head_only in (True, False):
+        cls = type("T", (trainer_cls,), {"kd_head_on_loss_positions": head_only})
+        args = SFTConfig(output_dir=str(tmp_path / f"o{head_only}"), per_device_train_batch_size=5, report_to=[],
+                         dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=True, save_strategy="no")
+        model = tiny_llama(len(tok), seed=3)
+        trainer = cls(model=model, args=args, train_dataset=ds, processing_class=tok, data_collator=collator)
+        assert trainer._kd_head is head_only
+        model.train()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))
+    assert any(a.abs().sum() > 0 for a in g1)

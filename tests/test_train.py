@@ -1,9 +1,11 @@
 """Exact token budget, LR schedule, token accounting, resume/refusal and the train_student stage (tiny, offline)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +216,20 @@ def test_train_stage_refuses_tokenizer_mismatch_then_trains_sft_gt(tmp_path, tok
     assert meter.tokens["trained_tokens"] == 120
     assert meter.metrics["dropped_over_max_length"] == 0
     assert (tmp_path / "s2" / "final" / "model.safetensors").is_file()
+
+
+def test_stale_checkpoints_of_another_config_are_set_aside_not_mixed(tmp_path):
+    """The workflow reruns a job when its params change: old checkpoints move aside, training starts fresh."""
+    from distill_bench.train.trainer import FINGERPRINT, check_or_write_fingerprint
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    check_or_write_fingerprint(ckpt, {"settings": "a"}, has_checkpoint=False)
+    (ckpt / "checkpoint-5").mkdir()
+    with pytest.raises(CheckpointMismatchError, match="refusing to mix runs"):
+        check_or_write_fingerprint(ckpt, {"settings": "b"}, has_checkpoint=True)
+    aside = check_or_write_fingerprint(ckpt, {"settings": "b"}, has_checkpoint=True, stale="set_aside")
+    assert aside and (Path(aside) / "checkpoint-5").is_dir(), "the old checkpoints are kept, not deleted"
+    assert not (ckpt / "checkpoint-5").exists()
+    assert json.loads((ckpt / FINGERPRINT).read_text()) == {"settings": "b"}
+    assert check_or_write_fingerprint(ckpt, {"settings": "b"}, has_checkpoint=True, stale="set_aside") is None

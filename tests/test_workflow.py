@@ -173,3 +173,39 @@ def test_reports_open_in_headless_chromium_with_table_and_figures(tiny_run, tmp_
                          capture_output=True, text=True, timeout=180).stdout
     for category in ("1. Comparison", "2. Figures", "3. Stages"):
         assert category in dom, f"{category!r} missing from the rendered Snakemake report"
+
+
+def test_self_distillation_builds_the_earlier_student_first(tmp_path):
+    """Issue 7: the self-distillation teacher is an earlier experiment's model, resolved through the DAG."""
+    proc = snakemake("-n", "results/models/students/selfdistill.tiny.arith/final", "--configfile", str(TINY),
+                     cwd=tmp_path)
+    jobs = planned_jobs(proc.stdout)
+    assert ("train_student", {"exp": "sft_gt.tiny.arith"}) in jobs
+    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)
+    cache = next(b for b in blocks if re.match(r"\s*(local)?rule cache_logits:", b))
+    assert "results/models/students/sft_gt.tiny.arith/final" in cache, "the cache's teacher is the sft_gt student"
+    train = next(b for b in blocks if re.match(r"\s*(local)?rule train_student:", b) and "selfdistill" in b)
+    assert "results/models/students/sft_gt.tiny.arith/final" in train, "and it is also where the student starts"
+
+
+def test_compare_joins_two_runs_with_different_token_budgets(tiny_run, tmp_path):
+    """Issue 8: `distill-bench compare` on two runs of one config that differ in the token budget."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["run_name"] = "tiny-budget-3000"
+    cfg["training"]["token_budget"] = 3000
+    cfg["experiments"] = [cfg["experiments"][0]]
+    cfg["report"] = {"wandb": {"enabled": False}}
+    config = tmp_path / "budget.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    second = tmp_path / "second"
+    second.mkdir()
+    _run_tiny(second, config)
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "distill_bench", "compare", str(tiny_run / "results"),
+                           str(second / "results"), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    joint = pd.read_csv(out / "comparison_of_runs.csv")
+    assert set(joint.run) == {"tiny-test", "tiny-budget-3000"}
+    assert set(joint.token_budget) == {1500, 3000}
+    assert set(joint[joint.run == "tiny-budget-3000"].trained_tokens) == {3000}
+    assert (out / "comparison_of_runs.png").stat().st_size > 10_000

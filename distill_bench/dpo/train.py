@@ -232,7 +232,10 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
              "precompute": precompute, "init_model": str(init_model)}
     fp = run_fingerprint(settings, seed, stream_hash, model.config.to_dict(), "DPOTrainer", extra)
     last = get_last_checkpoint(str(ckpt_dir))
-    check_or_write_fingerprint(ckpt_dir, fp, last is not None)
+    set_aside = check_or_write_fingerprint(ckpt_dir, fp, last is not None, settings.stale_checkpoints)
+    if set_aside:
+        last = None
+        meter.record("stale_checkpoints_set_aside", set_aside)
     ref_model = None if precompute else load_model(init_model)  # frozen copy of the starting checkpoint
     use_cpu = not torch.cuda.is_available()
     args = _dpo_config(settings, cfg, ckpt_dir, max_steps, seed, use_cpu)

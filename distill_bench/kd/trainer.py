@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -106,6 +107,31 @@ class _TrainTimer(TrainerCallback):
         t["train_s"] = time.perf_counter() - t.get("train_start", time.perf_counter())
 
 
+def add_kd_head(model) -> bool:
+    """Let ``model(..., kd_rows=r, kd_cols=c)`` return the LM-head logits of hidden positions (r, c) only, [n, V].
+
+    KD needs the full-vocab distribution at loss-bearing positions only; the plain forward projects every position
+    (prompt and padding too) through the head and keeps [B, L, V] logits and their gradient alive. Patched on the
+    instance like TRL's fused LM head (whose forward stays reachable without the keywords), so a compiled or
+    DDP-wrapped model still runs it. Returns False (model untouched) where logits are not plain head(hidden).
+    """
+    from distill_bench.kd.stage import _head_only_ok
+
+    if not _head_only_ok(model):
+        return False
+    inner = model.forward
+
+    def forward(self, *args, kd_rows=None, kd_cols=None, **kwargs):
+        if kd_rows is None:
+            return inner(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        return self.get_output_embeddings()(hidden[kd_rows, kd_cols])
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
 class KDSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is :func:`distill_bench.kd.loss.kd_loss`; records time spent waiting for data.
 
@@ -114,6 +140,7 @@ class KDSFTTrainer(SFTTrainer):
     """
 
     loss_is_scaled_for_ga = True
+    kd_head_on_loss_positions: bool = True   # LM head on loss-bearing positions only (add_kd_head); +x % tok/s, BENCHMARKS.md
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
     kd_chunk_size: int | None = None
@@ -130,6 +157,7 @@ class KDSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.add_callback(_TrainTimer(self))
         self._kd_sums: list[torch.Tensor] = []
+        self._kd_head = bool(self.kd_head_on_loss_positions) and add_kd_head(self.model)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -155,8 +183,20 @@ class KDSFTTrainer(SFTTrainer):
         teacher = {k: inputs.pop(k) for k in KD_KEYS}
         for extra in ("completion_mask", "example_index"):
             inputs.pop(extra, None)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        loss, stats = kd_loss(outputs.logits, labels, teacher["kd_ids"], teacher["kd_values"], teacher["kd_tail"],
+        if self._kd_head and not return_outputs:
+            # logits of the loss-bearing rows only, laid out as one row whose every label counts (same loss)
+            mask = labels[:, 1:] != -100
+            rows, cols = mask.nonzero(as_tuple=True)
+            targets = labels[:, 1:][mask]
+            z = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), kd_rows=rows,
+                      kd_cols=cols)
+            logits, labels = z[None], torch.cat([targets.new_full((1,), -100), targets])[None]
+            outputs = None
+        else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                            use_cache=False)
+            logits = outputs.logits
+        loss, stats = kd_loss(logits, labels, teacher["kd_ids"], teacher["kd_values"], teacher["kd_tail"],
                               alpha=self.kd_alpha, temperature=self.kd_temperature,
                               num_items_in_batch=num_items_in_batch, chunk_size=self.kd_chunk_size)
         if num_items_in_batch is None and model.training:

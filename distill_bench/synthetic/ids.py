@@ -22,7 +22,7 @@ from typing import Any, Mapping
 # decoding defaults, as in distill_bench/config/workflow.schema.yaml (a missing key means the default)
 DECODING_DEFAULTS: dict[str, Any] = {
     "backend": "auto", "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 1024,
-    "samples_per_prompt": 1, "batch_size": 64, "n_prompts": None,
+    "samples_per_prompt": 1, "batch_size": 64, "n_prompts": None, "hf_decode": "auto",
 }
 # keys of the synthetic section that never change the artifact
 NEUTRAL_KEYS = ("shards",)

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,6 +37,9 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint in the output dir was written by a run with another config, seed or data."""
+
+
+STALE_CHECKPOINT_POLICIES = ("refuse", "set_aside")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -66,6 +70,8 @@ class TrainSettings:
     distributed: str = "ddp"          # gpus * nodes > 1: "ddp", or "fsdp" (full shard) for students too big for DDP
     attn_implementation: str | None = None  # None keeps the model's own (sdpa in transformers 5)
     torch_compile: bool = False       # torch.compile the student (docs/BENCHMARKS.md: measured gain vs compile time)
+    stale_checkpoints: str = "refuse"  # checkpoints of another config: "refuse" (error) or "set_aside" (renamed
+                                       # to checkpoints.stale-<time>, training starts fresh; never mixed, never lost)
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any], **overrides: Any) -> "TrainSettings":
@@ -96,6 +102,9 @@ class TrainSettings:
             raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"training.lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.stale_checkpoints not in STALE_CHECKPOINT_POLICIES:
+            raise ValueError(f"training.stale_checkpoints must be one of {STALE_CHECKPOINT_POLICIES}, "
+                             f"got {self.stale_checkpoints!r}")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"training.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -128,24 +137,40 @@ def run_fingerprint(settings: TrainSettings, seed: int, stream_hash: str, model_
             "model_config": short_hash(cfg), "trainer": trainer_name, "extra": short_hash(dict(extra or {}))}
 
 
-def check_or_write_fingerprint(ckpt_dir: Path, fp: dict[str, str], has_checkpoint: bool) -> None:
-    """Refuse to resume checkpoints of another run; start a fresh run by storing its fingerprint."""
+def check_or_write_fingerprint(ckpt_dir: Path, fp: dict[str, str], has_checkpoint: bool,
+                               stale: str = "refuse") -> str | None:
+    """Never resume checkpoints of another run; start a fresh run by storing its fingerprint.
+
+    A mismatch is refused (``stale="refuse"``), or, where a config change is the expected cause (the workflow reruns
+    a job because its params changed), the old checkpoints are renamed aside and training starts fresh
+    (``stale="set_aside"``); returns the directory they were moved to, so the caller can record it.
+    """
     path = ckpt_dir / FINGERPRINT
     if has_checkpoint:
+        problem = None
         if not path.is_file():
-            raise CheckpointMismatchError(
-                f"{ckpt_dir} holds checkpoints but no {FINGERPRINT}; refusing to resume from a run of unknown "
-                f"config (delete {ckpt_dir} to start over)")
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-        if diff:
-            raise CheckpointMismatchError(
-                f"checkpoint in {ckpt_dir} was written with a different {', '.join(diff)} "
-                f"(stored {{{', '.join(f'{k}: {old.get(k)}' for k in diff)}}}, now "
-                f"{{{', '.join(f'{k}: {fp.get(k)}' for k in diff)}}}); refusing to mix runs — delete {ckpt_dir} "
-                "to start over")
-    else:
+            problem = (f"{ckpt_dir} holds checkpoints but no {FINGERPRINT}; refusing to resume from a run of unknown "
+                       f"config")
+        else:
+            old = json.loads(path.read_text())
+            diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+            if diff:
+                problem = (f"checkpoint in {ckpt_dir} was written with a different {', '.join(diff)} "
+                           f"(stored {{{', '.join(f'{k}: {old.get(k)}' for k in diff)}}}, now "
+                           f"{{{', '.join(f'{k}: {fp.get(k)}' for k in diff)}}}); refusing to mix runs")
+        if problem is None:
+            return None
+        if stale != "set_aside":
+            raise CheckpointMismatchError(f"{problem} — delete {ckpt_dir} to start over (or set "
+                                          "training.stale_checkpoints: set_aside)")
+        aside = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(ckpt_dir, aside)
+        log.warning("%s; moved them to %s and starting fresh", problem, aside)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
         _write_json(path, fp)
+        return str(aside)
+    _write_json(path, fp)
+    return None
 
 
 def _counting_trainer_class(base: type) -> type:
@@ -427,7 +452,11 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     fp = run_fingerprint(settings, seed, budget_info["stream_hash"], model.config.to_dict(), base_cls.__name__,
                          fingerprint_extra)
     last = get_last_checkpoint(str(ckpt_dir))
-    check_or_write_fingerprint(ckpt_dir, fp, last is not None)
+    set_aside = check_or_write_fingerprint(ckpt_dir, fp, last is not None, settings.stale_checkpoints)
+    if set_aside:
+        last = None
+        if meter is not None:
+            meter.record("stale_checkpoints_set_aside", set_aside)
 
     use_cpu = not torch.cuda.is_available()
     if settings.attn_implementation:
