@@ -86,7 +86,8 @@ def budget_for(examples: list[dict], n_examples: int, seed: int) -> tuple[int, l
     from distill_bench.train.budget import build_budgeted_dataset, trained_positions
 
     total = sum(trained_positions(e["completion_mask"]) for e in examples)
-    full, _ = build_budgeted_dataset(examples, total, seed)
+    epochs = -(-n_examples // len(examples))   # later epochs reshuffle; the prefix of the stream never changes
+    full, _ = build_budgeted_dataset(examples, total * epochs, seed)
     if n_examples > len(full):
         raise ValueError(f"need {n_examples} examples, the dataset has {len(full)}: raise --examples")
     stream = full[:n_examples]
@@ -122,6 +123,17 @@ def padding_free_check(attn: str, device: torch.device) -> dict:
         m = tgt != -100
         return lp[m].gather(1, tgt[m][:, None]).squeeze(1).cpu()
 
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # tf32 alone is ~1e-4
+    try:
+        return _compare(model, feats, logprobs, attn, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _compare(model, feats, logprobs, attn, device) -> dict:
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     padded = logprobs(DataCollatorForLanguageModeling(pad_token_id=0)(feats))
     packed_batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(feats)
     keys = sorted(packed_batch)
@@ -151,25 +163,36 @@ def nvml_energy_mj() -> int | None:
         return None
 
 
-def clock_callback(warmup: int):
+def clock_callback(warmup: int, max_wall_s: float | None):
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
-        """Synchronised wall clock + NVML energy at the end of step ``warmup`` and of the last step."""
+        """Synchronised wall clock + NVML energy at the end of step ``warmup`` and of the last step; stops training
+        early (last step = the one past ``max_wall_s``, at least warmup + 5) so one slow variant cannot eat the call."""
 
         def __init__(self):
             self.marks: dict[int, tuple[float, int | None]] = {}
             self.step_ends: list[float] = []
             self.start = None
+            self.last_step = None
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            self.step_ends.append(time.perf_counter())
-            if state.global_step in (warmup, state.max_steps):
+            now = time.perf_counter()
+            self.step_ends.append(now)
+            g = state.global_step
+            if g % 10 == 0 or g <= 3:
+                log(f"  step {g}/{state.max_steps} at {now - self.start:.1f}s")
+            late = max_wall_s is not None and now - self.start > max_wall_s and g >= warmup + 5
+            if g in (warmup, state.max_steps) or late:
                 sync()
-                self.marks[state.global_step] = (time.perf_counter(), nvml_energy_mj())
+                self.marks[g] = (time.perf_counter(), nvml_energy_mj())
+                self.last_step = g
+            if late and g < state.max_steps:
+                log(f"  stopping at step {g}: past {max_wall_s:.0f}s")
+                control.should_training_stop = True
             return control
 
     return Clock()
@@ -203,7 +226,8 @@ def window_stats(stream: list[dict], batch: int, first_step: int, last_step: int
 
 def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: list[dict], batch: int, steps: int,
                 warmup: int, seed: int, peak_tflops: float, training: dict, kd_cache: Path | None = None,
-                kd: dict | None = None, attn: str = "sdpa", kd_full_head: bool = False) -> dict:
+                kd: dict | None = None, attn: str = "sdpa", kd_full_head: bool = False,
+                trainer_cls=None, max_wall_s: float | None = None) -> dict:
     from distill_bench.energy import StageMeter
     from distill_bench.train.trainer import TrainSettings, train_student
 
@@ -217,7 +241,7 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
         torch.cuda.reset_peak_memory_stats()
     model = make_model(cfg, torch.float32, attn)
     model.train()
-    trainer_cls = collator = None
+    collator = None
     info: dict = {}
     if kd_cache is not None:
         from distill_bench.kd.trainer import kd_trainer_parts
@@ -225,7 +249,7 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
         trainer_cls, collator, info = kd_trainer_parts(str(kd_cache), kd or {}, tok, examples)
         if kd_full_head:   # the old path: [B, L, V] logits of every position
             trainer_cls = type(trainer_cls.__name__, (trainer_cls,), {"kd_head_on_loss_positions": False})
-    clock = clock_callback(warmup)
+    clock = clock_callback(warmup, max_wall_s)
     run_dir = work / name
     meter = StageMeter(stage="benchmark", stage_id=f"bench.trainer.{name}", role="student",
                        out_json=out / "energy" / f"{name}.json", settings=ENERGY, is_measuring_process=True,
@@ -233,44 +257,87 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     meter.start()
     t0 = time.perf_counter()
     status = "failed"
+    summary: dict = {}
     try:
         summary = train_student(model=model, tokenizer=tok, examples=examples, settings=settings, seed=seed,
                                 output_dir=run_dir, trainer_cls=trainer_cls, collator=collator, meter=meter,
                                 trainer_kwargs={"callbacks": [clock]}, fingerprint_extra={"bench": name})
         status = "complete"
+    except RuntimeError as e:   # stopped early by the clock: the budget check refuses; the window is still valid
+        if clock.last_step is None or clock.last_step >= steps or "budget" not in str(e):
+            raise
+        status = "interrupted"
     finally:
         rec = meter.stop(status) or {}
         shutil.rmtree(run_dir, ignore_errors=True)
     total_s = time.perf_counter() - t0
-    (ta, ea), (tb, eb) = clock.marks[warmup], clock.marks[steps]
-    w = window_stats(stream, batch, warmup, steps, model)
+    last = clock.last_step
+    (ta, ea), (tb, eb) = clock.marks[warmup], clock.marks[last]
+    w = window_stats(stream, batch, warmup, last, model)
     dt = tb - ta
     e = rec.get("energy", {})
     win_j = (eb - ea) / 1e3 if ea is not None and eb is not None else None
     res = {
         "variant": name, "kind": "kd" if kd_cache else "sft_gt", "attn": attn, "training": training,
-        "batch": batch, "steps": steps, "warmup_steps": warmup, "window_s": dt,
+        "batch": batch, "steps": last, "planned_steps": steps, "warmup_steps": warmup, "window_s": dt,
         "tokens_per_s": w["real_tokens"] / dt, "loss_tokens_per_s": w["loss_positions"] / dt,
         "padded_tokens_per_s": w["padded_tokens"] / dt,
         "pad_fraction": 0.0 if training.get("padding_free") else 1 - w["real_tokens"] / w["padded_tokens"],
-        "step_s": dt / (steps - warmup), "mfu": w["useful_flops"] / dt / (peak_tflops * 1e12),
+        "step_s": dt / (last - warmup), "mfu": w["useful_flops"] / dt / (peak_tflops * 1e12),
         "mfu_suite": w["suite_flops"] / dt / (peak_tflops * 1e12), "window": w,
         "warmup_s": ta - clock.start, "train_call_s": total_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
         "window_gpu_j": win_j, "j_per_token": win_j / w["real_tokens"] if win_j else None,
         "stage_gpu_j": e.get("gpu_j"), "stage_wall_s": rec.get("duration_s"),
-        "trained_tokens": summary["trained_tokens"], "input_tokens": summary["input_tokens"],
-        "token_budget": budget, "final_loss": summary["final_loss"],
+        "trained_tokens": summary.get("trained_tokens"), "input_tokens": summary.get("input_tokens"),
+        "token_budget": budget, "final_loss": summary.get("final_loss"), "status": status,
         "data_wait_fraction": summary.get("data_wait_fraction"),
-        "train_runtime_s": summary["train_runtime_s"],
+        "train_runtime_s": summary.get("train_runtime_s"),
         "kd_info": {k: v for k, v in info.items() if k in ("kd_cache_k", "kd_top_k", "kd_value_dtype")} or None,
     }
-    if summary["trained_tokens"] != budget:
+    if status == "complete" and summary["trained_tokens"] != budget:
         raise RuntimeError(f"{name}: trained {summary['trained_tokens']} != budget {budget}")
     del model
-    if cuda:
-        torch.cuda.empty_cache()
+    release()
     return res
+
+
+def release() -> None:
+    """Free the previous variant's model, optimizer and compiled graphs before the next one."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def plain_ce_trainer_cls():
+    """Diagnostic SFT trainer: torch CE over head(hidden) at loss positions only (distill_bench.kd.trainer.add_kd_head)
+    instead of TRL 1.16's fused chunked log-prob kernel (which also computes entropy and top-1 every step)."""
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    from distill_bench.kd.trainer import add_kd_head
+
+    class PlainCESFTTrainer(SFTTrainer):
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not add_kd_head(self.model):
+                raise RuntimeError("model logits are not head(hidden)")
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            mask = labels[:, 1:] != -100
+            rows, cols = mask.nonzero(as_tuple=True)
+            z = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), kd_rows=rows,
+                      kd_cols=cols)
+            loss = F.cross_entropy(z.float(), labels[:, 1:][mask], reduction="sum")
+            return loss / (num_items_in_batch if num_items_in_batch is not None else mask.sum())
+
+    return PlainCESFTTrainer
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -281,6 +348,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip variants that would end past this wall time")
     ap.add_argument("--variants", default="", help="comma list to run (default: all, in order)")
     ap.add_argument("--timed-s", type=float, default=20.0, help="target steady-state seconds per variant")
+    ap.add_argument("--max-wall-s", type=float, default=110.0, help="stop a variant's training past this (s)")
+    ap.add_argument("--checks", default="sdpa,flex_attention", help="attention kernels for the padding-free check")
     a = ap.parse_args()
     out = Path(a.out)
     (out / "energy").mkdir(parents=True, exist_ok=True)
@@ -301,7 +370,7 @@ def main() -> None:
     save(out, "ceilings", ceil)
 
     checks = {}
-    for attn in ("sdpa", "flex_attention"):
+    for attn in a.checks.split(","):
         try:
             checks[attn] = padding_free_check(attn, d)
         except Exception as e:  # noqa: BLE001 - an unsupported kernel is a finding, not a crash
@@ -342,23 +411,23 @@ def main() -> None:
             return warm + 3, warm
         return warm + max(20, int(a.timed_s / step_s)), warm
 
-    pf_ok = checks["sdpa"].get("correct", False)
-    flex_ok = checks["flex_attention"].get("correct", False)
-    plan = [  # name, kd?, training overrides, attn, est step s, warm-up steps, est fixed cost s, kd full head
-        ("sft_pad_eager", False, {}, "sdpa", 0.20, 5, 15, False),
-        ("kd_pad_eager", True, {}, "sdpa", 0.22, 5, 15, False),
-        ("kd_pad_eager_fullhead", True, {}, "sdpa", 0.24, 5, 15, True),
-        ("sft_pad_compile", False, {"torch_compile": True}, "sdpa", 0.14, 12, 90, False),
-        ("kd_pad_compile", True, {"torch_compile": True}, "sdpa", 0.16, 12, 90, False),
+    pf_ok = checks.get("sdpa", {}).get("correct", False)
+    flex_ok = checks.get("flex_attention", {}).get("correct", False)
+    pf = {"padding_free": True}
+    comp = {"torch_compile": True}
+    plan = [  # name, kd?, training overrides, attn, est step s, warm-up steps, est fixed cost s, kd full head, run?
+        ("sft_pad_eager", False, {}, "sdpa", 0.36, 5, 15, False, True),
+        ("sft_pad_eager_plaince", False, {}, "sdpa", 0.24, 5, 15, False, True),
+        ("kd_pad_eager", True, {}, "sdpa", 0.22, 5, 15, False, True),
+        ("sft_padfree_sdpa_eager", False, pf, "sdpa", 0.20, 5, 15, False, pf_ok),
+        ("kd_pad_eager_fullhead", True, {}, "sdpa", 0.24, 5, 15, True, True),
+        ("sft_pad_compile", False, comp, "sdpa", 0.14, 12, 90, False, True),
+        ("kd_pad_compile", True, comp, "sdpa", 0.16, 12, 90, False, True),
+        ("sft_padfree_flex_eager", False, pf, "flex_attention", 0.18, 8, 40, False, flex_ok),
+        ("kd_pad_eager_workers2", True, {"dataloader_workers": 2}, "sdpa", 0.22, 5, 15, False, True),
+        ("sft_padfree_sdpa_compile", False, {**pf, **comp}, "sdpa", 0.14, 12, 90, False, pf_ok),
     ]
-    if pf_ok:
-        plan.append(("sft_padfree_sdpa_eager", False, {"padding_free": True}, "sdpa", 0.20, 5, 15, False))
-    if flex_ok:
-        plan.append(("sft_padfree_flex_eager", False, {"padding_free": True}, "flex_attention", 0.18, 8, 40, False))
-    plan.append(("kd_pad_eager_workers2", True, {"dataloader_workers": 2}, "sdpa", 0.22, 5, 15, False))
-    if pf_ok:
-        plan.append(("sft_padfree_sdpa_compile", False, {"padding_free": True, "torch_compile": True}, "sdpa",
-                     0.14, 12, 90, False))
+    plan = [p[:-1] for p in plan if p[-1]]
     want = set(filter(None, a.variants.split(",")))
     runs = []
     for name, is_kd, training, attn, step_s, warm, fixed, full_head in plan:
@@ -376,12 +445,13 @@ def main() -> None:
         try:
             r = run_variant(name, out=out, work=work, cfg=cfg, tok=tok, examples=examples, batch=batch, steps=steps,
                             warmup=warm, seed=seed, peak_tflops=peak, training=training,
-                            kd_cache=cache if is_kd else None, kd=kd, attn=attn, kd_full_head=full_head)
+                            kd_cache=cache if is_kd else None, kd=kd, attn=attn, kd_full_head=full_head,
+                            trainer_cls=plain_ce_trainer_cls() if name.endswith("_plaince") else None,
+                            max_wall_s=None if quick else a.max_wall_s)
         except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
             traceback.print_exc()
             r = {"variant": name, "error": repr(e)[:400]}
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release()
         runs.append(r)
         log(f"{name}: " + json.dumps({k: r.get(k) for k in ("tokens_per_s", "mfu", "step_s", "peak_mem_gib",
                                                             "data_wait_fraction", "warmup_s", "error")},
@@ -404,6 +474,10 @@ def table(out: Path, runs: list[dict]) -> None:
         note = f"MFU/45% = {r['mfu'] / 0.45:.2f}"
         if r["kind"] == "kd":
             ref = ok.get(r["variant"].replace("kd_", "sft_").replace("_workers2", "").replace("_fullhead", ""))
+            alt = ok.get(r["variant"].replace("kd_", "sft_").replace("_fullhead", "").replace("_workers2", "")
+                         + "_plaince")
+            if alt:
+                note += f"; {100 * (1 - r['tokens_per_s'] / alt['tokens_per_s']):+.1f}% vs {alt['variant']}"
             if ref:
                 note += f"; {100 * (1 - r['tokens_per_s'] / ref['tokens_per_s']):+.1f}% slower than {ref['variant']}"
         rows.append((r["variant"], f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%",

@@ -53,9 +53,11 @@ def test_embedded_default_dry_run_plans_every_stage(tmp_path):
     assert {"prepare_data", "prepare_tokenizer", "prepare_teacher", "init_student", "cache_logits",
             "generate_synthetic", "merge_synthetic", "train_student", "evaluate", "idle_baseline",
             "rollup"} <= rules
-    caching = [w for r, w in planned_jobs(proc.stdout) if r == "cache_logits"]
+    caching = [w["artifact"] for r, w in planned_jobs(proc.stdout) if r == "cache_logits"]
     kd_students = [w for r, w in planned_jobs(proc.stdout) if r == "train_student" and w["exp"].startswith("kd.")]
-    assert len(caching) == 1 and len(kd_students) == 2, "one logit cache must feed both KD students"
+    teacher_caches = [a for a in caching if "-from-" not in a]      # the other is self-distillation's own cache
+    assert len(teacher_caches) == 1 and len(kd_students) == 2, "one teacher logit cache must feed both KD students"
+    assert len(caching) == 2
 
 
 def test_cluster_example_dry_run_shows_gpu_resources_without_network(tmp_path):
@@ -85,8 +87,11 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_tiny_config_runs_to_the_comparison_table(tiny_run):
     summary = tiny_run / "results" / "summary"
     table = pd.read_csv(summary / "comparison.csv")
-    assert set(table.pipeline) == {"sft_gt", "kd", "sft"}
-    assert (table.trained_tokens == 1500).all(), "every pipeline trains on exactly the shared token budget"
+    assert set(table.pipeline) == {"sft_gt", "kd", "sft", "dpo", "selfdistill", "continued"}
+    sft_family = table[table.pipeline != "dpo"]
+    assert (sft_family.trained_tokens == 1500).all(), "every SFT-family pipeline trains on exactly the shared budget"
+    dpo = table[table.pipeline == "dpo"].iloc[0]
+    assert dpo.lineage == "sft.tiny.arith -> dpo.tiny.arith" and dpo.upstream_kwh_oneoff > 0
     kd = table[table.pipeline == "kd"]
     assert kd.artifact.nunique() == 1 and (kd.artifact_consumers == 2).all()
     assert (kd.teacher_kwh_oneoff > 0).all() and (table[table.pipeline == "sft_gt"].teacher_kwh_oneoff == 0).all()
@@ -101,23 +106,43 @@ def test_tiny_config_runs_to_the_comparison_table(tiny_run):
     assert merged["training"]["token_budget"] == 1500 and merged["eval"]["confidence"] == 0.95
 
 
-def test_changing_one_experiments_hyperparameter_reruns_only_its_jobs(tiny_run, tmp_path):
+def _replan(tiny_run: Path, tmp_path: Path, mutate) -> list[tuple[str, dict[str, str]]]:
     cfg = yaml.safe_load(TINY.read_text())
-    cfg["experiments"][0]["overrides"] = {"training": {"lr": 1.0e-3}}      # the sft_gt experiment only
+    mutate(cfg)
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
-    proc = snakemake("-n", "--configfile", str(changed), cwd=tiny_run)
-    jobs = planned_jobs(proc.stdout)
-    trained = [w["exp"] for r, w in jobs if r == "train_student"]
-    evaluated = [w["model_id"] for r, w in jobs if r == "evaluate"]
-    assert trained == ["sft_gt.tiny.arith"]
-    assert evaluated == ["sft_gt.tiny.arith"]
+    return planned_jobs(snakemake("-n", "--configfile", str(changed), cwd=tiny_run).stdout)
+
+
+def test_changing_one_experiments_hyperparameter_reruns_only_its_jobs(tiny_run, tmp_path):
+    def mutate(cfg):   # continued training: nothing builds on it
+        next(e for e in cfg["experiments"] if e["pipeline"] == "continued")["overrides"]["training"] = {"lr": 1e-3}
+
+    jobs = _replan(tiny_run, tmp_path, mutate)
+    assert [w["exp"] for r, w in jobs if r == "train_student"] == ["continued.tiny.arith"]
+    assert [w["model_id"] for r, w in jobs if r == "evaluate"] == ["continued.tiny.arith"]
     assert not {r for r, _ in jobs} & {"prepare_teacher", "cache_logits", "generate_synthetic", "init_student"}
 
 
-def test_unchanged_config_plans_nothing(tiny_run):
+def test_changing_a_checkpoint_others_build_on_reruns_its_lineage(tiny_run, tmp_path):
+    def mutate(cfg):   # sft_gt: self-distillation learns from it and continued training continues it
+        next(e for e in cfg["experiments"] if e["pipeline"] == "sft_gt")["overrides"] = {"training": {"lr": 1e-3}}
+
+    jobs = _replan(tiny_run, tmp_path, mutate)
+    trained = sorted(w["exp"] for r, w in jobs if r == "train_student")
+    assert trained == ["continued.tiny.arith", "selfdistill.tiny.arith", "sft_gt.tiny.arith"]
+    caches = [w["artifact"] for r, w in jobs if r == "cache_logits"]
+    assert len(caches) == 1 and "-from-sft_gt-" in caches[0], "only the self-distillation cache is rebuilt"
+    assert not {r for r, _ in jobs} & {"prepare_teacher", "generate_synthetic", "sample_preferences"}
+
+
+def test_unchanged_config_plans_nothing_even_reformatted(tiny_run, tmp_path):
     proc = snakemake("-n", "--configfile", str(TINY), cwd=tiny_run)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+    reformatted = tmp_path / "reformatted.yaml"     # same values, keys re-ordered and re-styled
+    reformatted.write_text(yaml.safe_dump(yaml.safe_load(TINY.read_text()), sort_keys=True, default_flow_style=False))
+    proc = snakemake("-n", "--configfile", str(reformatted), cwd=tiny_run)
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
 def test_bad_config_stops_before_any_job_naming_the_key(tmp_path):

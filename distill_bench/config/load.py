@@ -113,7 +113,20 @@ def validate_config(config: Mapping[str, Any]) -> dict:
                 _check_partial(section_defs[section], _nest(leaf, value),
                                f"experiments[{index}].grid.{dotted}", schema)
     _semantic_checks(cfg)
-    return cfg
+    return _canonical(cfg)
+
+
+def _canonical(value: Any) -> Any:
+    """Mappings with sorted keys, recursively (lists keep their order).
+
+    Snakemake compares rule params by their repr, which follows key order: without this, reformatting or
+    re-dumping a YAML file (same values, other key order) would look like a parameter change and rerun jobs.
+    """
+    if isinstance(value, dict):
+        return {k: _canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def _nest(dotted: str, value: Any) -> dict:

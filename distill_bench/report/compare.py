@@ -26,12 +26,12 @@ def _device(run_dir: Path) -> str:
     if not env.exists():
         return "unknown"
     data = json.loads(env.read_text())
-    gpus = data.get("gpus") or []
+    gpus = (data.get("gpus") or {}).get("devices") or []
     if gpus:
         names = sorted({g.get("name", "?") for g in gpus})
         return f"{len(gpus)}x " + "/".join(names)
     cpu = data.get("cpu") or {}
-    return f"CPU {cpu.get('model', '?')}"
+    return f"CPU {cpu.get('cpu_model', '?')} ({cpu.get('logical_cpus', '?')} threads)"
 
 
 def compare_runs(runs: list[str], out_dir: str | Path, labels: list[str] | None = None) -> pd.DataFrame:
