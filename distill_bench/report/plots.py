@@ -64,7 +64,7 @@ def plot_pareto(comparison: pd.DataFrame, out: Path, size_labels: dict[str, str]
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=p) for p, c in PIPELINE_COLORS.items()
                if p in set(frame.pipeline)]
-    axes[0][-1].legend(handles=handles, loc="lower right", fontsize=8)
+    axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.suptitle("Energy vs quality (upper left is better)")
     _atomic_savefig(fig, out)
     return out
