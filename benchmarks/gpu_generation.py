@@ -26,30 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_suite import OLMO2_1B, TINY, Timer, dev, make_model, sync  # noqa: E402
+from gpu_suite import OLMO2_1B, TINY, Metered, Timer, dev, make_model, sync  # noqa: E402
 
-ENERGY = {"codecarbon": False, "sample_interval_s": 0.1}
 T0 = time.monotonic()
-
-
-class Metered:
-    def __init__(self, tmp: Path, name: str):
-        from distill_bench.energy import StageMeter
-
-        self.m = StageMeter(stage="benchmark", stage_id=f"bench.{name}", role="teacher",
-                            out_json=tmp / f"{name}.json", settings=ENERGY, is_measuring_process=True,
-                            install_signal_handlers=False)
-
-    def __enter__(self):
-        self.m.start()
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        rec = self.m.stop("complete" if exc_type is None else "failed") or {}
-        e = rec.get("energy", {})
-        self.gpu_j = e.get("gpu_j") if e.get("sources", {}).get("gpu", "unavailable") != "unavailable" else None
-        self.avg_w = rec.get("power", {}).get("gpu_avg_w")
-        return False
 
 
 def hbm_copy_tb_s(quick: bool) -> float:
@@ -96,7 +75,7 @@ def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True) 
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with Metered(tmp, name) as m, Timer() as t:
+    with Metered(tmp, name, role="teacher") as m, Timer() as t:
         generate_ids(model, prompts, settings, eos, 0, on_batch, stats=stats)
     n_tok = sum(count_generated(gen[k], eos)[0] for k in range(len(prompts)))
     after = dynamo_counts()
@@ -124,7 +103,7 @@ def continuous(model, name, prompts, new, eos, tmp) -> dict:
     tc = time.perf_counter()
     model.generate_batch(inputs=prompts[:8], generation_config=gc, progress_bar=False, warmup=True)
     warm = time.perf_counter() - tc
-    with Metered(tmp, name) as m, Timer() as t:
+    with Metered(tmp, name, role="teacher") as m, Timer() as t:
         outs = model.generate_batch(inputs=prompts, generation_config=gc, progress_bar=False, warmup=True)
     toks = [list(o.generated_tokens) for o in outs.values()]
     n_tok = sum(count_generated(x, eos)[0] for x in toks)

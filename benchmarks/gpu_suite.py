@@ -77,10 +77,10 @@ class Timer:
 class Metered:
     """StageMeter around a region; .gpu_j and .j afterwards (None where no GPU counter)."""
 
-    def __init__(self, out: Path, name: str):
+    def __init__(self, out: Path, name: str, role: str = "student"):
         from distill_bench.energy import StageMeter
 
-        self.m = StageMeter(stage="benchmark", stage_id=f"bench.{name}", role="student", out_json=out / "energy"
+        self.m = StageMeter(stage="benchmark", stage_id=f"bench.{name}", role=role, out_json=out / "energy"
                             / f"{name}.json", settings=ENERGY, is_measuring_process=True,
                             install_signal_handlers=False)
 
