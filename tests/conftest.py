@@ -2,6 +2,8 @@
 and model sizes (a few thousand parameters, CPU, seconds). Test modules import them with ``from conftest import``."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import random
 
@@ -69,3 +71,19 @@ def save_tiny_model(tok, out_dir, seed=0):
     from distill_bench.models.build import init_model_from_arch, save_model_dir
 
     return save_model_dir(init_model_from_arch(TINY_ARCH, tok, seed), out_dir, tok)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The generation tests' character-level chat tokenizer (distill_bench.generation.toy)."""
+    from distill_bench.generation.toy import build_toy_tokenizer
+
+    return build_toy_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A tiny random Llama over ``tok`` (seed 3); test modules with their own ``tok``/``model`` override these."""
+    from distill_bench.generation.toy import build_toy_model
+
+    return build_toy_model(tok, seed=3)

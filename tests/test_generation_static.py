@@ -10,20 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from distill_bench.generation import GenerationSettings, generate  # noqa: E402
 from distill_bench.generation.static_decode import LEN_BUCKET, cache_length  # noqa: E402
-from distill_bench.generation.toy import build_chain_model, build_toy_model, build_toy_tokenizer  # noqa: E402
+from distill_bench.generation.toy import TOY_PROMPTS, build_chain_model  # noqa: E402
 
-PROMPTS = ["What is 2+3?", "hi", "a much longer prompt with quite a few characters in it", "x" * 30,
-           "Compute 7*8.", "ok", "Sam has 4 apples and buys 9 more. How many?"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_toy_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return build_toy_model(tok, seed=3)
+PROMPTS = TOY_PROMPTS
 
 
 @pytest.mark.parametrize("mode", ["graph", "hf_static"])

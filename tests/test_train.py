@@ -233,3 +233,30 @@ def test_stale_checkpoints_of_another_config_are_set_aside_not_mixed(tmp_path):
     assert not (ckpt / "checkpoint-5").exists()
     assert json.loads((ckpt / FINGERPRINT).read_text()) == {"settings": "b"}
     assert check_or_write_fingerprint(ckpt, {"settings": "b"}, has_checkpoint=True, stale="set_aside") is None
+
+
+def test_loss_positions_trainer_matches_trls_loss_and_gradients(tok, examples, tmp_path):
+    """The default SFT trainer projects only loss positions through the head: same loss and gradients as TRL's."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from distill_bench.train.trainer import _loss_positions_sft_trainer, _sft_config, _with_labels
+
+    s = settings(batch_size=4)
+    batch_examples = _with_labels([{k: e[k] for k in ("input_ids", "completion_mask")} for e in examples[:4]])
+    results = []
+    for cls in (SFTTrainer, _loss_positions_sft_trainer()):
+        m = model(tok, seed=5)
+        args = _sft_config(s, tmp_path / cls.__name__, 1, 0, True, False)
+        trainer = cls(model=m, args=args, processing_class=tok, train_dataset=Dataset.from_list(batch_examples))
+        batch = trainer.data_collator(batch_examples)
+        n_items = int(batch["labels"][:, 1:].ne(-100).sum())
+        loss = trainer.compute_loss(m, dict(batch), num_items_in_batch=torch.tensor(n_items))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)

@@ -73,3 +73,8 @@ def build_chain_model(tokenizer, chain: dict[str, str], *, num_heads: int = 4):
         for src, dst in chain.items():
             model.lm_head.weight[tokenizer.convert_tokens_to_ids(dst), tokenizer.convert_tokens_to_ids(src)] = 1.0
     return model
+
+
+# prompts of varied lengths (so batches need padding) shared by the generation tests
+TOY_PROMPTS = ["What is 2+3?", "hi", "a much longer prompt with quite a few characters in it", "x" * 30,
+               "Compute 7*8.", "ok", "Sam has 4 apples and buys 9 more. How many?"]
