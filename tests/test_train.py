@@ -260,3 +260,12 @@ def test_loss_positions_trainer_matches_trls_loss_and_gradients(tok, examples, t
     assert len(grads) == len(ref_grads)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_uneven_multi_rank_split_is_refused_before_training():
+    from distill_bench.train.trainer import check_even_split
+
+    check_even_split(17, 4, 1)          # one rank: a short last batch is fine
+    check_even_split(16, 4, 2)
+    with pytest.raises(ValueError, match="does not split into whole batches"):
+        check_even_split(17, 4, 2)

@@ -216,6 +216,19 @@ def _loss_positions_sft_trainer():
     return LossPositionsSFTTrainer
 
 
+def check_even_split(n_examples: int, batch_size: int, world: int) -> None:
+    """Refuse, before any training, a stream that does not split into whole batches over the ranks.
+
+    With several ranks accelerate completes an uneven last round by repeating samples from the start, which would
+    train tokens beyond the exact budget (and only fail the end-of-run token check after the whole run).
+    """
+    if world > 1 and n_examples % (batch_size * world):
+        raise ValueError(
+            f"the budgeted stream has {n_examples} examples, which does not split into whole batches of "
+            f"training.batch_size={batch_size} over {world} ranks (accelerate would repeat samples and break the "
+            f"exact token budget): change training.token_budget or training.batch_size, or train on one GPU")
+
+
 def _counting_trainer_class(base: type) -> type:
     """Subclass ``base`` so every micro-batch actually trained adds its exact token counts."""
 
@@ -487,6 +500,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         raise ValueError(f"an example has {too_long} tokens > training.max_length={settings.max_length}; "
                          "filter with encode_prompt_response(max_length=...) first")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_even_split(len(stream), settings.batch_size, world)
     max_steps = math.ceil(len(stream) / (settings.batch_size * settings.grad_accum * world))
 
     base_cls = trainer_cls or _loss_positions_sft_trainer()
