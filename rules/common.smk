@@ -31,8 +31,8 @@ def energy_json(stage_id):
 
 
 def resources_for(rule_name):
-    """Config resources.default overlaid with resources.rules.<rule>; runtime grows with each retry."""
-    res = {**CFG["resources"].get("default", {}), **CFG["resources"].get("rules", {}).get(rule_name, {})}
+    """Snakemake resources of a rule (cpus -> cpus_per_task); runtime grows with each retry."""
+    res = rule_resources(CFG, rule_name)
     out = {}
     for key, value in res.items():
         if key == "cpus":
@@ -47,8 +47,7 @@ def resources_for(rule_name):
 
 
 def threads_for(rule_name):
-    res = {**CFG["resources"].get("default", {}), **CFG["resources"].get("rules", {}).get(rule_name, {})}
-    return int(res.get("cpus", 1))
+    return int(rule_resources(CFG, rule_name).get("cpus", 1))
 
 
 def experiment(wildcards):

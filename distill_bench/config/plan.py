@@ -88,13 +88,6 @@ class Plan:
     artifacts: dict[str, Artifact]
     eval_units: list[tuple[str, str]]        # (model_id, eval_name): eval_name is a dataset or an lm-eval task
 
-    @property
-    def results(self) -> str:
-        return self.config["results_dir"]
-
-    def energy_json(self, stage_id: str) -> str:
-        return f"{self.results}/energy/{stage_id}.json"
-
     def setup_stage_ids(self) -> list[str]:
         ids = [f"data.prepare.{d}" for d in self.config["datasets"]]
         ids += ["setup.tokenizer", "setup.teacher"]
@@ -103,9 +96,6 @@ class Plan:
 
     def used_students(self) -> list[str]:
         return sorted({e.student for e in self.experiments.values()})
-
-    def used_datasets(self) -> list[str]:
-        return sorted({e.dataset for e in self.experiments.values()})
 
     def all_stage_ids(self) -> list[str]:
         ids = self.setup_stage_ids()
