@@ -1,14 +1,16 @@
 """Teacher generation on GPU (issue 10): hf backend decode modes vs the decode roofline, one table, one JSON.
 
     python benchmarks/gpu_generation.py --out DIR            # OLMo-2-0425-1B shape, bf16, needs a CUDA GPU
+    python benchmarks/gpu_generation.py --out DIR --shapes llama3.2-1b,llama3.1-8b --variants graph_b64,graph_b64_n512
     python benchmarks/gpu_generation.py --out DIR --quick    # tiny shapes on CPU (checks the code paths only)
 
 Random-initialised weights (no downloads); prompts of random ids, 128-512 tokens; greedy; 128 new tokens. Each
 variant goes through ``distill_bench.generation.hf_backend.generate_ids`` (the backend's own batching), is warmed up
 on its first batch (compile + CUDA-graph capture time reported separately), then timed with CUDA events over all
 prompts inside ``StageMeter`` (codecarbon off). Generated tokens are counted exactly (up to and including EOS).
-Roofline = rows x HBM bandwidth / bytes of weights read per step (all parameters but the input embedding);
-``kv_roofline`` also counts the K/V bytes a step must read (the issue's target uses the weight-only one).
+Roofline = rows x HBM bandwidth / bytes of weights read per step (all parameters but the input embedding; a tied
+LM head counted); ``kv_roofline`` also counts the K/V bytes a step must read (the issue's target uses the
+weight-only one); ``decode % roofline`` is the decode phase alone (prefill excluded).
 HBM bandwidth: a 4 GiB device copy in the same call (bytes read + written).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_suite import OLMO2_1B, TINY, Metered, Timer, dev, make_model, sync  # noqa: E402
+from gpu_suite import TINY, Metered, Timer, dev, make_model, sync  # noqa: E402
 
 T0 = time.monotonic()
 
@@ -113,30 +115,26 @@ def continuous(model, name, prompts, new, eos, tmp) -> dict:
             "gpu_avg_w": m.avg_w, "_tokens": dict(enumerate(toks))}
 
 
-def main() -> None:
-    from distill_bench.generation import GenerationSettings
+def parse_variant(name: str) -> tuple[str, int, int | None]:
+    """``<mode>_b<rows>[_n<new tokens>]`` -> (hf_decode mode, rows, new tokens or None for the default)."""
+    parts = name.split("_")
+    new = int(parts.pop()[1:]) if parts[-1].startswith("n") and parts[-1][1:].isdigit() else None
+    rows = int(parts.pop()[1:])
+    return "_".join(parts), rows, new
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=400.0, help="skip later variants past this wall time")
-    ap.add_argument("--variants", default="eager_b64,graph_b64,eager_b256,graph_b256,cb_256,hf_static_b64,"
-                                          "graph_b512")
-    a = ap.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp())
-    torch.backends.cuda.matmul.allow_tf32 = True
+
+def run_shape(shape: str, variants: list[str], a, bw: float, tmp: Path) -> dict:
+    from distill_bench.generation import GenerationSettings
+    from gpu_suite import SHAPES, decode_weight_bytes
+
     quick = a.quick
-    bw = hbm_copy_tb_s(quick)
-    cfg = TINY if quick else OLMO2_1B
+    cfg = dict(TINY, arch=SHAPES[shape].get("arch", "olmo2")) if quick else SHAPES[shape]
     model = make_model(cfg, torch.bfloat16 if dev().type == "cuda" else torch.float32).eval()
-    emb = model.get_input_embeddings().weight
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
+    weight_bytes = decode_weight_bytes(model)
     c = model.config
-    kv_bytes_per_pos = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) \
-        * emb.element_size()
-    new = 16 if quick else 128
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_bytes_per_pos = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim \
+        * next(model.parameters()).element_size()   # K and V, every layer, in the cache's (the model's) dtype
     lo, hi = (8, 40) if quick else (128, 512)
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"]
@@ -146,29 +144,31 @@ def main() -> None:
         lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
         return [torch.randint(1, vocab - 1, (L,), generator=g).tolist() for L in lens]
 
-    sets = {64: prompts(128 if not quick else 8), 256: prompts(256 if not quick else 8),
-            512: prompts(512 if not quick else 8)}
     scale = 8 if quick else 1  # quick: batch 64 -> 8 etc.
-    plan = {
-        "eager_b64": ("eager", 64), "graph_b64": ("graph", 64), "hf_static_b64": ("hf_static", 64),
-        "eager_b256": ("eager", 256), "graph_b256": ("graph", 256), "graph_b512": ("graph", 512),
-    }
+    sets: dict[int, list] = {}
     runs = []
     tokens = {}
-    for name in a.variants.split(","):
+    payload: dict = {}
+    for name in variants:
         left = a.budget_s - (time.monotonic() - T0)
         if left < (40 if name.startswith("eager") else 90):
-            print(f"skip {name}: {left:.0f}s of budget left", flush=True)
+            print(f"skip {shape} {name}: {left:.0f}s of budget left", flush=True)
+            runs.append({"variant": name, "skipped": f"budget ({left:.0f}s left)"})
             continue
         try:
             if name.startswith("cb_"):
                 n = int(name.split("_")[1])
-                r = continuous(model, name, sets[n], new, eos, tmp)
-                r["roofline_rows"] = n
+                r = continuous(model, name, sets.setdefault(n, prompts(max(n, 128) // scale)), 16 if quick else 128,
+                               eos, tmp)
+                r["roofline_rows"] = n // scale
             else:
-                mode, batch = plan[name]
-                s = GenerationSettings(batch_size=max(1, batch // scale), max_new_tokens=new, hf_decode=mode)
-                r = run_variant(model, name, sets[batch], s, eos=eos, tmp=tmp)
+                mode, batch, new = parse_variant(name)
+                new = new or (16 if quick else 128)
+                if quick:
+                    new = min(new, 24)
+                ps = sets.setdefault(batch, prompts(max(2 * batch, 128) // scale))
+                st = GenerationSettings(batch_size=max(1, batch // scale), max_new_tokens=new, hf_decode=mode)
+                r = run_variant(model, name, ps, st, eos=eos, tmp=tmp)
                 r["roofline_rows"] = batch // scale
                 r["prompt_set"] = batch
         except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
@@ -184,37 +184,79 @@ def main() -> None:
                 step_bytes = weight_bytes + rows * r["cache_len"] * kv_bytes_per_pos
                 r["kv_roofline_tokens_per_s"] = rows * bw * 1e12 / step_bytes
                 if r.get("decode_ms_per_step"):
+                    # decode phase alone (prefill excluded): weight-roofline step time / measured step time
+                    r["decode_fraction_of_roofline"] = weight_bytes / (bw * 1e12) / (r["decode_ms_per_step"] / 1e3)
                     r["decode_step_bytes"] = step_bytes
                     r["decode_achieved_tb_s"] = step_bytes / (r["decode_ms_per_step"] / 1e3) / 1e12
+                    r["prefill_share"] = r["prefill_s"] / (r["prefill_s"] + r["decode_s"])
             tokens[name] = r.pop("_tokens")
-            base = {"graph_b64": "eager_b64", "hf_static_b64": "eager_b64", "graph_b256": "eager_b256",
-                    "cb_256": "eager_b256"}.get(name)
-            if base in tokens:  # greedy agreement with eager on the same prompts (bf16 kernels may differ)
+            base = name.replace("graph_", "eager_").replace("hf_static_", "eager_")
+            if base != name and base in tokens:  # greedy agreement with eager on the same prompts (bf16 may differ)
                 ref, got = tokens[base], tokens[name]
                 r["rows_identical_to_eager"] = sum(ref[k] == got[k] for k in ref) / len(ref)
                 r["first_token_identical"] = sum(ref[k][:1] == got[k][:1] for k in ref) / len(ref)
+        r["shape"] = shape
         runs.append(r)
         print(f"[{time.monotonic() - T0:6.1f}s] {json.dumps(r, default=str)}", flush=True)
-        payload = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                   "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "hbm_copy_tb_s": bw,
-                   "weight_bytes": weight_bytes, "kv_bytes_per_position": kv_bytes_per_pos,
-                   "model": "tiny" if quick else "OLMo-2-0425-1B shape", "runs": runs,
-                   "wall_s": time.monotonic() - T0}
-        (out / "gpu_generation.json").write_text(json.dumps(payload, indent=2, default=str))
-    print(f"\n{payload['device']}  HBM copy {bw:.2f} TB/s  weights {weight_bytes / 1e9:.2f} GB")
-    hdr = ("variant", "tok/s", "J/tok", "avg W", "% roofline", "% kv-roofline", "ms/step", "warm-up s", "recompiles")
-    print(" | ".join(hdr))
-    for r in runs:
-        if "error" in r:
-            print(f"{r['variant']} | ERROR {r['error'][:120]}")
-            continue
-        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "-")  # noqa: E731
-        kv = 100 * r["tokens_per_s"] / r["kv_roofline_tokens_per_s"] if r.get("kv_roofline_tokens_per_s") else None
-        print(" | ".join([r["variant"], f"{r['tokens_per_s']:,.0f}", f("j_per_token", "{:.4f}"), f("gpu_avg_w", "{:.0f}"),
-                          f"{100 * r['fraction_of_roofline']:.1f}", f"{kv:.1f}" if kv else "-",
-                          f("decode_ms_per_step", "{:.2f}"),
-                          f("warmup_first_batch_s", "{:.1f}") if "warmup_first_batch_s" in r else f("warmup_s", "{:.1f}"),
-                          str(r.get("recompiles_in_timed_run", "-"))]))
+        payload = {"shape": shape, "model_config": {k: v for k, v in cfg.items()}, "weight_bytes": weight_bytes,
+                   "kv_bytes_per_position": kv_bytes_per_pos, "runs": runs}
+    del model
+    if torch.cuda.is_available():
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return payload
+
+
+def main() -> None:
+    from gpu_suite import SHAPES
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="skip later variants past this wall time")
+    ap.add_argument("--shapes", default="olmo2-1b", help=f"comma list of {sorted(SHAPES)}")
+    ap.add_argument("--variants", default="eager_b64,graph_b64,eager_b256,graph_b256,cb_256,hf_static_b64,"
+                                          "graph_b512",
+                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>] or cb_<rows>; "
+                         "shape:variant limits one to that shape")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp())
+    torch.backends.cuda.matmul.allow_tf32 = True
+    bw = hbm_copy_tb_s(a.quick)
+    shapes = [x for x in a.shapes.split(",") if x]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        raise SystemExit(f"unknown shapes {unknown}; have {sorted(SHAPES)}")
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "hbm_copy_tb_s": bw, "shapes": {}}
+    for shape in shapes:
+        vs = [v.split(":", 1)[-1] for v in a.variants.split(",") if v and (":" not in v or v.startswith(shape + ":"))]
+        result["shapes"][shape] = run_shape(shape, vs, a, bw, tmp)
+        result["wall_s"] = time.monotonic() - T0
+        (out / "gpu_generation.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"\n{result['device']}  HBM copy {bw:.2f} TB/s")
+    hdr = ("shape", "variant", "tok/s", "J/tok", "avg W", "% roofline", "decode % roofline", "% kv-roofline",
+           "prefill %", "ms/step", "warm-up s", "recompiles")
+    lines = [" | ".join(hdr)]
+    for shape, payload in result["shapes"].items():
+        for r in payload.get("runs", []):
+            if "tokens_per_s" not in r:
+                lines.append(f"{shape} | {r['variant']} | {r.get('error', r.get('skipped', '?'))[:120]}")
+                continue
+            f = lambda k, fmt, scale=1: (fmt.format(scale * r[k]) if r.get(k) is not None else "-")  # noqa: E731
+            kv = 100 * r["tokens_per_s"] / r["kv_roofline_tokens_per_s"] if r.get("kv_roofline_tokens_per_s") \
+                else None
+            lines.append(" | ".join([
+                shape, r["variant"], f"{r['tokens_per_s']:,.0f}", f("j_per_token", "{:.4f}"), f("gpu_avg_w", "{:.0f}"),
+                f"{100 * r['fraction_of_roofline']:.1f}", f("decode_fraction_of_roofline", "{:.1f}", 100),
+                f"{kv:.1f}" if kv else "-", f("prefill_share", "{:.0f}", 100), f("decode_ms_per_step", "{:.2f}"),
+                f("warmup_first_batch_s", "{:.1f}") if "warmup_first_batch_s" in r else f("warmup_s", "{:.1f}"),
+                str(r.get("recompiles_in_timed_run", "-"))]))
+    text = "\n".join(lines)
+    (out / "table.txt").write_text(text + "\n")
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

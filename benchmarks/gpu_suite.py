@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import tempfile
 import time
@@ -35,6 +33,14 @@ OLMO2_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, 
 OLMO2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                 intermediate_size=11008, vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0,
                 rms_norm_eps=1e-6, tie_word_embeddings=False)
+# Llama 3 shapes: grouped-query attention (8 K/V heads), so a decode step reads 4x less KV cache than OLMo-2's
+LLAMA32_1B = dict(arch="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256,
+                  max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+LLAMA31_8B = dict(arch="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, intermediate_size=14336, vocab_size=128256,
+                  max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SHAPES = {"olmo2-1b": OLMO2_1B, "olmo2-7b": OLMO2_7B, "llama3.2-1b": LLAMA32_1B, "llama3.1-8b": LLAMA31_8B}
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
             intermediate_size=128, vocab_size=1000, max_position_embeddings=512, rope_theta=10000.0,
             rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -143,13 +149,26 @@ def ceilings(out: Path, quick: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ models
 def make_model(cfg: dict, dtype: torch.dtype, attn: str = "sdpa"):
-    from transformers import Olmo2Config, Olmo2ForCausalLM
+    """Random-initialised model of a real shape (``arch``: olmo2, the default, or llama), built on the device."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
-    config = Olmo2Config(**cfg, attn_implementation=attn)
+    cfg = dict(cfg)
+    config_cls, model_cls = {"olmo2": (Olmo2Config, Olmo2ForCausalLM),
+                             "llama": (LlamaConfig, LlamaForCausalLM)}[cfg.pop("arch", "olmo2")]
+    config = config_cls(**cfg, attn_implementation=attn)
     torch.manual_seed(0)
     with torch.device(dev()):
-        model = Olmo2ForCausalLM(config)
+        model = model_cls(config)
     return model.to(dtype)
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter but the input embedding (a row gather), and the
+    LM head even when it is tied to the embedding."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = model.get_output_embeddings().weight is emb
+    return total if tied else total - emb.numel() * emb.element_size()
 
 
 def matmul_params(model) -> int:
@@ -461,7 +480,7 @@ def meter_overhead(out: Path, quick: bool) -> None:
            "overhead": (on - off) / off, "spread_off": spread, "sample_interval_s": ENERGY["sample_interval_s"]}
     save(out, "meter_overhead", res)
     ROWS.append(("meter overhead", "100 ms sampling", f"{100 * res['overhead']:+.2f}% (off spread "
-                 f"{100 * spread:.2f}%)", f"target <0.5%"))
+                 f"{100 * spread:.2f}%)", "target <0.5%"))
 
 
 def main() -> None:

@@ -1,13 +1,21 @@
 """Real trainer path on one GPU (issue 10): `train_student` (TRL SFTTrainer subclass, exact counting, our collators)
-for sft_gt and kd (real top-k cache built by `build_cache`), eager vs `training.torch_compile`, padding vs
-`training.padding_free`, DataLoader workers. One entry point, JSON under --out, one table printed last.
+for sft_gt and kd (real top-k cache built by `build_cache`): padded vs `training.padding_free`, free lengths vs
+`training.pad_to_multiple_of`, eager vs `training.torch_compile` (layers / model), SDPA vs flex attention, DataLoader
+workers. Variant names spell their settings (sft_padfree_layers_m64 = padding-free, layer compile, lengths x64).
+One entry point, JSON under --out, one table printed last.
 
     python benchmarks/gpu_trainer.py --out DIR            # OLMo-2-0425-1B shape, random init, needs a CUDA GPU
     python benchmarks/gpu_trainer.py --out DIR --quick    # tiny shapes on CPU (checks every code path)
+    python benchmarks/gpu_trainer.py --out DIR --fresh-shapes --examples 1024 --warmup-steps 60 \
+        --variants sft_padfree_eager,sft_padfree_layers_m64,kd_padfree_layers_m64   # as in docs/BENCHMARKS.md
+
+A step at batch shapes the process has not met before costs more (benchmarks/gpu_shapes.py), so runs that share a
+data order flatter the later ones: ``--fresh-shapes`` gives each run its own order, ``--repeats 2`` interleaves
+(ABBA), ``--profile VARIANT`` adds one untimed run with torch.profiler over 3 steps (kernel time by kind).
 
 Data: random token sequences, lengths uniform in [256, 2048], completion = second half, in our `examples` format
 (input_ids, completion_mask, example_index). Every variant starts from the same random init and trains the first
-`steps` micro-batches of the same budgeted stream. Steady state = optimizer steps after `warmup` (CUDA-synchronised
+`steps` micro-batches of the budgeted stream (the same stream unless --fresh-shapes). Steady state = optimizer steps after `warmup` (CUDA-synchronised
 clock at both ends). Tokens/s counts real (non-pad) input tokens. MFU uses useful FLOPs only:
 6 * N_body * tokens + 6 * N_head * loss positions + 12 * L * d * sum(seq_len^2) (attention per real sequence, no
 causal halving), over the bf16 matmul peak measured in the same process; `mfu_suite` is gpu_suite.py's formula
@@ -44,6 +52,7 @@ from gpu_suite import OLMO2_1B, TINY, dev, make_model, matmul_params, sync  # no
 ENERGY = {"codecarbon": False, "sample_interval_s": 0.1}
 T0 = time.monotonic()
 RESULTS: dict[str, object] = {}
+THROWAWAY_RUN, PROFILE_RUN = -1, -2   # "repeat" of runs that are not throughput samples
 
 
 def log(msg: str) -> None:
@@ -102,8 +111,6 @@ def padding_free_check(attn: str, device: torch.device) -> dict:
     Negative control: the same flattened row with position_ids 0..T-1 (documents attend across boundaries) must
     differ, or the check could not fail.
     """
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
     cfg = dict(TINY, vocab_size=512)
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
@@ -198,6 +205,80 @@ def clock_callback(warmup: int, max_wall_s: float | None):
     return Clock()
 
 
+KERNEL_KINDS = (  # first match wins; lower-case substrings of CUDA kernel names
+    ("attention", ("fmha", "flash", "attention", "efficient_attention", "cutlass_sdpa")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "cublas", "xmma", "matmul", "splitk")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("copy/fill", ("copy", "memcpy", "memset", "fill", "cat_")),
+    ("compiled (triton)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other eager (elementwise, norm, reduction)"
+
+
+def profiler_callback(first_step: int, n_steps: int, out_dir: Path, name: str):
+    """torch.profiler over optimizer steps (first_step, first_step + n_steps]: GPU busy share of the wall clock and
+    kernel time by kind (measured, not guessed: what limits the step)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class Prof(TrainerCallback):
+        def __init__(self):
+            self.prof = None
+            self.t = 0.0
+
+        def on_step_end(self, args, state, control, **kw):
+            g = state.global_step
+            if g == first_step:
+                sync()
+                self.prof = profile(activities=[ProfilerActivity.CPU]
+                                    + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+                self.prof.__enter__()
+                self.t = time.perf_counter()
+            elif self.prof is not None and g == first_step + n_steps:
+                sync()
+                wall = time.perf_counter() - self.t
+                self.prof.__exit__(None, None, None)
+                summarise_profile(self.prof, wall, n_steps, out_dir, name)
+                self.prof = None
+            return control
+
+    return Prof()
+
+
+def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: str) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kinds: dict[str, float] = {}
+    kernels = []
+    for evt in prof.key_averages():
+        if str(getattr(evt, "device_type", "")).endswith("CUDA"):
+            us = float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
+            kinds[kernel_kind(evt.key)] = kinds.get(kernel_kind(evt.key), 0.0) + us
+            kernels.append((us, evt.count, evt.key[:120]))
+    busy_us = sum(kinds.values())
+    kernels.sort(reverse=True)
+    res = {"variant": name, "steps": n_steps, "wall_s": wall_s, "step_s": wall_s / n_steps,
+           "gpu_kernel_s": busy_us / 1e6, "gpu_busy_fraction": busy_us / 1e6 / wall_s,
+           "kernel_s_by_kind": {k: v / 1e6 for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
+           "share_of_wall_by_kind": {k: v / 1e6 / wall_s for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
+           "top_kernels": [{"s": us / 1e6, "calls": c, "name": k} for us, c, k in kernels[:30]]}
+    (out_dir / f"{name}_profile.json").write_text(json.dumps(res, indent=2))
+    for sort in ("self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            (out_dir / f"{name}_{sort}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
+        except Exception as e:  # noqa: BLE001 - the JSON above is the result; the tables are extra
+            log(f"profile table {sort}: {e!r}")
+    log(f"profile {name}: busy {100 * res['gpu_busy_fraction']:.1f}% of {wall_s:.2f}s; "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in res["share_of_wall_by_kind"].items()))
+    return res
+
+
 def window_stats(stream: list[dict], batch: int, first_step: int, last_step: int, model) -> dict:
     """Exact token and FLOP counts of steps (first_step, last_step] from the stream (sequential sampler)."""
     items = stream[first_step * batch:last_step * batch]
@@ -227,7 +308,7 @@ def window_stats(stream: list[dict], batch: int, first_step: int, last_step: int
 def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: list[dict], batch: int, steps: int,
                 warmup: int, seed: int, peak_tflops: float, training: dict, kd_cache: Path | None = None,
                 kd: dict | None = None, attn: str = "sdpa", kd_full_head: bool = False,
-                trainer_cls=None, max_wall_s: float | None = None) -> dict:
+                trainer_cls=None, max_wall_s: float | None = None, profile_dir: Path | None = None) -> dict:
     from distill_bench.energy import StageMeter
     from distill_bench.train.trainer import TrainSettings, train_student
 
@@ -250,6 +331,9 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
         if kd_full_head:   # the old path: [B, L, V] logits of every position
             trainer_cls = type(trainer_cls.__name__, (trainer_cls,), {"kd_head_on_loss_positions": False})
     clock = clock_callback(warmup, max_wall_s)
+    callbacks = [clock]
+    if profile_dir is not None:   # profiles the 3 steps after warm-up: this run is not a throughput sample
+        callbacks.append(profiler_callback(warmup, 3, profile_dir, name))
     run_dir = work / name
     meter = StageMeter(stage="benchmark", stage_id=f"bench.trainer.{name}", role="student",
                        out_json=out / "energy" / f"{name}.json", settings=ENERGY, is_measuring_process=True,
@@ -261,7 +345,7 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     try:
         summary = train_student(model=model, tokenizer=tok, examples=examples, settings=settings, seed=seed,
                                 output_dir=run_dir, trainer_cls=trainer_cls, collator=collator, meter=meter,
-                                trainer_kwargs={"callbacks": [clock]}, fingerprint_extra={"bench": name})
+                                trainer_kwargs={"callbacks": callbacks}, fingerprint_extra={"bench": name})
         status = "complete"
     except RuntimeError as e:   # stopped early by the clock: the budget check refuses; the window is still valid
         if clock.last_step is None or clock.last_step >= steps or "budget" not in str(e):
@@ -346,7 +430,16 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip variants that would end past this wall time")
-    ap.add_argument("--variants", default="", help="comma list to run (default: all, in order)")
+    ap.add_argument("--variants", default="", help="comma list to run, in this order (default: all)")
+    ap.add_argument("--repeats", type=int, default=1, help="run the list this many times, alternating forward and "
+                                                           "backward order (ABBA), each run reported")
+    ap.add_argument("--throwaway", action="store_true", help="first a short unreported run of the first variant")
+    ap.add_argument("--fresh-shapes", action="store_true",
+                    help="each run its own data order (seed), so no run meets batch shapes an earlier run met "
+                         "(a real run meets new lengths on nearly every step)")
+    ap.add_argument("--examples", type=int, default=512, help="examples in the pool (KD caches them all)")
+    ap.add_argument("--warmup-steps", type=int, default=0, help="at least this many steps before the window")
+    ap.add_argument("--profile", default="", help="variant to profile (torch.profiler, 3 steps) in one extra run")
     ap.add_argument("--timed-s", type=float, default=20.0, help="target steady-state seconds per variant")
     ap.add_argument("--max-wall-s", type=float, default=110.0, help="stop a variant's training past this (s)")
     ap.add_argument("--checks", default="sdpa,flex_attention", help="attention kernels for the padding-free check")
@@ -358,7 +451,7 @@ def main() -> None:
     d = dev()
     cfg = TINY if quick else OLMO2_1B
     lo, hi = (16, 64) if quick else (256, 2048)
-    n_ex = 64 if quick else 512
+    n_ex = 64 if quick else a.examples
     batch = 4
     seed = 1234
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() and not quick else None
@@ -413,45 +506,78 @@ def main() -> None:
 
     pf_ok = checks.get("sdpa", {}).get("correct", False)
     flex_ok = checks.get("flex_attention", {}).get("correct", False)
-    pf = {"padding_free": True}
-    comp = {"torch_compile": True}
+    pad, pf, layers = {"padding_free": False}, {"padding_free": True}, {"torch_compile": "layers"}
+    m0, m64 = {"pad_to_multiple_of": None}, {"pad_to_multiple_of": 64}
     plan = [  # name, kd?, training overrides, attn, est step s, warm-up steps, est fixed cost s, kd full head, run?
-        ("sft_pad_eager", False, {}, "sdpa", 0.36, 5, 15, False, True),
-        ("sft_pad_eager_plaince", False, {}, "sdpa", 0.24, 5, 15, False, True),
-        ("kd_pad_eager", True, {}, "sdpa", 0.22, 5, 15, False, True),
-        ("sft_padfree_sdpa_eager", False, pf, "sdpa", 0.20, 5, 15, False, pf_ok),
-        ("kd_pad_eager_fullhead", True, {}, "sdpa", 0.24, 5, 15, True, True),
-        ("sft_pad_compile", False, comp, "sdpa", 0.14, 12, 90, False, True),
-        ("kd_pad_compile", True, comp, "sdpa", 0.16, 12, 90, False, True),
-        ("sft_padfree_flex_eager", False, pf, "flex_attention", 0.18, 8, 40, False, flex_ok),
-        ("kd_pad_eager_workers2", True, {"dataloader_workers": 2}, "sdpa", 0.22, 5, 15, False, True),
-        ("sft_padfree_sdpa_compile", False, {**pf, **comp}, "sdpa", 0.14, 12, 90, False, pf_ok),
+        ("sft_pad_eager", False, {**pad, **m0}, "sdpa", 0.30, 5, 25, False, True),
+        ("sft_padfree_eager", False, {**pf, **m0}, "sdpa", 0.22, 5, 25, False, pf_ok),
+        ("sft_padfree_layers", False, {**pf, **layers, **m0}, "sdpa", 0.16, 10, 70, False, pf_ok),
+        ("kd_padfree_layers", True, {**pf, **layers, **m0}, "sdpa", 0.17, 10, 70, False, pf_ok),
+        ("kd_padfree_eager", True, {**pf, **m0}, "sdpa", 0.23, 5, 25, False, pf_ok),
+        ("sft_padfree_eager_m64", False, {**pf, **m64}, "sdpa", 0.20, 5, 25, False, pf_ok),
+        ("sft_padfree_layers_m64", False, {**pf, **layers, **m64}, "sdpa", 0.16, 10, 70, False, pf_ok),
+        ("kd_padfree_layers_m64", True, {**pf, **layers, **m64}, "sdpa", 0.17, 10, 70, False, pf_ok),
+        ("sft_pad_eager_m64", False, {**pad, **m64}, "sdpa", 0.22, 5, 25, False, True),
+        ("sft_padfree_flex_layers_m64", False, {**pf, **layers, **m64}, "flex_attention", 0.15, 10, 90, False,
+         flex_ok),
+        ("kd_padfree_flex_layers_m64", True, {**pf, **layers, **m64}, "flex_attention", 0.16, 10, 90, False,
+         flex_ok),
+        ("kd_pad_eager", True, {**pad, **m0}, "sdpa", 0.25, 5, 25, False, True),
+        ("sft_pad_layers", False, {**pad, **layers, **m0}, "sdpa", 0.20, 10, 70, False, True),
+        ("sft_pad_eager_plaince", False, {**pad, **m0}, "sdpa", 0.24, 5, 25, False, True),
+        ("kd_pad_eager_fullhead", True, {**pad, **m0}, "sdpa", 0.24, 5, 25, True, True),
+        ("sft_pad_compile", False, {**pad, **m0, "torch_compile": True}, "sdpa", 0.14, 12, 90, False, True),
+        ("kd_pad_eager_workers2", True, {**pad, **m0, "dataloader_workers": 2}, "sdpa", 0.22, 5, 25, False, True),
     ]
-    plan = [p[:-1] for p in plan if p[-1]]
-    want = set(filter(None, a.variants.split(",")))
+    # eager unless a variant says otherwise (the trainer's GPU default is torch_compile: auto = layers)
+    plan = [(p[0], p[1], {"torch_compile": False, **p[2]}) + p[3:-1] for p in plan if p[-1]]
+    want = [v for v in a.variants.split(",") if v]
+    if want:   # the order given is the order run
+        unknown = sorted(set(want) - {p[0] for p in plan})
+        if unknown:
+            raise SystemExit(f"unknown or unavailable variants {unknown}; have {[p[0] for p in plan]}")
+        plan = [next(p for p in plan if p[0] == v) for v in want]
+    # interleave: run the list forward, then backward, ... so drift and first-in-process costs fall on both sides
+    order = []
+    for rep in range(a.repeats):
+        order += [(p, rep) for p in (plan if rep % 2 == 0 else plan[::-1])]
+    if a.throwaway and order and not quick:   # pays the process's one-time costs (cuBLAS/Triton warm-up, allocator)
+        p0 = order[0][0]
+        order.insert(0, (("throwaway_" + p0[0],) + p0[1:], THROWAWAY_RUN))
+    if a.profile:   # one extra, untimed run: its 3 profiled steps would distort a throughput sample
+        if a.profile not in {p[0] for p in plan}:
+            raise SystemExit(f"--profile {a.profile}: not among the variants run")
+        order.append((next(p for p in plan if p[0] == a.profile), PROFILE_RUN))
     runs = []
-    for name, is_kd, training, attn, step_s, warm, fixed, full_head in plan:
-        if want and name not in want:
-            continue
+    for (name, is_kd, training, attn, step_s, warm, fixed, full_head), rep in order:
         if quick and training.get("dataloader_workers"):
-            training = {}   # CPU runs force workers to 0 (training_arguments); the path is the same
-        steps, warm = steps_for(step_s, warm)
+            training = {k: v for k, v in training.items() if k != "dataloader_workers"}   # CPU forces workers = 0
+        steps, warm = steps_for(step_s, max(warm, a.warmup_steps))
+        if rep == THROWAWAY_RUN:
+            steps = warm + 3
+        elif rep == PROFILE_RUN:
+            warm = min(warm, 20)
+            steps = warm + 5
         need = fixed + steps * step_s * 1.3
         if not quick and left(a.budget_s) < need:
-            log(f"skip {name}: needs ~{need:.0f}s, {left(a.budget_s):.0f}s left")
-            runs.append({"variant": name, "skipped": f"budget ({left(a.budget_s):.0f}s left, needs ~{need:.0f}s)"})
+            log(f"skip {name} (rep {rep}): needs ~{need:.0f}s, {left(a.budget_s):.0f}s left")
+            runs.append({"variant": name, "repeat": rep,
+                         "skipped": f"budget ({left(a.budget_s):.0f}s left, needs ~{need:.0f}s)"})
             continue
-        log(f"run {name}: {steps} steps ({warm} warm-up)")
+        log(f"run {name} (rep {rep}): {steps} steps ({warm} warm-up)")
+        run_seed = seed + len(runs) if a.fresh_shapes else seed
         try:
             r = run_variant(name, out=out, work=work, cfg=cfg, tok=tok, examples=examples, batch=batch, steps=steps,
-                            warmup=warm, seed=seed, peak_tflops=peak, training=training,
+                            warmup=warm, seed=run_seed, peak_tflops=peak, training=training,
                             kd_cache=cache if is_kd else None, kd=kd, attn=attn, kd_full_head=full_head,
                             trainer_cls=plain_ce_trainer_cls() if name.endswith("_plaince") else None,
-                            max_wall_s=None if quick else a.max_wall_s)
+                            max_wall_s=None if quick else a.max_wall_s,
+                            profile_dir=out / "profile" if rep == PROFILE_RUN else None)
         except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
             traceback.print_exc()
             r = {"variant": name, "error": repr(e)[:400]}
             release()
+        r["repeat"], r["seed"] = rep, run_seed
         runs.append(r)
         log(f"{name}: " + json.dumps({k: r.get(k) for k in ("tokens_per_s", "mfu", "step_s", "peak_mem_gib",
                                                             "data_wait_fraction", "warmup_s", "error")},
@@ -462,35 +588,57 @@ def main() -> None:
     table(out, runs)
 
 
-def table(out: Path, runs: list[dict]) -> None:
-    ok = {r["variant"]: r for r in runs if "tokens_per_s" in r}
-    head = ("variant", "tok/s", "MFU", "MFU(suite)", "step s", "pad %", "GiB", "J/tok", "wait %", "warm-up s",
-            "vs target")
-    rows = []
-    for r in runs:
-        if "tokens_per_s" not in r:
-            rows.append((r["variant"], r.get("error", r.get("skipped", "?"))[:80]) + ("",) * (len(head) - 2))
-            continue
-        note = f"MFU/45% = {r['mfu'] / 0.45:.2f}"
-        if r["kind"] == "kd":
-            ref = ok.get(r["variant"].replace("kd_", "sft_").replace("_workers2", "").replace("_fullhead", ""))
-            alt = ok.get(r["variant"].replace("kd_", "sft_").replace("_fullhead", "").replace("_workers2", "")
-                         + "_plaince")
-            if alt:
-                note += f"; {100 * (1 - r['tokens_per_s'] / alt['tokens_per_s']):+.1f}% vs {alt['variant']}"
-            if ref:
-                note += f"; {100 * (1 - r['tokens_per_s'] / ref['tokens_per_s']):+.1f}% slower than {ref['variant']}"
-        rows.append((r["variant"], f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
-                     f"{100 * r['mfu_suite']:.1f}%", f"{r['step_s']:.3f}", f"{100 * r['pad_fraction']:.0f}",
-                     f"{r['peak_mem_gib'] or 0:.1f}", f"{r['j_per_token']:.4f}" if r.get("j_per_token") else "-",
-                     f"{100 * r['data_wait_fraction']:.1f}" if r.get("data_wait_fraction") is not None else "-",
-                     f"{r['warmup_s']:.1f}", note))
+def fmt_table(head: tuple, rows: list[tuple]) -> str:
     w = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
     lines = [" | ".join(str(h).ljust(w[i]) for i, h in enumerate(head))]
     lines += [" | ".join(str(x).ljust(w[i]) for i, x in enumerate(row)) for row in rows]
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def variant_means(runs: list[dict]) -> dict[str, dict]:
+    """Per variant over its repeats (the throwaway run excluded): mean, min and max tok/s, mean MFU and step."""
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        if "tokens_per_s" in r and r.get("repeat", 0) >= 0:
+            by.setdefault(r["variant"], []).append(r)
+    out = {}
+    for name, rs in by.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        out[name] = {"kind": rs[0]["kind"], "n": len(rs), "tokens_per_s": sum(tps) / len(tps), "min": min(tps),
+                     "max": max(tps), "mfu": sum(r["mfu"] for r in rs) / len(rs),
+                     "step_s": sum(r["step_s"] for r in rs) / len(rs)}
+    return out
+
+
+def table(out: Path, runs: list[dict]) -> None:
+    head = ("variant", "rep", "tok/s", "MFU", "MFU(suite)", "step s", "pad %", "GiB", "J/tok", "wait %",
+            "warm-up s")
+    rows = []
+    for r in runs:
+        if "tokens_per_s" not in r:
+            rows.append((r["variant"], r.get("repeat", ""), r.get("error", r.get("skipped", "?"))[:80])
+                        + ("",) * (len(head) - 3))
+            continue
+        rows.append((r["variant"], r.get("repeat", 0), f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
+                     f"{100 * r['mfu_suite']:.1f}%", f"{r['step_s']:.3f}", f"{100 * r['pad_fraction']:.0f}",
+                     f"{r['peak_mem_gib'] or 0:.1f}", f"{r['j_per_token']:.4f}" if r.get("j_per_token") else "-",
+                     f"{100 * r['data_wait_fraction']:.1f}" if r.get("data_wait_fraction") is not None else "-",
+                     f"{r['warmup_s']:.1f}"))
+    means = variant_means(runs)
+    mrows = []
+    for name, m in means.items():
+        note = f"MFU/45% = {m['mfu'] / 0.45:.2f}"
+        if m["kind"] == "kd":
+            ref = means.get(name.replace("kd_", "sft_").replace("_workers2", "").replace("_fullhead", ""))
+            if ref:
+                slower = 1 - m["tokens_per_s"] / ref["tokens_per_s"]
+                note += f"; KD {100 * abs(slower):.1f}% {'slower' if slower > 0 else 'faster'} than its SFT twin"
+        mrows.append((name, m["n"], f"{m['tokens_per_s']:,.0f}", f"{m['min']:,.0f}-{m['max']:,.0f}",
+                      f"{100 * m['mfu']:.1f}%", f"{m['step_s']:.3f}", note))
+    text = fmt_table(head, rows) + "\n\nper variant, over its repeats:\n" + fmt_table(
+        ("variant", "runs", "mean tok/s", "range", "MFU", "step s", "vs target"), mrows)
     (out / "table.txt").write_text(text + "\n")
-    save(out, "summary", {"results": dict(RESULTS), "wall_s": time.monotonic() - T0})
+    save(out, "summary", {"results": dict(RESULTS), "means": means, "wall_s": time.monotonic() - T0})
     print("\n" + text, flush=True)
 
 

@@ -165,16 +165,23 @@ def test_kd_trainer_trains_with_grad_accumulation_and_reports_data_wait(setup, t
     assert frac is not None and 0.0 <= frac < 1.0
 
 
-def test_head_on_loss_positions_gives_the_full_logits_loss_and_gradients(setup, tmp_path):
-    """kd_head_on_loss_positions (LM head on loss rows only) must be the same function as the [B, L, V] path."""
+def kd_parts_and_dataset(setup):
+    """(tokenizer, trainer class, collator, train dataset) for tau 2, alpha 0.3 on the module's cache."""
     import datasets
-    from trl import SFTConfig
 
     tok, enc, d, examples = setup
     trainer_cls, collator, _ = kd_trainer_parts(str(d), {"top_k": 16, "temperature": 2.0, "alpha": 0.3}, tok,
                                                 examples)
     ds = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "completion_mask": e["completion_mask"],
                                       "example_index": e["example_index"]} for e in examples])
+    return tok, trainer_cls, collator, ds
+
+
+def test_head_on_loss_positions_gives_the_full_logits_loss_and_gradients(setup, tmp_path):
+    """kd_head_on_loss_positions (LM head on loss rows only) must be the same function as the [B, L, V] path."""
+    from trl import SFTConfig
+
+    tok, trainer_cls, collator, ds = kd_parts_and_dataset(setup)
     batch = collator([ds[i] for i in range(5)])
     results = []
     for head_only in (True, False):
@@ -192,3 +199,32 @@ def test_head_on_loss_positions_gives_the_full_logits_loss_and_gradients(setup, 
     assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))
     assert any(a.abs().sum() > 0 for a in g1)
+
+
+def test_padding_free_kd_batch_gives_the_padded_loss_and_gradients(setup, tmp_path):
+    """The collator's flattened layout (train_student sets it on a GPU) must give the padded batch's KD loss."""
+    from trl import SFTConfig
+
+    tok, trainer_cls, collator, ds = kd_parts_and_dataset(setup)
+    results = []
+    for padding_free, multiple in ((False, None), (True, None), (True, 16)):
+        collator.padding_free, collator.pad_to_multiple_of = padding_free, multiple
+        batch = collator([ds[i] for i in range(5)])
+        assert ("position_ids" in batch) is padding_free and ("attention_mask" in batch) is not padding_free
+        real = sum(len(ds[i]["input_ids"]) for i in range(5))
+        assert batch["num_real_tokens"] == real and batch["input_ids"].numel() >= real
+        if multiple:
+            assert batch["input_ids"].shape[1] % multiple == 0
+        args = SFTConfig(output_dir=str(tmp_path / f"o{padding_free}"), per_device_train_batch_size=5,
+                         report_to=[], dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=True,
+                         save_strategy="no")
+        model = tiny_llama(len(tok), seed=3)
+        trainer = trainer_cls(model=model, args=args, train_dataset=ds, processing_class=tok, data_collator=collator)
+        model.train()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l1, g1) = results[0]
+    for l2, g2 in results[1:]:
+        assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))

@@ -269,3 +269,100 @@ def test_uneven_multi_rank_split_is_refused_before_training():
     check_even_split(16, 4, 2)
     with pytest.raises(ValueError, match="does not split into whole batches"):
         check_even_split(17, 4, 2)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_batch_gives_the_padded_loss_and_gradients(tok, examples, tmp_path, attn):
+    """One flattened row with position_ids (no padding) must be the same function as the padded batch: documents
+    must not attend to each other. Fails if transformers stops detecting packed position_ids."""
+    import torch
+    from datasets import Dataset
+
+    from distill_bench.train.trainer import _loss_positions_sft_trainer, _sft_config, _with_labels
+
+    s = settings(batch_size=4)
+    batch_examples = _with_labels([{k: e[k] for k in ("input_ids", "completion_mask")} for e in examples[:4]])
+    assert len({len(e["input_ids"]) for e in batch_examples}) > 1, "lengths must differ for padding to exist"
+    results = []
+    for padding_free in (False, True):
+        m = model(tok, seed=5)
+        m.set_attn_implementation(attn)
+        args = _sft_config(s, tmp_path / f"pf{padding_free}", 1, 0, True, padding_free)
+        trainer = _loss_positions_sft_trainer()(model=m, args=args, processing_class=tok,
+                                                train_dataset=Dataset.from_list(batch_examples))
+        batch = trainer.data_collator(batch_examples)
+        assert ("position_ids" in batch) is padding_free and batch["input_ids"].shape[0] == (1 if padding_free
+                                                                                            else 4)
+        n_items = int(batch["labels"][:, 1:].ne(-100).sum())
+        loss = trainer.compute_loss(m, dict(batch), num_items_in_batch=torch.tensor(n_items))
+        loss.backward()
+        results.append((n_items, loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (n_pad, ref_loss, ref_grads), (n_flat, loss, grads) = results
+    assert n_pad == n_flat
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_every_layout_counts_real_tokens_only_and_learns_the_padded_runs_model(tok, examples, tmp_path):
+    """Padding-free rows and bucketed lengths (pad tails) change the layout, never the tokens counted or learned."""
+    import torch
+
+    layouts = [(False, None), (True, None), (True, 16), (False, 16)]
+    runs = {}
+    for padding_free, multiple in layouts:
+        meter = FakeMeter()
+        out = tmp_path / f"pf{padding_free}_{multiple}"
+        res = train_student(model=model(tok), tokenizer=tok, examples=examples, seed=0, output_dir=out, meter=meter,
+                            settings=settings(padding_free=padding_free, pad_to_multiple_of=multiple))
+        assert res["padding_free"] is padding_free and meter.metrics["padding_free"] is padding_free
+        assert res["pad_to_multiple_of"] == multiple
+        runs[padding_free, multiple] = (res, meter, weights(out))
+    stream, _ = build_budgeted_dataset(examples, 300, 0)
+    real = sum(len(e["input_ids"]) for e in stream)
+    r0, m0, w0 = runs[False, None]
+    for key, (res, meter, w) in runs.items():
+        assert res["trained_tokens"] == 300 and meter.tokens["input_tokens"] == real, key
+        assert all(torch.allclose(w0[k], w[k], atol=1e-5) for k in w0), key
+
+
+def test_speed_settings_are_validated_and_auto_padding_free_is_gpu_only():
+    from distill_bench.train.speed import resolve_compile, resolve_padding_free
+
+    assert [resolve_compile(v, on_gpu=True) for v in (False, True, "layers", "none", "auto")] == [
+        "none", "model", "layers", "none", "layers"]
+    assert resolve_compile("auto", on_gpu=False) == "none"
+    with pytest.raises(ValueError, match="torch_compile"):
+        settings(torch_compile="regional")
+    with pytest.raises(ValueError, match="padding_free"):
+        settings(padding_free="yes")
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        settings(pad_to_multiple_of=0)
+    from distill_bench.train.speed import resolve_pad_multiple
+
+    assert [resolve_pad_multiple("auto", on_gpu=g) for g in (True, False)] == [64, None]
+    assert resolve_padding_free("auto", on_gpu=True, attn_implementation=None) is True
+    assert resolve_padding_free("auto", on_gpu=False, attn_implementation="sdpa") is False
+    assert resolve_padding_free(True, on_gpu=False, attn_implementation=None) is True
+
+
+def test_layer_compiled_student_trains_the_eager_model(tok, examples, tmp_path):
+    """training.torch_compile: layers compiles each decoder layer in place: same learning, portable weights."""
+    import torch
+
+    from distill_bench.train.speed import decoder_layers
+
+    m = model(tok)
+    layers = decoder_layers(m)
+    assert len(layers) == m.config.num_hidden_layers
+    eager = train_student(model=model(tok), tokenizer=tok, examples=examples, settings=settings(token_budget=120),
+                          seed=0, output_dir=tmp_path / "eager")
+    compiled = train_student(model=m, tokenizer=tok, examples=examples,
+                             settings=settings(token_budget=120, torch_compile="layers"), seed=0,
+                             output_dir=tmp_path / "layers")
+    assert compiled["torch_compile"] == "layers" and eager["torch_compile"] == "none"
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    we, wc = weights(tmp_path / "eager"), weights(tmp_path / "layers")
+    assert sorted(we) == sorted(wc), "state-dict keys unchanged (no _orig_mod prefix)"
+    assert all(torch.allclose(we[k], wc[k], atol=1e-4) for k in we)

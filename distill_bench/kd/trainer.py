@@ -18,14 +18,16 @@ from trl import SFTTrainer
 from distill_bench.kd.cache import (CacheMismatchError, CacheReader, decode_ids, decode_values, example_hash,
                                     loss_positions)
 from distill_bench.kd.loss import KDConfigError, kd_loss, tail_at_temperature
+from distill_bench.train.collate import LMCollator
+from distill_bench.train.trainer import model_inputs
 
 log = logging.getLogger(__name__)
 
 KD_KEYS = ("kd_ids", "kd_values", "kd_tail")
 
 
-class KDCollator:
-    """Pads a batch and adds the cached teacher rows of every loss-bearing position (row-major order).
+class KDCollator(LMCollator):
+    """Lays out a batch (padded, or padding-free) and adds the cached teacher rows of every loss-bearing position.
 
     Features need ``input_ids``, ``completion_mask`` and ``example_index`` (the row of the dataset's train split the
     cache was built from). An example with fewer loss positions than cached (the budget's truncated last example)
@@ -34,8 +36,8 @@ class KDCollator:
 
     def __init__(self, cache_dir: str, *, pad_token_id: int, top_k: int, temperature: float,
                  approximate_tail: bool = False):
+        super().__init__(pad_token_id)   # train_student sets padding_free and pad_to_multiple_of from training.*
         self.cache_dir = str(cache_dir)
-        self.pad_token_id = int(pad_token_id)
         self.top_k = int(top_k)
         self.temperature = float(temperature)
         self.approximate_tail = bool(approximate_tail)
@@ -77,22 +79,10 @@ class KDCollator:
                                           approximate=self.approximate_tail)
         return {"kd_ids": ids_t, "kd_values": values_t, "kd_tail": tail_tau.contiguous()}
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        b = len(features)
-        input_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((b, width), dtype=torch.long)
-        labels = torch.full((b, width), -100, dtype=torch.long)
-        for i, f in enumerate(features):
-            ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            mask = torch.as_tensor(f["completion_mask"], dtype=torch.bool)
-            if mask.shape != ids.shape:
-                raise ValueError(f"example {f.get('example_index')}: input_ids and completion_mask differ in length")
-            input_ids[i, :len(ids)] = ids
-            attention[i, :len(ids)] = 1
-            labels[i, :len(ids)] = torch.where(mask, ids, torch.full_like(ids, -100))
-        labels[:, 0] = -100  # position 0 is never a target (no cached row for it)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, **self.teacher_rows(features)}
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The student's layout (padded or padding-free, LMCollator) plus the teacher rows of the loss positions in
+        row-major order, which both layouts keep."""
+        return {**super().__call__(features), **self.teacher_rows(features)}
 
 
 class _TrainTimer(TrainerCallback):
@@ -188,13 +178,11 @@ class KDSFTTrainer(SFTTrainer):
             mask = labels[:, 1:] != -100
             rows, cols = mask.nonzero(as_tuple=True)
             targets = labels[:, 1:][mask]
-            z = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), kd_rows=rows,
-                      kd_cols=cols)
+            z = model(**model_inputs(inputs), kd_rows=rows, kd_cols=cols)
             logits, labels = z[None], torch.cat([targets.new_full((1,), -100), targets])[None]
             outputs = None
         else:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                            use_cache=False)
+            outputs = model(**model_inputs(inputs), use_cache=False)
             logits = outputs.logits
         loss, stats = kd_loss(logits, labels, teacher["kd_ids"], teacher["kd_values"], teacher["kd_tail"],
                               alpha=self.kd_alpha, temperature=self.kd_temperature,

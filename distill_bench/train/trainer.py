@@ -21,6 +21,9 @@ from typing import Any, Callable, Mapping, Sequence
 from distill_bench.artifacts import short_hash
 from distill_bench.energy.atomic import atomic_write_json
 from distill_bench.train.budget import build_budgeted_dataset
+from distill_bench.train.collate import REAL_TOKENS, LMCollator
+from distill_bench.train.speed import (compile_decoder_layers, resolve_compile, resolve_pad_multiple,
+                                       resolve_padding_free)
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +67,13 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     logging_steps: int | None = None  # None: about 50 log points per run
     num_threads: int | None = None    # torch.set_num_threads on CPU; None leaves torch's default
-    padding_free: bool = False        # flattened batches: pays off with flash-attention on GPU; on CPU/sdpa the
-                                      # block-diagonal mask over one long row is slower than padding
+    padding_free: bool | str = "auto"  # flattened batches, no padding; "auto" = on a GPU (distill_bench.train.speed)
+    pad_to_multiple_of: int | str | None = "auto"  # round batch lengths up (few distinct shapes); auto = 64 on a GPU
     nodes: int = 1                    # > 1: SLURM multi-node (distill_bench.train.launch)
     distributed: str = "ddp"          # gpus * nodes > 1: "ddp", or "fsdp" (full shard) for students too big for DDP
     attn_implementation: str | None = None  # None keeps the model's own (sdpa in transformers 5)
-    torch_compile: bool = False       # torch.compile the student (docs/BENCHMARKS.md: measured gain vs compile time)
+    torch_compile: bool | str = "auto"  # false, true/"model" (HF compiles the whole model), "layers" (each decoder
+                                        # layer), "auto" = layers on a GPU (distill_bench.train.speed)
     stale_checkpoints: str = "refuse"  # checkpoints of another config: "refuse" (error) or "set_aside" (renamed
                                        # to checkpoints.stale-<time>, training starts fresh; never mixed, never lost)
 
@@ -107,6 +111,9 @@ class TrainSettings:
                              f"got {self.stale_checkpoints!r}")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"training.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        resolve_compile(self.torch_compile, on_gpu=False)
+        resolve_padding_free(self.padding_free, on_gpu=False, attn_implementation=self.attn_implementation)
+        resolve_pad_multiple(self.pad_to_multiple_of, on_gpu=False)
         if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"training.attn_implementation must be one of {ATTN_IMPLEMENTATIONS} or null, "
                              f"got {self.attn_implementation!r}")
@@ -179,8 +186,9 @@ def _loss_positions_sft_trainer():
     TRL 1.16's SFTTrainer projects every position (prompt and padding too) through the LM head and also computes the
     full-vocab entropy and token accuracy each step for its logs; on an H100 the same 1B step with the head applied to
     loss positions only ran 61 % faster (docs/BENCHMARKS.md, "Real trainer path"). Same loss, same normalisation by
-    the loss-bearing tokens of the whole accumulated batch (``num_items_in_batch``). Padding-free batches, models
-    whose logits are not plain head(hidden), and prediction steps keep TRL's own path.
+    the loss-bearing tokens of the whole accumulated batch (``num_items_in_batch``). Padding-free batches (one
+    flattened row with position_ids) take the same path; models whose logits are not plain head(hidden), and
+    prediction steps keep TRL's own.
     """
     import torch.nn.functional as F
     from trl import SFTTrainer
@@ -195,14 +203,12 @@ def _loss_positions_sft_trainer():
             self._head_on_loss_positions = add_kd_head(self.model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or not self._head_on_loss_positions or "position_ids" in inputs \
-                    or "shift_labels" in inputs:
+            if return_outputs or not self._head_on_loss_positions or "shift_labels" in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]
-            mask = labels[:, 1:] != -100
+            mask = labels[:, 1:] != -100   # padding-free rows too: each document's first label is -100
             rows, cols = mask.nonzero(as_tuple=True)
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                           kd_rows=rows, kd_cols=cols)
+            logits = model(**model_inputs(inputs), kd_rows=rows, kd_cols=cols)
             loss = F.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="sum")
             if num_items_in_batch is None:
                 # local mean; the Trainer will not divide by the accumulation steps (loss_is_scaled_for_ga)
@@ -214,6 +220,16 @@ def _loss_positions_sft_trainer():
             return loss
 
     return LossPositionsSFTTrainer
+
+
+MODEL_INPUT_SKIP = frozenset({"labels", "completion_mask", "example_index", "kd_ids", "kd_values", "kd_tail",
+                              REAL_TOKENS})
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The collator's keys the model takes: ids, attention mask or position_ids (padding-free), and the varlen
+    boundaries TRL's padding-free collator adds for flash-attention (cu_seq_lens_*, max_length_*, seq_idx)."""
+    return {k: v for k, v in batch.items() if k not in MODEL_INPUT_SKIP}
 
 
 def check_even_split(n_examples: int, batch_size: int, world: int) -> None:
@@ -244,9 +260,12 @@ def _counting_trainer_class(base: type) -> type:
                 self._db_trained_tokens += int(inputs["shift_labels"].ne(-100).sum())
             else:
                 self._db_trained_tokens += int(labels[..., 1:].ne(-100).sum())
-            if "attention_mask" in inputs:
+            real = inputs.pop(REAL_TOKENS, None)   # LMCollator's exact count (a padding-free row may have a pad tail)
+            if real is not None:
+                self._db_input_tokens += int(real)
+            elif "attention_mask" in inputs:
                 self._db_input_tokens += int(inputs["attention_mask"].sum())
-            else:  # padding-free batches hold no padding
+            else:  # TRL's padding-free batches hold no padding
                 self._db_input_tokens += int(inputs["input_ids"].numel())
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -372,14 +391,14 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
 
 
 def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: int, use_cpu: bool,
-                padding_free: bool):
+                padding_free: bool, compile_mode: str = "none"):
     from trl import SFTConfig
 
     extra: dict[str, Any] = {}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and settings.distributed == "fsdp":
         extra.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
-    if settings.torch_compile:
+    if compile_mode == "model":
         extra.update(torch_compile=True)
     if world > 1:
         extra.update(ddp_find_unused_parameters=False)   # every parameter gets a gradient: skip the graph walk
@@ -518,10 +537,23 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     use_cpu = not torch.cuda.is_available()
     if settings.attn_implementation:
         model.set_attn_implementation(settings.attn_implementation)
-    padding_free = bool(settings.padding_free)
-    if padding_free and collator is not None:
-        raise ValueError("training.padding_free needs TRL's own collator; a custom collator pads")
-    args = _sft_config(settings, ckpt_dir, max_steps, seed, use_cpu, padding_free)
+    padding_free = resolve_padding_free(settings.padding_free, on_gpu=not use_cpu,
+                                        attn_implementation=model.config._attn_implementation)
+    multiple = resolve_pad_multiple(settings.pad_to_multiple_of, on_gpu=not use_cpu)
+    if collator is None:
+        collator = LMCollator(tokenizer.pad_token_id)
+    if isinstance(collator, LMCollator):
+        collator.padding_free, collator.pad_to_multiple_of = padding_free, multiple
+    elif padding_free or multiple:
+        if settings.padding_free is True or isinstance(settings.pad_to_multiple_of, int):
+            raise ValueError(f"training.padding_free / pad_to_multiple_of: the custom collator "
+                             f"{type(collator).__name__} is not an LMCollator and lays batches out itself")
+        padding_free, multiple = False, None
+    compile_mode = resolve_compile(settings.torch_compile, on_gpu=not use_cpu)
+    if compile_mode == "layers":
+        log.info("compiled %d decoder layers", compile_decoder_layers(model))
+    args = _sft_config(settings, ckpt_dir, max_steps, seed, use_cpu, False,   # the collator lays batches out
+                       compile_mode)
     StopOnSignal, SaveCounts = training_callbacks()
     stopper, counter = StopOnSignal(), SaveCounts(meter)
     if meter is not None:
@@ -555,6 +587,9 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         "seed": int(seed),
         "trainer": base_cls.__name__,
         "fingerprint": fp,
+        "padding_free": padding_free,
+        "pad_to_multiple_of": multiple,
+        "torch_compile": compile_mode,
     }
     if hasattr(trainer, "data_wait_fraction"):  # KD: time waiting for the cache reads, as a share of step time
         summary["data_wait_fraction"] = trainer.data_wait_fraction()
@@ -595,7 +630,7 @@ def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
         return
     meter.set_primary_tokens("trained_tokens")
     for key in ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
-                "trained_tokens_this_attempt", "loss_curve"):
+                "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile"):
         meter.record(key, summary[key])
     meter.record("trained_tokens_total", int(summary["trained_tokens"]))
     meter.record("token_budget", int(summary["token_budget"]))

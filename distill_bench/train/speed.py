@@ -1,0 +1,86 @@
+"""GPU speed settings of the student trainer: padding-free batches and regional (per decoder layer) compilation.
+
+Both are measured in docs/BENCHMARKS.md ("Real trainer path"). Neither changes what is learned: a padding-free batch
+gives the padded batch's per-token log-probs (checked in tests/test_train.py and on the GPU by
+benchmarks/gpu_trainer.py), and compiling a layer changes kernels, not the function.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+COMPILE_MODES = ("none", "model", "layers")
+# attention kernels that keep packed documents apart when a batch has position_ids and no attention mask
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def resolve_compile(value: Any, *, on_gpu: bool) -> str:
+    """``training.torch_compile``: false/none, true/model (HF Trainer compiles the whole model), layers, or "auto"
+    = layers on a GPU (+48 % tok/s on an H200, docs/BENCHMARKS.md), none on CPU (compile time outweighs tiny runs).
+    """
+    if value == "auto":
+        return "layers" if on_gpu else "none"
+    if value is False or value is None:
+        return "none"
+    if value is True:
+        return "model"
+    if value in COMPILE_MODES:
+        return value
+    raise ValueError(f"training.torch_compile must be one of false, true, 'auto', "
+                     f"{', '.join(map(repr, COMPILE_MODES))}; got {value!r}")
+
+
+def resolve_padding_free(value: Any, *, on_gpu: bool, attn_implementation: str | None) -> bool:
+    """``training.padding_free``: true/false, or "auto" = on for a GPU whose attention keeps documents apart.
+
+    On a GPU the padded positions are pure waste (~30 % at batch 4 with lengths 256-2048; padding-free measured
+    +29 % tok/s on an H100). On a CPU the block-diagonal mask over one long row is slower than padding, so auto
+    keeps padding there.
+    """
+    if value is True or value is False:
+        return value
+    if value != "auto":
+        raise ValueError(f"training.padding_free must be true, false or 'auto', got {value!r}")
+    return on_gpu and (attn_implementation or "sdpa") in PACKED_ATTENTION
+
+
+GPU_PAD_MULTIPLE = 64
+
+
+def resolve_pad_multiple(value: Any, *, on_gpu: bool) -> int | None:
+    """``training.pad_to_multiple_of``: null, a positive integer, or "auto" = 64 on a GPU, none on CPU.
+
+    On a GPU a matmul of a shape seen for the first time costs extra (docs/BENCHMARKS.md: measured per new shape),
+    and variable-length batches make nearly every step new; 64 caps the distinct lengths at max_length/64 for at
+    most 63 pad positions per row (padded) or per step (padding-free). CPU runs of short rows would mostly pad.
+    """
+    if value is None:
+        return None
+    if value == "auto":
+        return GPU_PAD_MULTIPLE if on_gpu else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"training.pad_to_multiple_of must be a positive integer, null or 'auto', got {value!r}")
+    return value
+
+
+def decoder_layers(model) -> list:
+    """The repeated transformer blocks of ``model`` (the classes HF lists in ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"training.torch_compile: layers needs a model whose decoder-layer classes are listed in "
+                         f"_no_split_modules; {type(model).__name__} lists {sorted(names) or 'none'}")
+    return layers
+
+
+def compile_decoder_layers(model) -> int:
+    """Compile each decoder layer in place (``nn.Module.compile``; state-dict keys unchanged, checkpoints portable).
+
+    Regional compilation: every layer runs the same code, so dynamo traces one graph and reuses it; the un-fused
+    elementwise work (norms, rotary, SwiGLU) is what it removes (34 -> 55 % MFU in gpu_suite's tight loop). Shapes
+    start static and turn dynamic at the first new length (torch's automatic dynamic shapes), so variable-length
+    batches recompile once, not every step. Returns the number of layers compiled.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)

@@ -1,0 +1,46 @@
+"""The GPU benchmarks' --quick modes (tiny shapes on CPU) run every code path and write their JSON and table, so the
+scripts that produce docs/BENCHMARKS.md cannot rot between GPU sessions. No timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, out: Path, *args: str) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(out), "--quick", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_shape_benchmark_times_new_and_seen_lengths(tmp_path):
+    run("gpu_shapes.py", tmp_path, "--n", "4")
+    res = json.loads((tmp_path / "gpu_shapes.json").read_text())
+    for measure in ("train_step", "matmuls_one_layer"):
+        assert set(res[measure]) == {"new", "seen", "new_x64", "seen_x64"}
+        assert all(r["median_ms"] > 0 and 0 < r["steps"] <= 4 for r in res[measure].values())
+
+
+def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
+    out = run("gpu_generation.py", tmp_path, "--shapes", "olmo2-1b,llama3.2-1b", "--variants",
+              "eager_b64,graph_b64_n512")
+    res = json.loads((tmp_path / "gpu_generation.json").read_text())
+    for shape in ("olmo2-1b", "llama3.2-1b"):
+        runs = res["shapes"][shape]["runs"]
+        assert [r["variant"] for r in runs] == ["eager_b64", "graph_b64_n512"]
+        assert all(r["generated_tokens"] > 0 and r["fraction_of_roofline"] > 0 for r in runs)
+    assert "llama3.2-1b | graph_b64_n512" in out
+
+
+def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_path):
+    out = run("gpu_trainer.py", tmp_path, "--checks", "sdpa", "--fresh-shapes", "--variants",
+              "sft_pad_eager,sft_padfree_layers_m64,kd_padfree_eager")
+    runs = json.loads((tmp_path / "trainer_runs.json").read_text())["runs"]
+    assert [r["variant"] for r in runs] == ["sft_pad_eager", "sft_padfree_layers_m64", "kd_padfree_eager"]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in runs)
+    assert len({r["seed"] for r in runs}) == 3, "--fresh-shapes gives every run its own data order"
+    assert "per variant, over its repeats" in out
