@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -115,12 +116,20 @@ def continuous(model, name, prompts, new, eos, tmp) -> dict:
             "gpu_avg_w": m.avg_w, "_tokens": dict(enumerate(toks))}
 
 
-def parse_variant(name: str) -> tuple[str, int, int | None]:
-    """``<mode>_b<rows>[_n<new tokens>]`` -> (hf_decode mode, rows, new tokens or None for the default)."""
+def parse_variant(name: str) -> tuple[str, int, int | None, bool]:
+    """``<mode>_b<rows>[_n<new tokens>][_gqa]`` -> (hf_decode mode, rows, new tokens or None, force SDPA GQA).
+
+    ``_gqa`` sets TRANSFORMERS_SDPA_FORCE_GQA=1 for the variant: transformers then hands grouped K/V to SDPA
+    (``enable_gqa``) even with an attention mask, instead of repeating K/V to every query head first; which SDPA
+    kernel then runs on the GPU is what the variant measures (not measured yet: docs/BENCHMARKS.md).
+    """
     parts = name.split("_")
+    gqa = parts[-1] == "gqa"
+    if gqa:
+        parts.pop()
     new = int(parts.pop()[1:]) if parts[-1].startswith("n") and parts[-1][1:].isdigit() else None
     rows = int(parts.pop()[1:])
-    return "_".join(parts), rows, new
+    return "_".join(parts), rows, new, gqa
 
 
 def run_shape(shape: str, variants: list[str], a, bw: float, tmp: Path) -> dict:
@@ -162,13 +171,18 @@ def run_shape(shape: str, variants: list[str], a, bw: float, tmp: Path) -> dict:
                                eos, tmp)
                 r["roofline_rows"] = n // scale
             else:
-                mode, batch, new = parse_variant(name)
+                mode, batch, new, gqa = parse_variant(name)
                 new = new or (16 if quick else 128)
                 if quick:
                     new = min(new, 24)
                 ps = sets.setdefault(batch, prompts(max(2 * batch, 128) // scale))
                 st = GenerationSettings(batch_size=max(1, batch // scale), max_new_tokens=new, hf_decode=mode)
-                r = run_variant(model, name, ps, st, eos=eos, tmp=tmp)
+                os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if gqa else "0"   # read when the step is traced
+                try:
+                    r = run_variant(model, name, ps, st, eos=eos, tmp=tmp)
+                finally:
+                    os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
+                r["sdpa_force_gqa"] = gqa
                 r["roofline_rows"] = batch // scale
                 r["prompt_set"] = batch
         except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
@@ -190,7 +204,7 @@ def run_shape(shape: str, variants: list[str], a, bw: float, tmp: Path) -> dict:
                     r["decode_achieved_tb_s"] = step_bytes / (r["decode_ms_per_step"] / 1e3) / 1e12
                     r["prefill_share"] = r["prefill_s"] / (r["prefill_s"] + r["decode_s"])
             tokens[name] = r.pop("_tokens")
-            base = name.replace("graph_", "eager_").replace("hf_static_", "eager_")
+            base = name.replace("graph_", "eager_").replace("hf_static_", "eager_").removesuffix("_gqa")
             if base != name and base in tokens:  # greedy agreement with eager on the same prompts (bf16 may differ)
                 ref, got = tokens[base], tokens[name]
                 r["rows_identical_to_eager"] = sum(ref[k] == got[k] for k in ref) / len(ref)
@@ -217,7 +231,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="olmo2-1b", help=f"comma list of {sorted(SHAPES)}")
     ap.add_argument("--variants", default="eager_b64,graph_b64,eager_b256,graph_b256,cb_256,hf_static_b64,"
                                           "graph_b512",
-                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>] or cb_<rows>; "
+                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_gqa] or cb_<rows>; "
                          "shape:variant limits one to that shape")
     a = ap.parse_args()
     out = Path(a.out)
