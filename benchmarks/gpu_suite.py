@@ -361,8 +361,7 @@ def generation(out: Path, quick: bool, bw_tb_s: float, budget: float, cfg=None, 
     cfg = cfg or (TINY if quick else OLMO2_1B)
     dt = torch.bfloat16 if dev().type == "cuda" else torch.float32
     model = make_model(cfg, dt).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) \
-        - model.get_input_embeddings().weight.numel() * model.get_input_embeddings().weight.element_size()
+    weight_bytes = decode_weight_bytes(model)
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"]
     new = 16 if quick else 128

@@ -2,10 +2,10 @@
 and model sizes (a few thousand parameters, CPU, seconds). Test modules import them with ``from conftest import``."""
 from __future__ import annotations
 
-import pytest
-
 import json
 import random
+
+import pytest
 
 TINY_ARCH = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
 

@@ -248,7 +248,7 @@ def test_loss_positions_trainer_matches_trls_loss_and_gradients(tok, examples, t
     results = []
     for cls in (SFTTrainer, _loss_positions_sft_trainer()):
         m = model(tok, seed=5)
-        args = _sft_config(s, tmp_path / cls.__name__, 1, 0, True, False)
+        args = _sft_config(s, tmp_path / cls.__name__, 1, 0, True)
         trainer = cls(model=m, args=args, processing_class=tok, train_dataset=Dataset.from_list(batch_examples))
         batch = trainer.data_collator(batch_examples)
         n_items = int(batch["labels"][:, 1:].ne(-100).sum())
@@ -278,6 +278,7 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tok, examples, t
     import torch
     from datasets import Dataset
 
+    from distill_bench.train.collate import LMCollator
     from distill_bench.train.trainer import _loss_positions_sft_trainer, _sft_config, _with_labels
 
     s = settings(batch_size=4)
@@ -287,10 +288,13 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tok, examples, t
     for padding_free in (False, True):
         m = model(tok, seed=5)
         m.set_attn_implementation(attn)
-        args = _sft_config(s, tmp_path / f"pf{padding_free}", 1, 0, True, padding_free)
-        trainer = _loss_positions_sft_trainer()(model=m, args=args, processing_class=tok,
+        collator = LMCollator(tok.pad_token_id, padding_free=padding_free)   # the layout train_student uses
+        trainer = _loss_positions_sft_trainer()(model=m, args=_sft_config(s, tmp_path / f"pf{padding_free}", 1, 0,
+                                                                          True),
+                                                processing_class=tok, data_collator=collator,
                                                 train_dataset=Dataset.from_list(batch_examples))
         batch = trainer.data_collator(batch_examples)
+        batch.pop("num_real_tokens")   # train_student's counting step takes it before the loss
         assert ("position_ids" in batch) is padding_free and batch["input_ids"].shape[0] == (1 if padding_free
                                                                                             else 4)
         n_items = int(batch["labels"][:, 1:].ne(-100).sum())

@@ -391,7 +391,7 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
 
 
 def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: int, use_cpu: bool,
-                padding_free: bool, compile_mode: str = "none"):
+                compile_mode: str = "none"):
     from trl import SFTConfig
 
     extra: dict[str, Any] = {}
@@ -411,7 +411,7 @@ def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: i
         dataset_kwargs={"skip_prepare_dataset": True},  # already tokenised, labels built, never truncated again
         max_length=None,
         packing=False,
-        padding_free=padding_free,
+        padding_free=False,                   # our collator (LMCollator) lays out padded or padding-free batches
         train_sampling_strategy="sequential",  # the stream order *is* the budget order
     )
 
@@ -552,8 +552,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     compile_mode = resolve_compile(settings.torch_compile, on_gpu=not use_cpu)
     if compile_mode == "layers":
         log.info("compiled %d decoder layers", compile_decoder_layers(model))
-    args = _sft_config(settings, ckpt_dir, max_steps, seed, use_cpu, False,   # the collator lays batches out
-                       compile_mode)
+    args = _sft_config(settings, ckpt_dir, max_steps, seed, use_cpu, compile_mode)
     StopOnSignal, SaveCounts = training_callbacks()
     stopper, counter = StopOnSignal(), SaveCounts(meter)
     if meter is not None:
