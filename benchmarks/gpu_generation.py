@@ -10,8 +10,10 @@ on its first batch (compile + CUDA-graph capture time reported separately), then
 prompts inside ``StageMeter`` (codecarbon off). Generated tokens are counted exactly (up to and including EOS).
 Roofline = rows x HBM bandwidth / bytes of weights read per step (all parameters but the input embedding; a tied
 LM head counted); ``kv_roofline`` also counts the K/V bytes a step must read (the issue's target uses the
-weight-only one); ``decode % roofline`` is the decode phase alone (prefill excluded).
-HBM bandwidth: a 4 GiB device copy in the same call (bytes read + written).
+weight-only one); ``decode % roofline`` is the decode phase alone (prefill excluded); ``% prefill+decode roofline``
+compares the whole run with its ideal time: prefill FLOPs of the real prompt tokens at the measured bf16 matmul
+peak plus the generated tokens at the weight roofline.
+HBM bandwidth: a 4 GiB device copy in the same call (bytes read + written); matmul peak: bf16 8192^3.
 """
 from __future__ import annotations
 
@@ -29,22 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_suite import TINY, Metered, Timer, dev, make_model, sync  # noqa: E402
+from gpu_suite import TINY, Metered, Timer, dev, hbm_copy_tb_s, make_model, matmul_peak_tflops, sync  # noqa: E402
 
 T0 = time.monotonic()
-
-
-def hbm_copy_tb_s(quick: bool) -> float:
-    nbytes = (1 << 24) if quick else (4 << 30)
-    x = torch.empty(nbytes // 2, device=dev(), dtype=torch.bfloat16).normal_()
-    y = torch.empty_like(x)
-    for _ in range(2):
-        y.copy_(x)
-    with Timer() as t:
-        for _ in range(10):
-            y.copy_(x)
-    del x, y
-    return 2 * nbytes * 10 / t.s / 1e12
 
 
 def dynamo_counts() -> dict:
@@ -56,7 +45,8 @@ def dynamo_counts() -> dict:
         return {}
 
 
-def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True) -> dict:
+def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True,
+                decode_attention: str = "grouped") -> dict:
     from distill_bench.generation.hf_backend import count_generated, generate_ids
 
     per = max(1, settings.batch_size)
@@ -65,7 +55,7 @@ def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True) 
            "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": settings.max_new_tokens}
     if warm:
         tc = time.perf_counter()
-        generate_ids(model, first, settings, eos, 0, lambda *a: None)
+        generate_ids(model, first, settings, eos, 0, lambda *a: None, decode_attention=decode_attention)
         sync()
         res["warmup_first_batch_s"] = time.perf_counter() - tc
     before = dynamo_counts()
@@ -79,7 +69,7 @@ def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True) 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with Metered(tmp, name, role="teacher") as m, Timer() as t:
-        generate_ids(model, prompts, settings, eos, 0, on_batch, stats=stats)
+        generate_ids(model, prompts, settings, eos, 0, on_batch, stats=stats, decode_attention=decode_attention)
     n_tok = sum(count_generated(gen[k], eos)[0] for k in range(len(prompts)))
     after = dynamo_counts()
     res.update(time_s=t.s, generated_tokens=n_tok, tokens_per_s=n_tok / t.s, gpu_j=m.gpu_j,
@@ -116,23 +106,37 @@ def continuous(model, name, prompts, new, eos, tmp) -> dict:
             "gpu_avg_w": m.avg_w, "_tokens": dict(enumerate(toks))}
 
 
-def parse_variant(name: str) -> tuple[str, int, int | None, bool]:
-    """``<mode>_b<rows>[_n<new tokens>][_gqa]`` -> (hf_decode mode, rows, new tokens or None, force SDPA GQA).
+def parse_variant(name: str) -> tuple[str, int, int | None, str]:
+    """``<mode>_b<rows>[_n<new tokens>][_sdpa|_gqa]`` -> (hf_decode mode, rows, new tokens or None, decode attention).
 
-    ``_gqa`` sets TRANSFORMERS_SDPA_FORCE_GQA=1 for the variant: transformers then hands grouped K/V to SDPA
-    (``enable_gqa``) even with an attention mask, instead of repeating K/V to every query head first; which SDPA
-    kernel then runs on the GPU is what the variant measures (not measured yet: docs/BENCHMARKS.md).
+    Decode attention of ``graph`` variants: ``grouped`` (default, distill_bench.generation.decode_attention: grouped
+    K/V read in place); ``_sdpa`` = the model's own SDPA path (transformers repeats K/V to every query head under a
+    mask); ``_gqa`` = that path with TRANSFORMERS_SDPA_FORCE_GQA=1 (SDPA's ``enable_gqa`` under the mask; which CUDA
+    kernel SDPA then picks is what it measures).
     """
     parts = name.split("_")
-    gqa = parts[-1] == "gqa"
-    if gqa:
+    attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa"}.get(parts[-1], "grouped")
+    if attention != "grouped":
         parts.pop()
     new = int(parts.pop()[1:]) if parts[-1].startswith("n") and parts[-1][1:].isdigit() else None
     rows = int(parts.pop()[1:])
-    return "_".join(parts), rows, new, gqa
+    return "_".join(parts), rows, new, attention
 
 
-def run_shape(shape: str, variants: list[str], a, bw: float, tmp: Path) -> dict:
+def prefill_flops(model, prompts: list[list[int]]) -> float:
+    """Matmul FLOPs of prefilling ``prompts`` (real tokens only): 2 x body weights per token, the LM head once per
+    prompt (only the last position's logits are needed), causal attention 2 x layers x (heads x head_dim) x len^2."""
+    from gpu_suite import matmul_params
+
+    c = model.config
+    head = model.get_output_embeddings().weight.numel()
+    body = matmul_params(model) - head
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attn_width = c.num_attention_heads * head_dim
+    return sum(2 * body * len(p) + 2 * head + 2 * c.num_hidden_layers * attn_width * len(p) ** 2 for p in prompts)
+
+
+def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float, tmp: Path) -> dict:
     from distill_bench.generation import GenerationSettings
     from gpu_suite import SHAPES, decode_weight_bytes
 
@@ -171,20 +175,23 @@ def run_shape(shape: str, variants: list[str], a, bw: float, tmp: Path) -> dict:
                                eos, tmp)
                 r["roofline_rows"] = n // scale
             else:
-                mode, batch, new, gqa = parse_variant(name)
+                mode, batch, new, attention = parse_variant(name)
                 new = new or (16 if quick else 128)
                 if quick:
                     new = min(new, 24)
                 ps = sets.setdefault(batch, prompts(max(2 * batch, 128) // scale))
                 st = GenerationSettings(batch_size=max(1, batch // scale), max_new_tokens=new, hf_decode=mode)
-                os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if gqa else "0"   # read when the step is traced
+                # read when the step is traced
+                os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if attention == "sdpa_gqa" else "0"
                 try:
-                    r = run_variant(model, name, ps, st, eos=eos, tmp=tmp)
+                    r = run_variant(model, name, ps, st, eos=eos, tmp=tmp,
+                                    decode_attention="grouped" if attention == "grouped" else "model")
                 finally:
                     os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
-                r["sdpa_force_gqa"] = gqa
+                r["decode_attention"] = attention
                 r["roofline_rows"] = batch // scale
                 r["prompt_set"] = batch
+                r["prefill_flops"] = prefill_flops(model, ps)
         except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
             import traceback
 
@@ -194,6 +201,13 @@ def run_shape(shape: str, variants: list[str], a, bw: float, tmp: Path) -> dict:
             rows = r["roofline_rows"]
             r["roofline_tokens_per_s"] = rows * bw * 1e12 / weight_bytes
             r["fraction_of_roofline"] = r["tokens_per_s"] / r["roofline_tokens_per_s"]
+            if r.get("prefill_flops"):
+                # end to end against its own ideal: prefill at the measured matmul peak + decode at the weight
+                # roofline (the issue's roofline is the decode part alone)
+                ideal_s = (r["prefill_flops"] / (peak_tflops * 1e12)
+                           + r["generated_tokens"] / r["roofline_tokens_per_s"])
+                r["prefill_plus_decode_roofline_s"] = ideal_s
+                r["fraction_of_prefill_plus_decode_roofline"] = ideal_s / r["time_s"]
             if r.get("cache_len"):
                 step_bytes = weight_bytes + rows * r["cache_len"] * kv_bytes_per_pos
                 r["kv_roofline_tokens_per_s"] = rows * bw * 1e12 / step_bytes
@@ -204,7 +218,8 @@ def run_shape(shape: str, variants: list[str], a, bw: float, tmp: Path) -> dict:
                     r["decode_achieved_tb_s"] = step_bytes / (r["decode_ms_per_step"] / 1e3) / 1e12
                     r["prefill_share"] = r["prefill_s"] / (r["prefill_s"] + r["decode_s"])
             tokens[name] = r.pop("_tokens")
-            base = name.replace("graph_", "eager_").replace("hf_static_", "eager_").removesuffix("_gqa")
+            base = (name.replace("graph_", "eager_").replace("hf_static_", "eager_").removesuffix("_gqa")
+                    .removesuffix("_sdpa"))
             if base != name and base in tokens:  # greedy agreement with eager on the same prompts (bf16 may differ)
                 ref, got = tokens[base], tokens[name]
                 r["rows_identical_to_eager"] = sum(ref[k] == got[k] for k in ref) / len(ref)
@@ -231,28 +246,30 @@ def main() -> None:
     ap.add_argument("--shapes", default="olmo2-1b", help=f"comma list of {sorted(SHAPES)}")
     ap.add_argument("--variants", default="eager_b64,graph_b64,eager_b256,graph_b256,cb_256,hf_static_b64,"
                                           "graph_b512",
-                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_gqa] or cb_<rows>; "
+                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_sdpa|_gqa] or cb_<rows>; "
                          "shape:variant limits one to that shape")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp())
     torch.backends.cuda.matmul.allow_tf32 = True
-    bw = hbm_copy_tb_s(a.quick)
+    bw, _ = hbm_copy_tb_s(a.quick)
+    peak, _ = matmul_peak_tflops(a.quick)
     shapes = [x for x in a.shapes.split(",") if x]
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; have {sorted(SHAPES)}")
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "hbm_copy_tb_s": bw, "shapes": {}}
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "hbm_copy_tb_s": bw,
+              "matmul_bf16_tflops": peak, "shapes": {}}
     for shape in shapes:
         vs = [v.split(":", 1)[-1] for v in a.variants.split(",") if v and (":" not in v or v.startswith(shape + ":"))]
-        result["shapes"][shape] = run_shape(shape, vs, a, bw, tmp)
+        result["shapes"][shape] = run_shape(shape, vs, a, bw, peak, tmp)
         result["wall_s"] = time.monotonic() - T0
         (out / "gpu_generation.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"\n{result['device']}  HBM copy {bw:.2f} TB/s")
+    print(f"\n{result['device']}  HBM copy {bw:.2f} TB/s  bf16 matmul {peak:.0f} TFLOP/s")
     hdr = ("shape", "variant", "tok/s", "J/tok", "avg W", "% roofline", "decode % roofline", "% kv-roofline",
-           "prefill %", "ms/step", "warm-up s", "recompiles")
+           "% prefill+decode roofline", "prefill %", "ms/step", "warm-up s", "recompiles")
     lines = [" | ".join(hdr)]
     for shape, payload in result["shapes"].items():
         for r in payload.get("runs", []):
@@ -265,7 +282,8 @@ def main() -> None:
             lines.append(" | ".join([
                 shape, r["variant"], f"{r['tokens_per_s']:,.0f}", f("j_per_token", "{:.4f}"), f("gpu_avg_w", "{:.0f}"),
                 f"{100 * r['fraction_of_roofline']:.1f}", f("decode_fraction_of_roofline", "{:.1f}", 100),
-                f"{kv:.1f}" if kv else "-", f("prefill_share", "{:.0f}", 100), f("decode_ms_per_step", "{:.2f}"),
+                f"{kv:.1f}" if kv else "-", f("fraction_of_prefill_plus_decode_roofline", "{:.1f}", 100),
+                f("prefill_share", "{:.0f}", 100), f("decode_ms_per_step", "{:.2f}"),
                 f("warmup_first_batch_s", "{:.1f}") if "warmup_first_batch_s" in r else f("warmup_s", "{:.1f}"),
                 str(r.get("recompiles_in_timed_run", "-"))]))
     text = "\n".join(lines)

@@ -9,12 +9,14 @@ pass 1 at N distinct new lengths T, pass 2 at the same N lengths again (each now
 lengths rounded up to a multiple of 64 (first seen), pass 4 the pass-3 lengths again. Median and mean step time per
 pass; the difference between first-seen and seen is the per-new-shape cost a run pays on nearly every step when
 its batch lengths vary freely. A matmul-only version (the three linear shapes of a decoder layer, forward and
-backward) separates cuBLAS's share from the rest.
+backward) separates cuBLAS's share from the rest; the caching allocator's device mallocs/frees/retries per pass
+show its share (run once more with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to compare).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_suite import OLMO2_1B, TINY, dev, make_model, sync  # noqa: E402
+from gpu_suite import OLMO2_1B, TINY, allocator_counters, dev, make_model, sync  # noqa: E402
 
 
 def step_fn(model, opt, quick: bool):
@@ -74,9 +76,12 @@ def matmul_fn(K: int, N: int):
 def passes(step, lengths: list[int], rounded: list[int]) -> dict:
     res = {}
     for name, ls in (("new", lengths), ("seen", lengths), ("new_x64", rounded), ("seen_x64", rounded)):
+        before = allocator_counters()
         ts = [step(T) for T in ls]
+        after = allocator_counters()
         res[name] = {"median_ms": 1e3 * statistics.median(ts), "mean_ms": 1e3 * statistics.fmean(ts),
-                     "distinct_lengths": len(set(ls)), "steps": len(ls)}
+                     "distinct_lengths": len(set(ls)), "steps": len(ls),
+                     "allocator": {k: after[k] - before[k] for k in after}}
     return res
 
 
@@ -85,7 +90,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=24, help="distinct lengths per pass")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="keep SDPA off cuDNN's attention (it builds an execution plan per new shape)")
     a = ap.parse_args()
+    if a.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -105,6 +114,8 @@ def main() -> None:
         step(T)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+              "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled(),
               "model": "tiny" if quick else "OLMo-2-0425-1B shape, random init", "train_step": passes(step, lengths,
                                                                                                      rounded)}
     del model, opt
@@ -118,10 +129,13 @@ def main() -> None:
     result["matmuls_one_layer"] = passes(mm, shift, shift_r)
     (out / "gpu_shapes.json").write_text(json.dumps(result, indent=2))
     print(f"\n{result['device']}  {result['model']}")
-    print("measure | pass | distinct lengths | median ms | mean ms")
+    print(f"PYTORCH_CUDA_ALLOC_CONF={result['alloc_conf']!r}  cuDNN SDPA {'on' if result['cudnn_sdpa'] else 'off'}")
+    print("measure | pass | distinct lengths | median ms | mean ms | allocator (device mallocs, frees, retries)")
     for m in ("train_step", "matmuls_one_layer"):
         for name, r in result[m].items():
-            print(f"{m} | {name} | {r['distinct_lengths']} | {r['median_ms']:.2f} | {r['mean_ms']:.2f}")
+            al = r["allocator"]
+            counts = f"{al['num_device_alloc']}, {al['num_device_free']}, {al['num_alloc_retries']}" if al else "-"
+            print(f"{m} | {name} | {r['distinct_lengths']} | {r['median_ms']:.2f} | {r['mean_ms']:.2f} | {counts}")
 
 
 if __name__ == "__main__":

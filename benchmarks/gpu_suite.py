@@ -55,6 +55,18 @@ def dev() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# caching-allocator counters (torch.cuda.memory_stats): device mallocs/frees, and retries (a failed malloc makes the
+# allocator free its cached blocks, synchronising the device, and try again)
+ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def allocator_counters() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTERS}
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -114,7 +126,8 @@ def left(budget: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ ceilings
-def ceilings(out: Path, quick: bool) -> dict:
+def matmul_peak_tflops(quick: bool) -> tuple[float, int]:
+    """Measured bf16 matmul ceiling (n^3, 20 reps after 3 warm-up): (TFLOP/s, n)."""
     d = dev()
     n = 512 if quick else 8192
     dt = torch.bfloat16 if d.type == "cuda" else torch.float32
@@ -125,10 +138,13 @@ def ceilings(out: Path, quick: bool) -> dict:
     with Timer() as t:
         for _ in range(reps):
             a @ b
-    tflops = 2 * n ** 3 * reps / t.s / 1e12
-    del a, b
+    return 2 * n ** 3 * reps / t.s / 1e12, n
+
+
+def hbm_copy_tb_s(quick: bool) -> tuple[float, int]:
+    """Measured HBM bandwidth: a 4 GiB device copy, bytes read + written per second: (TB/s, bytes copied)."""
     nbytes = (1 << 24) if quick else (4 << 30)
-    x = torch.empty(nbytes // 2, device=d, dtype=torch.bfloat16).normal_()
+    x = torch.empty(nbytes // 2, device=dev(), dtype=torch.bfloat16).normal_()
     y = torch.empty_like(x)
     for _ in range(2):
         y.copy_(x)
@@ -136,8 +152,13 @@ def ceilings(out: Path, quick: bool) -> dict:
     with Timer() as t:
         for _ in range(reps):
             y.copy_(x)
-    bw = 2 * nbytes * reps / t.s / 1e12   # bytes read + written
-    del x, y
+    return 2 * nbytes * reps / t.s / 1e12, nbytes
+
+
+def ceilings(out: Path, quick: bool) -> dict:
+    d = dev()
+    tflops, n = matmul_peak_tflops(quick)
+    bw, nbytes = hbm_copy_tb_s(quick)
     info = {"matmul_bf16_tflops": tflops, "matmul_n": n, "copy_tb_s_read_plus_write": bw, "copy_bytes": nbytes,
             "device": torch.cuda.get_device_name() if d.type == "cuda" else "cpu",
             "torch": torch.__version__}
@@ -172,8 +193,10 @@ def decode_weight_bytes(model) -> int:
 
 
 def matmul_params(model) -> int:
-    emb = model.get_input_embeddings().weight.numel()
-    return sum(p.numel() for p in model.parameters()) - emb
+    """Parameters used in matmuls: all but the input embedding (a row gather); the LM head counted, tied or not."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    return total if model.get_output_embeddings().weight is emb else total - emb.numel()
 
 
 def flops_per_token(model, seq: int) -> float:

@@ -27,25 +27,30 @@ def test_shape_benchmark_times_new_and_seen_lengths(tmp_path):
 
 def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
     out = run("gpu_generation.py", tmp_path, "--shapes", "olmo2-1b,llama3.2-1b", "--variants",
-              "eager_b64,graph_b64_n512,llama3.2-1b:graph_b64_gqa")
+              "eager_b64,graph_b64_n512,llama3.2-1b:graph_b64,llama3.2-1b:graph_b64_sdpa,llama3.2-1b:graph_b64_gqa")
     res = json.loads((tmp_path / "gpu_generation.json").read_text())
-    for shape, extra in (("olmo2-1b", []), ("llama3.2-1b", ["graph_b64_gqa"])):
+    for shape, extra in (("olmo2-1b", []), ("llama3.2-1b", ["graph_b64", "graph_b64_sdpa", "graph_b64_gqa"])):
         runs = res["shapes"][shape]["runs"]
         assert [r["variant"] for r in runs] == ["eager_b64", "graph_b64_n512"] + extra
         assert all(r["generated_tokens"] > 0 and r["fraction_of_roofline"] > 0 for r in runs)
-    gqa = res["shapes"]["llama3.2-1b"]["runs"][-1]
-    assert gqa["sdpa_force_gqa"] is True and gqa["rows_identical_to_eager"] == 1.0   # same greedy tokens (fp32)
+    by_name = {r["variant"]: r for r in res["shapes"]["llama3.2-1b"]["runs"]}
+    for name, attention in (("graph_b64", "grouped"), ("graph_b64_sdpa", "sdpa"), ("graph_b64_gqa", "sdpa_gqa")):
+        # every decode attention gives eager generate's greedy tokens (fp32 on CPU)
+        assert by_name[name]["decode_attention"] == attention and by_name[name]["rows_identical_to_eager"] == 1.0
+        assert 0 < by_name[name]["fraction_of_prefill_plus_decode_roofline"] < 1
     assert "llama3.2-1b | graph_b64_n512" in out
 
 
 def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_path):
     out = run("gpu_trainer.py", tmp_path, "--checks", "sdpa", "--fresh-shapes", "--variants",
-              "sft_pad_eager,sft_padfree_layers_m64,kd_padfree_eager", "--profile", "sft_pad_eager")
+              "sft_pad_eager,sft_padfree_layers_m64,kd_padfree_eager,sft_gpu_defaults_syncs", "--profile",
+              "sft_pad_eager")
     runs = json.loads((tmp_path / "trainer_runs.json").read_text())["runs"]
     assert [(r["variant"], r["repeat"]) for r in runs] == [
-        ("sft_pad_eager", 0), ("sft_padfree_layers_m64", 0), ("kd_padfree_eager", 0), ("sft_pad_eager", -2)]
+        ("sft_pad_eager", 0), ("sft_padfree_layers_m64", 0), ("kd_padfree_eager", 0), ("sft_gpu_defaults_syncs", 0),
+        ("sft_pad_eager", -2)]
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in runs)
-    assert len({r["seed"] for r in runs}) == 4, "--fresh-shapes gives every run its own data order"
+    assert len({r["seed"] for r in runs}) == 5, "--fresh-shapes gives every run its own data order"
     prof = json.loads((tmp_path / "profile" / "sft_pad_eager_profile.json").read_text())
     assert prof["steps"] == 3 and prof["wall_s"] > 0
     assert "per variant, over its repeats" in out

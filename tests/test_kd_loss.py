@@ -171,3 +171,20 @@ def test_alpha_one_is_plain_cross_entropy():
     loss, _ = kd_loss(student.float(), labels, ids, vals, tails[:, 0], alpha=1.0, temperature=1.0)
     ce = torch.nn.functional.cross_entropy(student[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1))
     assert loss.item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_precomputed_positions_give_the_same_loss_and_the_id_check_can_be_skipped():
+    """The trainer hands kd_loss the collator's CPU-built loss positions (no host sync); same loss as from labels.
+    Out-of-vocabulary teacher ids are refused unless the caller says it checked them (once, at trainer start)."""
+    student, teacher, labels = _batch(seed=8)
+    ids, vals, tails = _teacher_rows(teacher, labels, 4, [1.0])
+    mask = labels[:, 1:] != -100
+    rows, cols = mask.nonzero(as_tuple=True)
+    ref, _ = kd_loss(student, labels, ids, vals, tails[:, 0], alpha=0.3, temperature=1.0)
+    got, stats = kd_loss(student, None, ids, vals, tails[:, 0], alpha=0.3, temperature=1.0,
+                         positions=(rows, cols, labels[:, 1:][mask]))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12) and stats["n_tokens"] == int(mask.sum())
+    bad = ids.clone()
+    bad[0, 0] = V
+    with pytest.raises(KDConfigError, match="outside the student's vocabulary"):
+        kd_loss(student, labels, bad, vals, tails[:, 0], alpha=0.3, temperature=1.0)

@@ -309,6 +309,102 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tok, examples, t
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
 
 
+def reference_varlen_kernel(calls):
+    """Stand-in for torch's CUDA-only flash varlen kernel: causal SDPA per document (same arguments, same layout)."""
+    import torch
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+        bounds = cu_q.tolist()
+        assert bounds[0] == 0 and bounds[-1] == q.shape[0] and max_q >= max(b - a for a, b in zip(bounds, bounds[1:]))
+        calls.append(len(bounds) - 1)
+        outs = [torch.nn.functional.scaled_dot_product_attention(
+            *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale).transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(outs)
+
+    return kernel
+
+
+def test_varlen_attention_gets_document_boundaries_and_gives_the_padded_loss(tok, examples, tmp_path, monkeypatch):
+    """training.attn_implementation=varlen: each padding-free row reaches the kernel with its documents' boundaries
+    (from the collator, no mask built) and the loss and gradients equal the padded SDPA batch's. The CUDA kernel is
+    replaced by a per-document reference here; benchmarks/gpu_trainer.py --checks varlen runs the real one."""
+    import torch
+    from datasets import Dataset
+
+    from distill_bench.train import varlen
+    from distill_bench.train.collate import LMCollator
+    from distill_bench.train.trainer import _loss_positions_sft_trainer, _sft_config, _with_labels
+
+    calls = []
+    monkeypatch.setattr(varlen, "_kernel", lambda: reference_varlen_kernel(calls))
+    s = settings(batch_size=4)
+    batch_examples = _with_labels([{k: e[k] for k in ("input_ids", "completion_mask")} for e in examples[:4]])
+    results = []
+    for padding_free in (False, True):
+        m = model(tok, seed=5)
+        if padding_free:
+            m.set_attn_implementation(varlen.register())
+        trainer = _loss_positions_sft_trainer()(
+            model=m, args=_sft_config(s, tmp_path / f"v{padding_free}", 1, 0, True), processing_class=tok,
+            data_collator=LMCollator(tok.pad_token_id, padding_free=padding_free),
+            train_dataset=Dataset.from_list(batch_examples))
+        batch = trainer.data_collator(batch_examples)
+        batch.pop("num_real_tokens")
+        n_items = int(batch["labels"][:, 1:].ne(-100).sum())
+        loss = trainer.compute_loss(m, dict(batch), num_items_in_batch=torch.tensor(n_items))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    assert calls and set(calls) == {4}   # every layer's call saw the 4 documents
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
+    padded = LMCollator(tok.pad_token_id)(batch_examples[:2])
+    with pytest.raises(ValueError, match="padding-free"):   # never attends without a mask
+        m(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"])
+
+
+def test_train_student_with_varlen_saves_a_model_with_its_own_attention(tok, examples, tmp_path, monkeypatch):
+    from distill_bench.train import varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "_kernel", lambda: reference_varlen_kernel(calls))
+    m = model(tok)
+    summary = train_student(model=m, tokenizer=tok, examples=examples[:16], seed=0, output_dir=tmp_path / "run",
+                            settings=settings(attn_implementation="varlen", padding_free=True))
+    assert calls and summary["padding_free"] is True and summary["trained_tokens"] == 300
+    assert m.config._attn_implementation == "sdpa"
+    assert "distill_bench" not in (tmp_path / "run" / "final" / "config.json").read_text()
+    with pytest.raises(ValueError, match="varlen needs padding-free"):
+        train_student(model=model(tok), tokenizer=tok, examples=examples[:16], seed=0, output_dir=tmp_path / "r2",
+                      settings=settings(attn_implementation="varlen", padding_free=False))
+
+
+def test_auto_attention_picks_varlen_only_for_plain_causal_models_on_a_gpu(tok, examples, tmp_path, monkeypatch):
+    from transformers import LlamaConfig, MistralConfig
+
+    from distill_bench.train import varlen
+
+    llama = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    llama._attn_implementation = "sdpa"
+    windowed = MistralConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                             sliding_window=16)
+    windowed._attn_implementation = "sdpa"
+    monkeypatch.setattr(varlen, "available", lambda: True)
+    assert varlen.auto_applies(llama) and not varlen.auto_applies(windowed)
+    llama._attn_implementation = "flex_attention"          # a configured kernel stays
+    assert not varlen.auto_applies(llama)
+    monkeypatch.setattr(varlen, "available", lambda: False)   # no CUDA / torch < 2.10
+    llama._attn_implementation = "sdpa"
+    assert not varlen.auto_applies(llama)
+    assert TrainSettings.from_dict({"token_budget": 5, "max_length": 10}).attn_implementation == "auto"
+    summary = train_student(model=model(tok), tokenizer=tok, examples=examples[:16], seed=0,
+                            output_dir=tmp_path / "run", settings=settings())
+    assert summary["attn_implementation"] == "sdpa"        # CPU: auto keeps the model's own
+
+
 def test_every_layout_counts_real_tokens_only_and_learns_the_padded_runs_model(tok, examples, tmp_path):
     """Padding-free rows and bucketed lengths (pad tails) change the layout, never the tokens counted or learned."""
     import torch
@@ -329,6 +425,26 @@ def test_every_layout_counts_real_tokens_only_and_learns_the_padded_runs_model(t
     for key, (res, meter, w) in runs.items():
         assert res["trained_tokens"] == 300 and meter.tokens["input_tokens"] == real, key
         assert all(torch.allclose(w0[k], w[k], atol=1e-5) for k in w0), key
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_collator_finds_loss_positions_on_the_cpu_and_gpu_steps_need_no_host_sync(tok, examples, tmp_path,
+                                                                                  padding_free):
+    """Each host read of a GPU tensor stalls the step (docs/BENCHMARKS.md, third round): the loss positions and
+    their count come from the collator, HF's per-step NaN filter is off and batches are copied without blocking."""
+    from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, LMCollator
+    from distill_bench.train.trainer import loss_positions_of, training_arguments
+
+    batch = LMCollator(tok.pad_token_id, padding_free=padding_free, pad_to_multiple_of=16)(examples[:4])
+    labels = batch["labels"]
+    rows, cols, targets = (batch[k] for k in LOSS_POSITIONS)
+    want = loss_positions_of({"labels": labels})   # found from the labels (the fallback for other collators)
+    assert all(x.device.type == "cpu" and x.equal(y) for x, y in zip((rows, cols, targets), want))
+    assert batch[LOSS_TOKENS] == int(labels[:, 1:].ne(-100).sum()) == targets.numel() > 0
+    assert targets.equal(labels[:, 1:][rows, cols])
+    gpu = training_arguments(settings(), tmp_path, 10, 0, use_cpu=False)
+    assert gpu["logging_nan_inf_filter"] is False and gpu["accelerator_config"] == {"non_blocking": True}
+    assert training_arguments(settings(), tmp_path, 10, 0, use_cpu=True)["accelerator_config"] is None
 
 
 def test_speed_settings_are_validated_and_auto_padding_free_is_gpu_only():

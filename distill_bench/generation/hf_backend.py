@@ -121,12 +121,14 @@ def resolve_decode(settings: GenerationSettings, device) -> str:
 
 def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSettings, eos: set[int], pad_id: int,
                  on_batch: Callable[[list[int], list[list[list[int]]], float], None], *,
-                 bos_id: int | None = None, stats: dict | None = None) -> None:
+                 bos_id: int | None = None, stats: dict | None = None, decode_attention: str = "grouped") -> None:
     """Static-batch decoding of token-id prompts: longest first, ``batch_size // num_samples`` prompts per batch,
     left padded. ``on_batch(prompt_positions, new_tokens_per_prompt_per_sample, elapsed_s)`` per batch; new tokens
     are what ``generate`` returns after the prompt (pad after EOS included; callers count with
     ``count_generated``). ``stats`` (optional dict) receives the resolved mode, row count, cache length and, for
-    ``graph``, per-batch prefill/decode times. Shared by ``generate_hf`` and benchmarks/gpu_generation.py."""
+    ``graph``, per-batch prefill/decode times. ``decode_attention`` (``graph`` only): ``grouped`` (default) or
+    ``model`` (the model's own attention; for the benchmark's comparison). Shared by ``generate_hf`` and
+    benchmarks/gpu_generation.py."""
     import torch
 
     if not prompt_ids:
@@ -154,7 +156,8 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSetting
         from distill_bench.generation.static_decode import StaticDecoder, cache_length
 
         decoder = StaticDecoder(model, per_batch * settings.num_samples,
-                                cache_length(longest, settings.max_new_tokens), compile=device.type == "cuda")
+                                cache_length(longest, settings.max_new_tokens), compile=device.type == "cuda",
+                                attention=decode_attention)
     if stats is not None:
         stats.update(mode=mode, rows_per_batch=per_batch * settings.num_samples,
                      cache_len=decoder.max_cache_len if decoder is not None else gen_config.max_cache_len,

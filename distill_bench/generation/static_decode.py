@@ -5,7 +5,8 @@ batch 64 for a 1B model whose weights read in 0.84 ms). Here the KV cache is a t
 fixed length per call, batches are padded to one row count, so the decode step (model forward for one token) has one
 shape and is compiled once with ``torch.compile(mode="reduce-overhead", fullgraph=True)``, i.e. replayed as one CUDA
 graph; the host only queues replays and checks for "all rows finished" every ``CHECK_EVERY`` steps instead of
-synchronising each step. Prefill runs eagerly (its shape changes per batch).
+synchronising each step. Prefill runs eagerly (its shape changes per batch). Decode attention reads grouped K/V in
+place (``decode_attention``; ``attention="model"`` keeps the model's SDPA path, which repeats K/V per query head).
 
 Semantics equal HF ``generate`` (greedy: token for token, checked on CPU by tests/test_generation_static.py):
 left-padded rows, position ids = cumulative attention mask - 1, a row that produced EOS gets the pad token
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from distill_bench.generation.decode_attention import grouped_decode
+
+DECODE_ATTENTION = ("grouped", "model")  # grouped: decode_attention.py; model: the model's own (SDPA) attention
 CHECK_EVERY = 16  # decode steps between host checks of "all rows finished" (each check is one sync)
 LEN_BUCKET = 64   # cache length is rounded up to this, so calls with similar lengths share one compiled graph
 
@@ -35,10 +39,13 @@ def _forward(model, input_ids, position_ids, attention_mask, cache):
 class StaticDecoder:
     """One static KV cache (rows x max_cache_len) and one compiled decode step, reused for every batch of a call."""
 
-    def __init__(self, model, rows: int, max_cache_len: int, *, compile: bool):
+    def __init__(self, model, rows: int, max_cache_len: int, *, compile: bool, attention: str = "grouped"):
         from transformers import StaticCache
 
+        if attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}, got {attention!r}")
         self.model, self.rows, self.max_cache_len = model, rows, max_cache_len
+        self.attention = attention
         self.device = model.device
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self.compiled = compile
@@ -46,11 +53,17 @@ class StaticDecoder:
         self.step = (torch.compile(_forward, mode="reduce-overhead", fullgraph=True, dynamic=False) if compile
                      else _forward)
 
-    @torch.no_grad()
-    def generate(self, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos: set[int], pad_id: int,
-                 greedy: bool, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
         """``ids``/``mask``: [rows, width] left-padded on the model's device. Returns [rows, n] new tokens (n <=
-        max_new_tokens; pad after a row's EOS), like ``generate(...)[:, width:]``."""
+        max_new_tokens; pad after a row's EOS), like ``generate(...)[:, width:]``. Keywords: ``_decode``'s."""
+        if self.attention == "grouped":
+            with grouped_decode(self.model):
+                return self._decode(ids, mask, **kw)
+        return self._decode(ids, mask, **kw)
+
+    @torch.no_grad()
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos: set[int], pad_id: int,
+                greedy: bool, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
         rows, width = ids.shape
         if rows != self.rows or width + max_new_tokens > self.max_cache_len:
             raise ValueError(f"batch {tuple(ids.shape)} + {max_new_tokens} new tokens does not fit the static cache "

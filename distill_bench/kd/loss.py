@@ -106,29 +106,36 @@ def _chunk_terms(z: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, t_p:
 def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor, teacher_values: torch.Tensor,
             teacher_tail: torch.Tensor, *, alpha: float, temperature: float,
             num_items_in_batch: int | torch.Tensor | None = None, chunk_size: int | None = None,
-            compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
+            compute_dtype: torch.dtype = torch.float32, positions: tuple[torch.Tensor, ...] | None = None,
+            ids_checked: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed KD loss over the loss-bearing positions of ``labels`` divided by ``num_items_in_batch``.
 
     ``logits`` [B, L, V] predicts ``labels`` [B, L] shifted by one (HF causal-LM convention, -100 = ignored).
     ``teacher_*`` hold one row per loss-bearing position in row-major order of ``labels[:, 1:] != -100``:
     ids [N, k] int64, values [N, k] log-probs at tau = 1, tail [N] the tail logit at ``temperature`` (see
     :func:`tail_at_temperature`). Returns (loss, stats): ce_sum and kl_sum (detached tensors, no host sync) and n_tokens of this micro-batch.
+    ``positions`` = (rows, cols, targets) of the loss-bearing positions, when the caller has them (then ``labels`` is
+    not read; the trainer's come from the collator, so no host synchronisation); ``ids_checked`` = the caller made
+    sure every teacher id is below the logits' size (else one host read per call checks it).
     """
     alpha, tau = float(alpha), float(temperature)
     if not 0.0 <= alpha <= 1.0:
         raise KDConfigError(f"kd.alpha={alpha} must lie in [0, 1] (alpha weighs CE)")
     if tau <= 0:
         raise KDConfigError(f"kd.temperature={tau} must be positive")
-    mask = labels[:, 1:] != -100
-    rows, cols = mask.nonzero(as_tuple=True)
-    targets = labels[:, 1:][mask]
+    if positions is None:
+        mask = labels[:, 1:] != -100
+        rows, cols = mask.nonzero(as_tuple=True)
+        targets = labels[:, 1:][mask]
+    else:
+        rows, cols, targets = positions
     n = int(targets.numel())
     if teacher_ids.shape[0] != n or teacher_values.shape != teacher_ids.shape or teacher_tail.shape != (n,):
         raise ValueError(f"teacher rows do not match the batch: {n} loss-bearing positions, teacher ids "
                          f"{tuple(teacher_ids.shape)}, values {tuple(teacher_values.shape)}, tail "
                          f"{tuple(teacher_tail.shape)}")
     vocab = logits.shape[-1]
-    if n and int(teacher_ids.max()) >= vocab:
+    if n and not ids_checked and int(teacher_ids.max()) >= vocab:
         raise KDConfigError(f"cached teacher id {int(teacher_ids.max())} is outside the student's vocabulary "
                             f"({vocab} logits): teacher and student vocabularies differ")
     denom = n if num_items_in_batch is None else num_items_in_batch

@@ -19,7 +19,7 @@ from distill_bench.kd.cache import (CacheMismatchError, CacheReader, decode_ids,
                                     loss_positions)
 from distill_bench.kd.loss import KDConfigError, kd_loss, tail_at_temperature
 from distill_bench.train.collate import LMCollator
-from distill_bench.train.trainer import model_inputs
+from distill_bench.train.trainer import loss_positions_of, model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,17 @@ class KDSFTTrainer(SFTTrainer):
         self.add_callback(_TrainTimer(self))
         self._kd_sums: list[torch.Tensor] = []
         self._kd_head = bool(self.kd_head_on_loss_positions) and add_kd_head(self.model)
+        self._ids_checked = self._cache_fits_student()
+
+    def _cache_fits_student(self) -> bool:
+        """Checked once here instead of per step (a host read of the ids' max): every cached id is below the
+        cache's vocabulary size, so a cache no larger than the student's logits fits. False = kd_loss checks every
+        batch (e.g. a teacher whose embedding is padded to more rows than the student's, same tokenizer)."""
+        reader = getattr(self.data_collator, "reader", None)
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if reader is None or head is None:
+            return False
+        return int(reader.manifest["vocab_size"]) <= int(head.weight.shape[0])
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -173,20 +184,21 @@ class KDSFTTrainer(SFTTrainer):
         teacher = {k: inputs.pop(k) for k in KD_KEYS}
         for extra in ("completion_mask", "example_index"):
             inputs.pop(extra, None)
+        rows, cols, targets = loss_positions_of({"labels": labels, **inputs})
         if self._kd_head and not return_outputs:
-            # logits of the loss-bearing rows only, laid out as one row whose every label counts (same loss)
-            mask = labels[:, 1:] != -100
-            rows, cols = mask.nonzero(as_tuple=True)
-            targets = labels[:, 1:][mask]
+            # logits of the loss-bearing rows only: position i of the one row predicts targets[i] (same loss)
             z = model(**model_inputs(inputs), kd_rows=rows, kd_cols=cols)
-            logits, labels = z[None], torch.cat([targets.new_full((1,), -100), targets])[None]
+            logits, labels = z[None], None
+            n = targets.numel()
+            positions = (torch.zeros(n, dtype=torch.long, device=z.device), torch.arange(n, device=z.device), targets)
             outputs = None
         else:
             outputs = model(**model_inputs(inputs), use_cache=False)
-            logits = outputs.logits
+            logits, positions = outputs.logits, (rows, cols, targets)
         loss, stats = kd_loss(logits, labels, teacher["kd_ids"], teacher["kd_values"], teacher["kd_tail"],
                               alpha=self.kd_alpha, temperature=self.kd_temperature,
-                              num_items_in_batch=num_items_in_batch, chunk_size=self.kd_chunk_size)
+                              num_items_in_batch=num_items_in_batch, chunk_size=self.kd_chunk_size,
+                              positions=positions, ids_checked=self._ids_checked)
         if num_items_in_batch is None and model.training:
             # local mean; the Trainer will not divide by the accumulation steps (loss_is_scaled_for_ga), so we do
             loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)

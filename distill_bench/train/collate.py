@@ -1,10 +1,15 @@
-"""Micro-batch layout for every student trainer (SFT family and KD): padded or padding-free, bucketed lengths, and
-the exact count of real input tokens (never padding) for the stage's token accounting."""
+"""Micro-batch layout for every student trainer (SFT family and KD): padded or padding-free, bucketed lengths, the
+exact count of real input tokens (never padding) for the stage's token accounting, and the loss-bearing positions
+(computed here, on the CPU, so the training step needs no host synchronisation to find them)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
 REAL_TOKENS = "num_real_tokens"   # batch key: real (non-pad) input tokens of the micro-batch, a Python int
+LOSS_TOKENS = "num_loss_tokens"   # batch key: loss-bearing positions (labels[..., 1:] != -100), a Python int
+# batch keys: the loss-bearing positions as (row, column) of labels[..., 1:] and their target ids, built on the CPU so
+# the trainer never asks the GPU where they are (each such question is a host synchronisation)
+LOSS_POSITIONS = ("loss_rows", "loss_cols", "loss_targets")
 
 
 class LMCollator:
@@ -46,4 +51,9 @@ class LMCollator:
                                                  pad_to_multiple_of=self.pad_to_multiple_of)
         batch = layout(rows)
         batch[REAL_TOKENS] = sum(len(r["input_ids"]) for r in rows)
+        shifted = batch["labels"][:, 1:]
+        mask = shifted != -100
+        rows_i, cols_i = mask.nonzero(as_tuple=True)
+        batch.update(zip(LOSS_POSITIONS, (rows_i, cols_i, shifted[mask])))
+        batch[LOSS_TOKENS] = int(rows_i.numel())
         return batch

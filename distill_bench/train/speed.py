@@ -10,7 +10,7 @@ from typing import Any
 
 COMPILE_MODES = ("none", "model", "layers")
 # attention kernels that keep packed documents apart when a batch has position_ids and no attention mask
-PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
 
 
 def resolve_compile(value: Any, *, on_gpu: bool) -> str:

@@ -21,9 +21,12 @@ from typing import Any, Callable, Mapping, Sequence
 from distill_bench.artifacts import short_hash
 from distill_bench.energy.atomic import atomic_write_json
 from distill_bench.train.budget import build_budgeted_dataset
-from distill_bench.train.collate import REAL_TOKENS, LMCollator
+from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator
 from distill_bench.train.speed import (compile_decoder_layers, resolve_compile, resolve_pad_multiple,
                                        resolve_padding_free)
+from distill_bench.train.varlen import CONFIG_NAME as VARLEN
+from distill_bench.train.varlen import auto_applies as varlen_auto_applies
+from distill_bench.train.varlen import register as register_varlen
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_wi
 _RESULT_KEYS = ("token_budget", "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                 "lr_scheduler", "precision", "gpus", "max_grad_norm")
 DISTRIBUTED = ("ddp", "fsdp")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", VARLEN)
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -71,7 +74,9 @@ class TrainSettings:
     pad_to_multiple_of: int | str | None = "auto"  # round batch lengths up (few distinct shapes); auto = 64 on a GPU
     nodes: int = 1                    # > 1: SLURM multi-node (distill_bench.train.launch)
     distributed: str = "ddp"          # gpus * nodes > 1: "ddp", or "fsdp" (full shard) for students too big for DDP
-    attn_implementation: str | None = None  # None keeps the model's own (sdpa in transformers 5)
+    # auto: varlen for padding-free GPU training where it applies (distill_bench.train.varlen), else the model's own;
+    # None keeps the model's own (sdpa in transformers 5)
+    attn_implementation: str | None = "auto"
     torch_compile: bool | str = "auto"  # false, true/"model" (HF compiles the whole model), "layers" (each decoder
                                         # layer), "auto" = layers on a GPU (distill_bench.train.speed)
     stale_checkpoints: str = "refuse"  # checkpoints of another config: "refuse" (error) or "set_aside" (renamed
@@ -205,14 +210,12 @@ def _loss_positions_sft_trainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not self._head_on_loss_positions or "shift_labels" in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs["labels"]
-            mask = labels[:, 1:] != -100   # padding-free rows too: each document's first label is -100
-            rows, cols = mask.nonzero(as_tuple=True)
+            rows, cols, targets = loss_positions_of(inputs)
             logits = model(**model_inputs(inputs), kd_rows=rows, kd_cols=cols)
-            loss = F.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="sum")
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
             if num_items_in_batch is None:
                 # local mean; the Trainer will not divide by the accumulation steps (loss_is_scaled_for_ga)
-                loss = loss / max(int(mask.sum()), 1) / getattr(self, "current_gradient_accumulation_steps", 1)
+                loss = loss / max(targets.numel(), 1) / getattr(self, "current_gradient_accumulation_steps", 1)
             else:
                 loss = loss / num_items_in_batch
                 if self.args.average_tokens_across_devices:
@@ -223,7 +226,19 @@ def _loss_positions_sft_trainer():
 
 
 MODEL_INPUT_SKIP = frozenset({"labels", "completion_mask", "example_index", "kd_ids", "kd_values", "kd_tail",
-                              REAL_TOKENS})
+                              REAL_TOKENS, LOSS_TOKENS, *LOSS_POSITIONS})
+
+
+def loss_positions_of(inputs: Mapping[str, Any]):
+    """(rows, cols, targets) of the loss-bearing positions of ``labels[:, 1:]`` (row-major): LMCollator's, built on
+    the CPU, else found on the device (one host synchronisation). Padding-free rows too: each document's first label
+    is -100."""
+    if LOSS_POSITIONS[0] in inputs:
+        return tuple(inputs[k] for k in LOSS_POSITIONS)
+    shifted = inputs["labels"][:, 1:]
+    mask = shifted != -100
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows, cols, shifted[mask]
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,7 +271,10 @@ def _counting_trainer_class(base: type) -> type:
             labels = inputs.get("labels")
             if labels is None:
                 raise KeyError("training batch has no 'labels'; a custom collator must keep them (-100 = no loss)")
-            if "shift_labels" in inputs:
+            loss_tokens = inputs.pop(LOSS_TOKENS, None)   # LMCollator's count, no device read
+            if loss_tokens is not None:
+                self._db_trained_tokens += int(loss_tokens)
+            elif "shift_labels" in inputs:
                 self._db_trained_tokens += int(inputs["shift_labels"].ne(-100).sum())
             else:
                 self._db_trained_tokens += int(labels[..., 1:].ne(-100).sum())
@@ -378,6 +396,10 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         logging_strategy="steps",
         logging_steps=settings.logging_steps or max(1, min(50, max_steps // 50)),
         logging_first_step=True,
+        # no per-step host synchronisation: HF's NaN/inf filter reads every step's loss on the host (a NaN loss is
+        # logged as NaN instead of being smoothed over), and batches are copied to the GPU without blocking
+        logging_nan_inf_filter=False,
+        accelerator_config=None if use_cpu else {"non_blocking": True},
         report_to="none",
         disable_tqdm=True,
         use_cpu=use_cpu,
@@ -535,10 +557,10 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
             meter.record("stale_checkpoints_set_aside", set_aside)
 
     use_cpu = not torch.cuda.is_available()
-    if settings.attn_implementation:
-        model.set_attn_implementation(settings.attn_implementation)
+    own_attn = model.config._attn_implementation
+    attn = settings.attn_implementation if settings.attn_implementation != "auto" else None
     padding_free = resolve_padding_free(settings.padding_free, on_gpu=not use_cpu,
-                                        attn_implementation=model.config._attn_implementation)
+                                        attn_implementation=attn or own_attn)
     multiple = resolve_pad_multiple(settings.pad_to_multiple_of, on_gpu=not use_cpu)
     if collator is None:
         collator = LMCollator(tokenizer.pad_token_id)
@@ -549,6 +571,15 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
             raise ValueError(f"training.padding_free / pad_to_multiple_of: the custom collator "
                              f"{type(collator).__name__} is not an LMCollator and lays batches out itself")
         padding_free, multiple = False, None
+    if settings.attn_implementation == "auto" and padding_free and not use_cpu and varlen_auto_applies(model.config):
+        attn = VARLEN   # +42 % tok/s over SDPA's masked padding-free rows on an H100 (docs/BENCHMARKS.md)
+    if attn == VARLEN:
+        if not padding_free:
+            raise ValueError("training.attn_implementation=varlen needs padding-free batches: training.padding_free "
+                             "true (or auto on a GPU) and the trainer's own LMCollator")
+        model.set_attn_implementation(register_varlen())
+    elif attn:
+        model.set_attn_implementation(attn)
     compile_mode = resolve_compile(settings.torch_compile, on_gpu=not use_cpu)
     if compile_mode == "layers":
         log.info("compiled %d decoder layers", compile_decoder_layers(model))
@@ -589,6 +620,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         "padding_free": padding_free,
         "pad_to_multiple_of": multiple,
         "torch_compile": compile_mode,
+        "attn_implementation": attn or own_attn,
     }
     if hasattr(trainer, "data_wait_fraction"):  # KD: time waiting for the cache reads, as a share of step time
         summary["data_wait_fraction"] = trainer.data_wait_fraction()
@@ -600,6 +632,8 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     if summary["trained_tokens"] != settings.token_budget:
         raise RuntimeError(f"trained {summary['trained_tokens']} loss-bearing tokens but the budget is "
                            f"{settings.token_budget}: the batches consumed do not match the stream")
+    if attn == VARLEN:
+        model.set_attn_implementation(own_attn)   # the saved model must load without distill_bench's kernel
     if trainer.args.process_index == 0:
         save_model_dir(trainer.model, out / "final", tokenizer)
         write_train_log(out, summary)
