@@ -107,15 +107,16 @@ def continuous(model, name, prompts, new, eos, tmp) -> dict:
 
 
 def parse_variant(name: str) -> tuple[str, int, int | None, str]:
-    """``<mode>_b<rows>[_n<new tokens>][_sdpa|_gqa]`` -> (hf_decode mode, rows, new tokens or None, decode attention).
+    """``<mode>_b<rows>[_n<new tokens>][_bmm|_sdpa|_gqa]`` -> (hf_decode mode, rows, new tokens or None, decode
+    attention).
 
-    Decode attention of ``graph`` variants: ``grouped`` (default, distill_bench.generation.decode_attention: grouped
-    K/V read in place); ``_sdpa`` = the model's own SDPA path (transformers repeats K/V to every query head under a
-    mask); ``_gqa`` = that path with TRANSFORMERS_SDPA_FORCE_GQA=1 (SDPA's ``enable_gqa`` under the mask; which CUDA
-    kernel SDPA then picks is what it measures).
+    Decode attention of ``graph`` variants: ``grouped`` (default, distill_bench.generation.decode_attention: SDPA
+    with ``enable_gqa`` on the grouped K/V of the one decode token); ``_bmm`` = its two-bmm kernel; ``_sdpa`` = the
+    model's own SDPA path (transformers repeats K/V to every query head under a mask); ``_gqa`` = that path with
+    TRANSFORMERS_SDPA_FORCE_GQA=1 (grouped K/V with ``enable_gqa`` in prefill too).
     """
     parts = name.split("_")
-    attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa"}.get(parts[-1], "grouped")
+    attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa", "bmm": "grouped_bmm"}.get(parts[-1], "grouped")
     if attention != "grouped":
         parts.pop()
     new = int(parts.pop()[1:]) if parts[-1].startswith("n") and parts[-1][1:].isdigit() else None
@@ -185,7 +186,7 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                 os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if attention == "sdpa_gqa" else "0"
                 try:
                     r = run_variant(model, name, ps, st, eos=eos, tmp=tmp,
-                                    decode_attention="grouped" if attention == "grouped" else "model")
+                                    decode_attention=attention if attention.startswith("grouped") else "model")
                 finally:
                     os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
                 r["decode_attention"] = attention
@@ -219,7 +220,7 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                     r["prefill_share"] = r["prefill_s"] / (r["prefill_s"] + r["decode_s"])
             tokens[name] = r.pop("_tokens")
             base = (name.replace("graph_", "eager_").replace("hf_static_", "eager_").removesuffix("_gqa")
-                    .removesuffix("_sdpa"))
+                    .removesuffix("_sdpa").removesuffix("_bmm"))
             if base != name and base in tokens:  # greedy agreement with eager on the same prompts (bf16 may differ)
                 ref, got = tokens[base], tokens[name]
                 r["rows_identical_to_eager"] = sum(ref[k] == got[k] for k in ref) / len(ref)
@@ -246,7 +247,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="olmo2-1b", help=f"comma list of {sorted(SHAPES)}")
     ap.add_argument("--variants", default="eager_b64,graph_b64,eager_b256,graph_b256,cb_256,hf_static_b64,"
                                           "graph_b512",
-                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_sdpa|_gqa] or cb_<rows>; "
+                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_bmm|_sdpa|_gqa] or cb_<rows>; "
                          "shape:variant limits one to that shape")
     a = ap.parse_args()
     out = Path(a.out)

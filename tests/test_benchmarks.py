@@ -27,14 +27,17 @@ def test_shape_benchmark_times_new_and_seen_lengths(tmp_path):
 
 def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
     out = run("gpu_generation.py", tmp_path, "--shapes", "olmo2-1b,llama3.2-1b", "--variants",
-              "eager_b64,graph_b64_n512,llama3.2-1b:graph_b64,llama3.2-1b:graph_b64_sdpa,llama3.2-1b:graph_b64_gqa")
+              "eager_b64,graph_b64_n512,llama3.2-1b:graph_b64,llama3.2-1b:graph_b64_bmm,llama3.2-1b:graph_b64_sdpa,"
+              "llama3.2-1b:graph_b64_gqa")
     res = json.loads((tmp_path / "gpu_generation.json").read_text())
-    for shape, extra in (("olmo2-1b", []), ("llama3.2-1b", ["graph_b64", "graph_b64_sdpa", "graph_b64_gqa"])):
+    for shape, extra in (("olmo2-1b", []),
+                         ("llama3.2-1b", ["graph_b64", "graph_b64_bmm", "graph_b64_sdpa", "graph_b64_gqa"])):
         runs = res["shapes"][shape]["runs"]
         assert [r["variant"] for r in runs] == ["eager_b64", "graph_b64_n512"] + extra
         assert all(r["generated_tokens"] > 0 and r["fraction_of_roofline"] > 0 for r in runs)
     by_name = {r["variant"]: r for r in res["shapes"]["llama3.2-1b"]["runs"]}
-    for name, attention in (("graph_b64", "grouped"), ("graph_b64_sdpa", "sdpa"), ("graph_b64_gqa", "sdpa_gqa")):
+    for name, attention in (("graph_b64", "grouped"), ("graph_b64_bmm", "grouped_bmm"), ("graph_b64_sdpa", "sdpa"),
+                            ("graph_b64_gqa", "sdpa_gqa")):
         # every decode attention gives eager generate's greedy tokens (fp32 on CPU)
         assert by_name[name]["decode_attention"] == attention and by_name[name]["rows_identical_to_eager"] == 1.0
         assert 0 < by_name[name]["fraction_of_prefill_plus_decode_roofline"] < 1

@@ -20,9 +20,10 @@ class _Attn(torch.nn.Module):
         self.num_key_value_groups = groups
 
 
+@pytest.mark.parametrize("kernel", decode_attention.KERNELS)
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])   # GQA and plain multi-head
 @pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
-def test_grouped_attention_equals_sdpa_attention_for_one_and_many_query_tokens(heads, kv_heads, mask_kind):
+def test_grouped_attention_equals_sdpa_attention_for_one_and_many_query_tokens(kernel, heads, kv_heads, mask_kind):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     g = torch.Generator().manual_seed(0)
@@ -37,8 +38,9 @@ def test_grouped_attention_equals_sdpa_attention_for_one_and_many_query_tokens(h
                 "float": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
         module = _Attn(heads // kv_heads)
         want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3, is_causal=False)
-        got, weights = decode_attention.grouped_decode_attention(module, q, k, v, mask, scaling=0.3,
-                                                                 is_causal=False)
+        function = {"sdpa": decode_attention.sdpa_grouped_attention,
+                    "bmm": decode_attention.bmm_grouped_attention}[kernel]
+        got, weights = function(module, q, k, v, mask, scaling=0.3, is_causal=False)
         assert weights is None and got.shape == want.shape == (b, q_len, heads, d)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -52,7 +54,10 @@ def _tiny_gqa_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_graph_decode_uses_grouped_attention_gives_sdpa_greedy_tokens_and_restores_the_model(monkeypatch):
+@pytest.mark.parametrize("attention,function", [("grouped", "sdpa_grouped_attention"),
+                                                ("grouped_bmm", "bmm_grouped_attention")])
+def test_graph_decode_uses_grouped_attention_gives_sdpa_greedy_tokens_and_restores_the_model(monkeypatch, attention,
+                                                                                            function):
     model = _tiny_gqa_llama()
     ids = torch.randint(1, 96, (3, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -60,17 +65,17 @@ def test_graph_decode_uses_grouped_attention_gives_sdpa_greedy_tokens_and_restor
     mask[1, :2] = 0
     ids[mask == 0] = 0
     calls = []
-    real = decode_attention.grouped_decode_attention
+    real = getattr(decode_attention, function)
 
     def spy(module, query, *args, **kwargs):
         calls.append(query.shape[2])
         return real(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(decode_attention, "grouped_decode_attention", spy)
+    monkeypatch.setattr(decode_attention, function, spy)
     kw = dict(max_new_tokens=20, eos={96}, pad_id=0, greedy=True)
     want = StaticDecoder(model, 3, 64, compile=False, attention="model").generate(ids, mask, **kw)
     assert calls == []
-    decoder = StaticDecoder(model, 3, 64, compile=False)
+    decoder = StaticDecoder(model, 3, 64, compile=False, attention=attention)
     got = decoder.generate(ids, mask, **kw)
     assert torch.equal(got, want)
     steps = decoder.timings[-1]["decode_steps"]
@@ -82,7 +87,7 @@ def test_models_with_other_attention_keep_it_and_bad_decode_attention_is_refused
     model = _tiny_gqa_llama()
     model.set_attn_implementation("eager")
     with decode_attention.grouped_decode(model) as switched:
-        assert switched and model.config._attn_implementation == decode_attention.NAME
+        assert switched and model.config._attn_implementation == decode_attention.NAMES["sdpa"]
     assert model.config._attn_implementation == "eager"
     model.config._attn_implementation = "flex_attention"   # not switched: its own kernels stay
     with decode_attention.grouped_decode(model) as switched:

@@ -417,6 +417,7 @@ def test_every_layout_counts_real_tokens_only_and_learns_the_padded_runs_model(t
         res = train_student(model=model(tok), tokenizer=tok, examples=examples, seed=0, output_dir=out, meter=meter,
                             settings=settings(padding_free=padding_free, pad_to_multiple_of=multiple))
         assert res["padding_free"] is padding_free and meter.metrics["padding_free"] is padding_free
+        assert meter.metrics["attn_implementation"] == "sdpa"   # resolved, as the stage record shows it
         assert res["pad_to_multiple_of"] == multiple
         runs[padding_free, multiple] = (res, meter, weights(out))
     stream, _ = build_budgeted_dataset(examples, 300, 0)

@@ -126,9 +126,9 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSetting
     left padded. ``on_batch(prompt_positions, new_tokens_per_prompt_per_sample, elapsed_s)`` per batch; new tokens
     are what ``generate`` returns after the prompt (pad after EOS included; callers count with
     ``count_generated``). ``stats`` (optional dict) receives the resolved mode, row count, cache length and, for
-    ``graph``, per-batch prefill/decode times. ``decode_attention`` (``graph`` only): ``grouped`` (default) or
-    ``model`` (the model's own attention; for the benchmark's comparison). Shared by ``generate_hf`` and
-    benchmarks/gpu_generation.py."""
+    ``graph``, per-batch prefill/decode times. ``decode_attention`` (``graph`` only): ``grouped`` (default),
+    ``grouped_bmm`` or ``model`` (``static_decode.DECODE_ATTENTION``; for the benchmark's comparisons). Shared by
+    ``generate_hf`` and benchmarks/gpu_generation.py."""
     import torch
 
     if not prompt_ids:

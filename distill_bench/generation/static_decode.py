@@ -20,7 +20,9 @@ import torch
 
 from distill_bench.generation.decode_attention import grouped_decode
 
-DECODE_ATTENTION = ("grouped", "model")  # grouped: decode_attention.py; model: the model's own (SDPA) attention
+# decode attention: grouped = SDPA on grouped K/V (decode_attention.py, kernel "sdpa"), grouped_bmm = its two-bmm
+# kernel, model = the model's own attention (transformers' SDPA path repeats K/V per query head under a mask)
+DECODE_ATTENTION = ("grouped", "grouped_bmm", "model")
 CHECK_EVERY = 16  # decode steps between host checks of "all rows finished" (each check is one sync)
 LEN_BUCKET = 64   # cache length is rounded up to this, so calls with similar lengths share one compiled graph
 
@@ -56,10 +58,10 @@ class StaticDecoder:
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
         """``ids``/``mask``: [rows, width] left-padded on the model's device. Returns [rows, n] new tokens (n <=
         max_new_tokens; pad after a row's EOS), like ``generate(...)[:, width:]``. Keywords: ``_decode``'s."""
-        if self.attention == "grouped":
-            with grouped_decode(self.model):
-                return self._decode(ids, mask, **kw)
-        return self._decode(ids, mask, **kw)
+        if self.attention == "model":
+            return self._decode(ids, mask, **kw)
+        with grouped_decode(self.model, "bmm" if self.attention == "grouped_bmm" else "sdpa"):
+            return self._decode(ids, mask, **kw)
 
     @torch.no_grad()
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos: set[int], pad_id: int,

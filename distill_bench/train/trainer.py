@@ -209,6 +209,7 @@ def _loss_positions_sft_trainer():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not self._head_on_loss_positions or "shift_labels" in inputs:
+                inputs = {k: v for k, v in inputs.items() if k not in LOSS_POSITIONS}   # TRL passes all to the model
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             rows, cols, targets = loss_positions_of(inputs)
             logits = model(**model_inputs(inputs), kd_rows=rows, kd_cols=cols)
@@ -663,7 +664,8 @@ def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
         return
     meter.set_primary_tokens("trained_tokens")
     for key in ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
-                "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile"):
+                "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile",
+                "attn_implementation"):
         meter.record(key, summary[key])
     meter.record("trained_tokens_total", int(summary["trained_tokens"]))
     meter.record("token_budget", int(summary["token_budget"]))
