@@ -1,7 +1,10 @@
 """Real trainer path on one GPU (issue 10): `train_student` (TRL SFTTrainer subclass, exact counting, our collators)
 for sft_gt and kd (real top-k cache built by `build_cache`): padded vs `training.padding_free`, free lengths vs
-`training.pad_to_multiple_of`, eager vs `training.torch_compile` (layers / model), SDPA vs flex attention, DataLoader
-workers. Variant names spell their settings (sft_padfree_layers_m64 = padding-free, layer compile, lengths x64).
+`training.pad_to_multiple_of`, eager vs `training.torch_compile` (layers / model), SDPA vs flex vs varlen attention,
+DataLoader workers. Variant names spell their settings (sft_padfree_layers_m64 = padding-free, layer compile,
+lengths x64); `*_gpu_defaults` leave every speed key at `auto`, as a user's run resolves them, and
+`sft_gpu_defaults_syncs` puts the old per-step host synchronisations back for comparison. `--batch` sets the rows
+per micro-batch (4 by default, as in every table of docs/BENCHMARKS.md unless it says otherwise).
 One entry point, JSON under --out, one table printed last.
 
     python benchmarks/gpu_trainer.py --out DIR            # OLMo-2-0425-1B shape, random init, needs a CUDA GPU
@@ -321,20 +324,18 @@ def window_stats(stream: list[dict], batch: int, first_step: int, last_step: int
             "suite_flops": suite, "examples": len(items)}
 
 
-class PositionlessCollator:
-    """LMCollator without its CPU-built loss positions and count: the trainer then finds them on the GPU."""
+def positionless_collator(pad_token_id: int):
+    """An LMCollator without its CPU-built loss positions and count: the trainer then finds them on the GPU."""
+    from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, LMCollator
 
-    def __new__(cls, pad_token_id: int):
-        from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, LMCollator
+    class PositionlessCollator(LMCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            for k in (*LOSS_POSITIONS, LOSS_TOKENS):
+                batch.pop(k)
+            return batch
 
-        class _Positionless(LMCollator):
-            def __call__(self, features):
-                batch = super().__call__(features)
-                for k in (*LOSS_POSITIONS, LOSS_TOKENS):
-                    batch.pop(k)
-                return batch
-
-        return _Positionless(pad_token_id)
+    return PositionlessCollator(pad_token_id)
 
 
 @contextlib.contextmanager
@@ -397,7 +398,7 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     status = "failed"
     summary: dict = {}
     if host_syncs:   # the step as before the sync-free changes: positions found on the GPU, NaN filter, blocking copies
-        collator = collator or PositionlessCollator(tok.pad_token_id)
+        collator = collator or positionless_collator(tok.pad_token_id)
     try:
         with host_syncs_as_before(host_syncs):
             summary = train_student(model=model, tokenizer=tok, examples=examples, settings=settings, seed=seed,
