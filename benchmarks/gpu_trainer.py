@@ -598,6 +598,8 @@ def main() -> None:
         ("sft_gpu_defaults_syncs", False, {**gpu_defaults, "_with_host_syncs": True}, "sdpa", 0.12, 10, 70, False,
          True),
         ("kd_gpu_defaults", True, dict(gpu_defaults), "sdpa", 0.13, 10, 70, False, True),
+        ("sft_gpu_defaults_ckpt", False, {**gpu_defaults, "gradient_checkpointing": True}, "sdpa", 0.16, 10, 70, False,
+         True),
         ("kd_pad_eager", True, {**pad, **m0}, "sdpa", 0.25, 5, 25, False, True),
         ("sft_pad_layers", False, {**pad, **layers, **m0}, "sdpa", 0.20, 10, 70, False, True),
         ("sft_pad_eager_plaince", False, {**pad, **m0}, "sdpa", 0.24, 5, 25, False, True),

@@ -382,6 +382,27 @@ def test_train_student_with_varlen_saves_a_model_with_its_own_attention(tok, exa
                       settings=settings(attn_implementation="varlen", padding_free=False))
 
 
+def test_varlen_under_activation_checkpointing_learns_the_same_model(tok, examples, tmp_path, monkeypatch):
+    """The cluster config trains with activation checkpointing: the recomputed forward must reach the varlen kernel
+    with the same document boundaries, so the trained weights equal a run without checkpointing."""
+    import torch
+
+    from distill_bench.train import varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "_kernel", lambda: reference_varlen_kernel(calls))
+    weights_by_mode = {}
+    for ckpt in (False, True):
+        out = tmp_path / f"ckpt{ckpt}"
+        train_student(model=model(tok), tokenizer=tok, examples=examples[:16], seed=0, output_dir=out,
+                      settings=settings(attn_implementation="varlen", padding_free=True,
+                                        gradient_checkpointing=ckpt))
+        weights_by_mode[ckpt] = (weights(out), len(calls))
+    (plain, n_plain), (ckpt, n_all) = weights_by_mode[False], weights_by_mode[True]
+    assert n_all - n_plain > n_plain          # the recompute called the kernel again
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
+
+
 def test_auto_attention_picks_varlen_only_for_plain_causal_models_on_a_gpu(tok, examples, tmp_path, monkeypatch):
     from transformers import LlamaConfig, MistralConfig
 
