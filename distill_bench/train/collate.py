@@ -12,6 +12,15 @@ LOSS_TOKENS = "num_loss_tokens"   # batch key: loss-bearing positions (labels[..
 LOSS_POSITIONS = ("loss_rows", "loss_cols", "loss_targets")
 
 
+def loss_positions_in(labels):
+    """(rows, cols, targets) of the loss-bearing positions of ``labels[:, 1:]`` (-100 = no loss), row-major: the
+    order of the KD cache's teacher rows. On the CPU in the collator; on a device tensor it synchronises the host."""
+    shifted = labels[:, 1:]
+    mask = shifted != -100
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows, cols, shifted[mask]
+
+
 class LMCollator:
     """Padded rows + attention mask, or one padding-free row with position_ids (TRL's own collator lays both out).
 
@@ -51,9 +60,7 @@ class LMCollator:
                                                  pad_to_multiple_of=self.pad_to_multiple_of)
         batch = layout(rows)
         batch[REAL_TOKENS] = sum(len(r["input_ids"]) for r in rows)
-        shifted = batch["labels"][:, 1:]
-        mask = shifted != -100
-        rows_i, cols_i = mask.nonzero(as_tuple=True)
-        batch.update(zip(LOSS_POSITIONS, (rows_i, cols_i, shifted[mask])))
-        batch[LOSS_TOKENS] = int(rows_i.numel())
+        positions = loss_positions_in(batch["labels"])
+        batch.update(zip(LOSS_POSITIONS, positions))
+        batch[LOSS_TOKENS] = int(positions[2].numel())
         return batch

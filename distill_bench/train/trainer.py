@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 from distill_bench.artifacts import short_hash
 from distill_bench.energy.atomic import atomic_write_json
 from distill_bench.train.budget import build_budgeted_dataset
-from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator
+from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_in
 from distill_bench.train.speed import (compile_decoder_layers, resolve_compile, resolve_pad_multiple,
                                        resolve_padding_free)
 from distill_bench.train.varlen import CONFIG_NAME as VARLEN
@@ -236,10 +236,7 @@ def loss_positions_of(inputs: Mapping[str, Any]):
     is -100."""
     if LOSS_POSITIONS[0] in inputs:
         return tuple(inputs[k] for k in LOSS_POSITIONS)
-    shifted = inputs["labels"][:, 1:]
-    mask = shifted != -100
-    rows, cols = mask.nonzero(as_tuple=True)
-    return rows, cols, shifted[mask]
+    return loss_positions_in(inputs["labels"])
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
