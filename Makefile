@@ -1,20 +1,36 @@
 # The two commands of the README:
 #   make run    set up .venv (pinned, CPU torch) and run the whole embedded DAG to results/summary/comparison.md
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv, check the code (make lint) and run the test suite
+#
+# Which torch build: TORCH_VARIANT=cpu (default) installs the +cpu wheel from PyTorch's CPU index (no CUDA
+# libraries, a few hundred MB); TORCH_VARIANT=cuda installs PyPI's default build, which brings the CUDA libraries
+# (for GPU machines: `make setup TORCH_VARIANT=cuda`). requirements.lock pins the version for both; the variant is
+# installed first, so the lock's plain `torch==` pin is already satisfied by it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TORCH_VARIANT ?= cpu
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements.lock)
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+ifeq ($(TORCH_VARIANT),cpu)
+TORCH_INSTALL := "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX)
+else ifeq ($(TORCH_VARIANT),cuda)
+TORCH_INSTALL := "torch==$(TORCH_VERSION)"
+else
+$(error TORCH_VARIANT must be cpu or cuda, not '$(TORCH_VARIANT)')
+endif
 
-.PHONY: run test dryrun setup clean
+.PHONY: run test lint dryrun setup clean
 
-$(BIN)/.installed: requirements.lock pyproject.toml
+$(BIN)/.installed-$(TORCH_VARIANT): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_INSTALL)
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-setup: $(BIN)/.installed
+setup: $(BIN)/.installed-$(TORCH_VARIANT)
 
 run: setup
 	$(BIN)/snakemake
@@ -22,7 +38,11 @@ run: setup
 dryrun: setup
 	$(BIN)/snakemake -n
 
-test: setup
+# ruff (config in pyproject.toml)
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 clean:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
-import json
 import statistics
 import sys
 import tempfile

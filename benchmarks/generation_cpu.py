@@ -97,16 +97,18 @@ def main(argv=None) -> int:
     import transformers
 
     from distill_bench.generation import GenerationSettings, generate
-    from distill_bench.generation.toy import build_toy_model, build_toy_tokenizer
+    from distill_bench.models.build import init_model_from_arch
+    from distill_bench.models.tokenizer import train_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()  # the right-padding warning is the point of the baseline
-    tok = build_toy_tokenizer()
-    model = build_toy_model(tok, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4,
-                            intermediate_size=3 * args.hidden_size, seed=args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
     prompts = make_prompts(args.n_prompts, args.seed)
+    # the workflow's own tokenizer and model builders (random weights: throughput does not depend on training)
+    tok = train_tokenizer(prompts, vocab_size=256)
+    model = init_model_from_arch({"hidden_size": args.hidden_size, "num_layers": args.layers, "num_heads": 4,
+                                  "intermediate_size": 3 * args.hidden_size}, tok, seed=args.seed).eval()
+    n_params = sum(p.numel() for p in model.parameters())
     run_ours(model, tok, prompts[:4], 2, 4)  # warm-up (allocator, kernels)
 
     # greedy reference, one prompt at a time: what every batched run should reproduce

@@ -102,8 +102,8 @@ def main() -> None:
                       "devices": [d.get("name") for d in (rec["devices"]["gpu"] or {}).get("devices", [])]
                       if isinstance(rec["devices"]["gpu"], dict) else rec["devices"]["gpu"],
                       "distributed": rec["metrics"].get("distributed"), "status": rec["status"]}
-    c1 = [l for _, l in rows[1]["loss_curve"]]
-    c2 = [l for _, l in rows[2]["loss_curve"]]
+    c1 = [loss for _, loss in rows[1]["loss_curve"]]
+    c2 = [loss for _, loss in rows[2]["loss_curve"]]
     rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(c1, c2)]
     result = {"params": n_params, "arch": arch, "per_gpu_batch": per_gpu, "global_batch": 2 * per_gpu,
               "token_budget": budget, "precision": precision, "runs": rows,

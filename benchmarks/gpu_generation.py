@@ -277,7 +277,7 @@ def main() -> None:
             if "tokens_per_s" not in r:
                 lines.append(f"{shape} | {r['variant']} | {r.get('error', r.get('skipped', '?'))[:120]}")
                 continue
-            f = lambda k, fmt, scale=1: (fmt.format(scale * r[k]) if r.get(k) is not None else "-")  # noqa: E731
+            f = lambda k, fmt, scale=1, r=r: (fmt.format(scale * r[k]) if r.get(k) is not None else "-")  # noqa: E731
             kv = 100 * r["tokens_per_s"] / r["kv_roofline_tokens_per_s"] if r.get("kv_roofline_tokens_per_s") \
                 else None
             lines.append(" | ".join([

@@ -272,7 +272,6 @@ def train_variant(model, name: str, *, out: Path, batch: int, seq: int, steps: i
            "warmup_s": warm_s, "final_loss": float(lval), "gpu_j": m.gpu_j,
            "j_per_token": m.gpu_j / tokens if m.gpu_j else None, "gpu_avg_w": m.avg_w, "kd_chunk": chunk,
            "autocast_bf16_fp32_master": autocast}
-    del opt
     return res
 
 

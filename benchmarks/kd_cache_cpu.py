@@ -22,7 +22,6 @@ import torch
 from distill_bench.kd.cache import CacheReader, bytes_per_position, id_encoding_for, id_row_bytes
 from distill_bench.kd.loss import kd_loss
 from distill_bench.kd.stage import build_cache
-from distill_bench.kd.toy import tiny_llama
 from distill_bench.kd.trainer import KDCollator
 
 VOCAB, K = 320, 64
@@ -40,8 +39,19 @@ def synthetic_corpus(n: int, max_length: int, seed: int) -> list[dict]:
     return out
 
 
+def random_llama(vocab_size: int, *, hidden: int, layers: int, heads: int, seed: int):
+    """Random-init untied LlamaForCausalLM: throughput and cache size do not depend on what a model learned."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
 def peaked_teacher(seed: int):
-    model = tiny_llama(VOCAB, hidden=64, layers=2, heads=4, seed=seed)
+    model = random_llama(VOCAB, hidden=64, layers=2, heads=4, seed=seed)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(40.0)
     return model.eval()
@@ -100,7 +110,7 @@ def main() -> None:
     res["teacher_mean_top1_prob"] = float(top1.mean())
     res["teacher_mean_tail_mass_k64"] = float(tailm.mean())
 
-    student = tiny_llama(VOCAB, hidden=64, layers=2, heads=4, seed=args.seed + 1)
+    student = random_llama(VOCAB, hidden=64, layers=2, heads=4, seed=args.seed + 1)
     examples = [dict(e, example_index=i) for i, e in enumerate(corpus)]
     batches = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
 
@@ -142,7 +152,7 @@ def main() -> None:
 
     # KD vs SFT training steps (forward + backward + AdamW), same batches
     def steps(mode: str) -> tuple[float, int]:
-        model = tiny_llama(VOCAB, hidden=64, layers=2, heads=4, seed=args.seed + 2)
+        model = random_llama(VOCAB, hidden=64, layers=2, heads=4, seed=args.seed + 2)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         pre = [col(b) for b in batches]
         total_pos, times = 0, []

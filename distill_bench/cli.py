@@ -6,6 +6,8 @@ import importlib
 import json
 import sys
 
+from distill_bench import __version__
+
 # subcommand -> ("module:function taking argv", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "measure": ("distill_bench.energy.cli:measure_main", "measure the energy of any command (stage JSON)"),
@@ -53,8 +55,11 @@ def stage_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"distill-bench {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: distill-bench COMMAND [ARGS...]\n\ncommands:")
+        print("usage: distill-bench [--version] COMMAND [ARGS...]\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:<16} {text}")
         return 0 if argv else 2

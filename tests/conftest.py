@@ -76,7 +76,7 @@ def save_tiny_model(tok, out_dir, seed=0):
 @pytest.fixture(scope="module")
 def tok():
     """The generation tests' character-level chat tokenizer (distill_bench.generation.toy)."""
-    from distill_bench.generation.toy import build_toy_tokenizer
+    from toy_generation import build_toy_tokenizer
 
     return build_toy_tokenizer()
 
@@ -84,6 +84,6 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     """A tiny random Llama over ``tok`` (seed 3); test modules with their own ``tok``/``model`` override these."""
-    from distill_bench.generation.toy import build_toy_model
+    from toy_generation import build_toy_model
 
     return build_toy_model(tok, seed=3)

@@ -104,7 +104,7 @@ def test_dpo_config_defaults_and_errors_name_the_key():
 def env(tmp_path_factory):
     import datasets
 
-    from distill_bench.generation.toy import build_toy_model, build_toy_tokenizer
+    from toy_generation import build_toy_model, build_toy_tokenizer
     from distill_bench.models.build import save_model_dir
     from distill_bench.models.tokenizer import save_tokenizer
 
@@ -146,7 +146,7 @@ def test_teacher_logprob_is_length_normalised(env):
     import torch
 
     from distill_bench.dpo.judges import score_teacher_logprob, sequence_logprobs
-    from distill_bench.generation.toy import build_toy_model
+    from toy_generation import build_toy_model
     from distill_bench.models.tokenizer import encode_prompt_response
 
     tok = env["tok"]
@@ -166,7 +166,7 @@ def test_teacher_logprob_is_length_normalised(env):
 
 def test_teacher_logprob_is_padding_invariant(env):
     from distill_bench.dpo.judges import score_teacher_logprob
-    from distill_bench.generation.toy import build_toy_model
+    from toy_generation import build_toy_model
 
     model = build_toy_model(env["tok"], seed=4)
     rows = [{"prompt": r["prompt"], "response": r["response"][: 3 + 4 * k]} for k, r in enumerate(env["records"][:6])]
@@ -257,7 +257,7 @@ def test_no_surviving_pair_is_an_error_naming_judge_and_margin(env, tmp_path):
 def test_llm_judge_reads_its_own_tokenizer_and_drops_equal_scores(env, tmp_path):
     """A chain model that always replies 'Score: 7': every candidate parses, all equal -> no pair, clear error."""
     from distill_bench.dpo.stage import judge_candidates
-    from distill_bench.generation.toy import ASSISTANT, EOS, build_chain_model
+    from toy_generation import ASSISTANT, EOS, build_chain_model
     from distill_bench.models.build import save_model_dir
 
     tok = env["tok"]
@@ -349,8 +349,8 @@ def test_dpo_raises_implicit_reward_accuracy_on_its_training_pairs(env, tmp_path
 
 def test_reference_with_another_tokenizer_is_refused(env, tmp_path):
     from distill_bench.dpo.train import train_dpo
-    from distill_bench.generation.toy import build_toy_model
-    from distill_bench.kd.toy import tiny_tokenizer
+    from toy_generation import build_toy_model
+    from toy_kd import tiny_tokenizer
     from distill_bench.models.build import save_model_dir
     from distill_bench.models.tokenizer import TokenizerMismatchError
 

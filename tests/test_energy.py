@@ -14,7 +14,6 @@ import pytest
 
 from distill_bench.energy import (EnergySettings, StageMeter, load_stage_json, measure_idle, run_stage,
                                   validate_stage_dict, write_environment_snapshot)
-from distill_bench.energy import meter as meter_mod
 from distill_bench.energy.cli import measure_main
 from distill_bench.energy.rapl import RaplAccumulator, discover, wrap_delta
 from distill_bench.energy.validate import load_json
@@ -140,7 +139,7 @@ def _clean_env(monkeypatch):
 # ---------------------------------------------------------------------------------------------------- GPU
 def test_counter_deltas_summed_across_devices(tmp_path):
     nv = fake_gpus(2)
-    with meter(tmp_path, nvml_module=nv) as m:
+    with meter(tmp_path, nvml_module=nv):
         nv.devs[0]["energy_mj"] += 50_000
         nv.devs[1]["energy_mj"] += 25_500
     rec = written(tmp_path / "s.json")

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from distill_bench.eval.stage import evaluate  # noqa: E402
-from distill_bench.generation.toy import build_chain_model, build_toy_tokenizer  # noqa: E402
+from toy_generation import build_chain_model, build_toy_tokenizer  # noqa: E402
 from conftest import FakeMeter  # noqa: E402
 
 ANSWERS = ["7", "7", "3", "10"]

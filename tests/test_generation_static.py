@@ -10,7 +10,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from distill_bench.generation import GenerationSettings, generate  # noqa: E402
 from distill_bench.generation.static_decode import LEN_BUCKET, cache_length  # noqa: E402
-from distill_bench.generation.toy import TOY_PROMPTS, build_chain_model  # noqa: E402
+from toy_generation import TOY_PROMPTS, build_chain_model  # noqa: E402
 
 PROMPTS = TOY_PROMPTS
 

@@ -9,9 +9,9 @@ import torch
 from distill_bench.kd import cache as cache_mod
 from distill_bench.kd.cache import (CacheError, CacheReader, CacheWriter, bytes_per_position, decode_ids, encode_ids,
                                     encode_values, id_encoding_for, id_row_bytes, loss_positions)
-from distill_bench.kd.loss import kd_loss, tail_at_temperature
+from distill_bench.kd.loss import kd_loss
 from distill_bench.kd.stage import _topk_rows, build_cache
-from distill_bench.kd.toy import tiny_llama, tiny_tokenizer, toy_encoded
+from toy_kd import tiny_llama, tiny_tokenizer, toy_encoded
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

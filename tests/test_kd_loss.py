@@ -7,7 +7,7 @@ import torch
 from distill_bench.kd.loss import (KDConfigError, kd_loss, tail_approximation_bound, tail_at_temperature,
                                    teacher_bucket_log_probs)
 from distill_bench.kd.stage import _topk_rows
-from distill_bench.kd.toy import tiny_llama
+from toy_kd import tiny_llama
 
 V = 40
 

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from distill_bench.kd.cache import CacheMismatchError, CacheReader, loss_positions  # noqa: E402
 from distill_bench.kd.loss import KDConfigError, kd_loss  # noqa: E402
 from distill_bench.kd.stage import build_cache, cache_logits  # noqa: E402
-from distill_bench.kd.toy import TEXTS, tiny_llama, tiny_tokenizer, toy_encoded, toy_pairs  # noqa: E402
+from toy_kd import TEXTS, tiny_llama, tiny_tokenizer, toy_encoded, toy_pairs  # noqa: E402
 from distill_bench.kd.trainer import KDSFTTrainer, kd_trainer_parts  # noqa: E402
 from distill_bench.models.tokenizer import vocab_hash  # noqa: E402
 from conftest import FakeMeter  # noqa: E402

@@ -23,7 +23,7 @@ NO_FILTERS = {"min_tokens": None, "max_tokens": None, "drop_truncated": False, "
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from distill_bench.data.io import save_dataset_dir
-    from distill_bench.generation.toy import build_toy_model, build_toy_tokenizer
+    from toy_generation import build_toy_model, build_toy_tokenizer
 
     root = tmp_path_factory.mktemp("synthetic")
     tok = build_toy_tokenizer()

@@ -290,7 +290,7 @@ def _check_trl_tokenization(prepared, enc: Sequence[Mapping[str, Any]]) -> None:
     got = prepared.select_columns(list(cols)).to_list()
     if len(got) != len(enc):
         raise RuntimeError(f"TRL kept {len(got)} of {len(enc)} pairs while preparing the dataset")
-    for i, (g, e) in enumerate(zip(got, enc)):
+    for g, e in zip(got, enc):
         for c in cols:
             if list(g[c]) != list(e[c]):
                 raise RuntimeError(f"TRL tokenised pair {e['index']} ({c}) differently from encode_prompt_response; "

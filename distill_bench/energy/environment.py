@@ -2,7 +2,6 @@
 (or reproduce) the energy numbers. Never imports torch (reads its version from package metadata)."""
 from __future__ import annotations
 
-import importlib
 import importlib.metadata as md
 import os
 import platform

@@ -1,7 +1,8 @@
 """A tiny character-level chat tokenizer and random-init Llama, built in memory.
 
-Tests and ``benchmarks/generation_cpu.py`` need a real HF tokenizer (with a chat template) and a real
-``LlamaForCausalLM`` without downloading anything; these are small enough to run in seconds on a 2-core CPU.
+Test-only: the tests need a real HF tokenizer (with a chat template) and a real ``LlamaForCausalLM`` without
+downloading anything; these are small enough to run in seconds on a 2-core CPU. Imported as ``from toy_generation
+import ...`` (pytest puts tests/ on the path).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tiny, download-free fixtures shared by the KD tests and `benchmarks/kd_cache_cpu.py`."""
+"""Test-only: tiny, download-free fixtures shared by the KD, DPO and cache tests."""
 from __future__ import annotations
 
 import random
