@@ -459,19 +459,19 @@ def release() -> None:
 
 
 def plain_ce_trainer_cls():
-    """Diagnostic SFT trainer: torch CE over head(hidden) at loss positions only (distill_bench.kd.trainer.add_kd_head)
+    """Diagnostic SFT trainer: torch CE over head(hidden) at loss positions only (distill_bench.train.head.add_positions_head)
     instead of TRL 1.16's fused chunked log-prob kernel (which also computes entropy and top-1 every step)."""
     import torch.nn.functional as F
     from trl import SFTTrainer
 
-    from distill_bench.kd.trainer import add_kd_head
+    from distill_bench.train.head import add_positions_head
 
     class PlainCESFTTrainer(SFTTrainer):
         loss_is_scaled_for_ga = True
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            if not add_kd_head(self.model):
+            if not add_positions_head(self.model):
                 raise RuntimeError("model logits are not head(hidden)")
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -351,7 +351,7 @@ def prerun(*, out_json: str | os.PathLike, hardware: Mapping[str, Any] | None = 
     Raises :class:`HardwareError` listing every mismatch (the JSON is still written, with ``status: mismatch``,
     so the facts that failed the check can be read). On a CPU-only node with no preset it records and passes.
     """
-    from distill_bench.energy.atomic import atomic_write_json
+    from distill_bench.atomic import atomic_write_json
     from distill_bench.energy.nvml import NvmlReader
 
     hw = dict(hardware or {})

@@ -408,3 +408,29 @@ def test_checkpoint_of_another_run_is_not_resumed(env, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="refusing to mix runs"):
         train_dpo(meter=FakeMeter(), pairs=pairs, tokenizer=env["tok_dir"], init_model=env["student"],
                   out_dir=str(tmp_path / "dpo"), dpo={}, training=TRAINING, seed=0)
+
+
+def test_dpo_on_two_processes_goes_through_the_launch_and_counts_tokens_once(env, tmp_path, monkeypatch):
+    """DPO takes the same torchrun launch as SFT and KD (2 gloo processes on CPU): the launching meter gets the
+    declared tokens once (rank 0 reports the all-reduced tally), and the loss matches one process's."""
+    from distill_bench.train.stage import train_student as stage
+
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    pairs = _save_pairs(tmp_path / "pairs", _systematic_pairs(8))
+    common = dict(pipeline="dpo", dataset=pairs, tokenizer=env["tok_dir"], init_model=env["student"],
+                  dpo={"epochs": 1, "beta": 0.1}, seed=0)
+    one, two = FakeMeter(), FakeMeter()
+    s1 = stage(meter=one, out_dir=str(tmp_path / "one"), training={**TRAINING, "batch_size": 4, "logging_steps": 1},
+               **common)
+    s2 = stage(meter=two, out_dir=str(tmp_path / "two"),
+               training={**TRAINING, "batch_size": 2, "gpus": 2, "logging_steps": 1}, **common)
+    assert "torch.distributed.run" in two.metrics["launch_command"]
+    assert two.metrics["distributed"]["world_size"] == 2
+    declared = s1["declared_token_budget"]
+    assert s2["trained_tokens"] == declared == s1["trained_tokens"]
+    assert one.tokens["trained_tokens"] == two.tokens["trained_tokens"] == declared
+    assert two.metrics["trained_tokens_total"] == declared
+    assert s1["steps"] == s2["steps"] == 2
+    assert [v for _, v in s2["loss_curve"]] == pytest.approx([v for _, v in s1["loss_curve"]], rel=1e-4)
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()

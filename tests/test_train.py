@@ -455,7 +455,8 @@ def test_collator_finds_loss_positions_on_the_cpu_and_gpu_steps_need_no_host_syn
     """Each host read of a GPU tensor stalls the step (docs/BENCHMARKS.md, third round): the loss positions and
     their count come from the collator, HF's per-step NaN filter is off and batches are copied without blocking."""
     from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, LMCollator
-    from distill_bench.train.trainer import loss_positions_of, training_arguments
+    from distill_bench.train.collate import loss_positions_of
+    from distill_bench.train.trainer import training_arguments
 
     batch = LMCollator(tok.pad_token_id, padding_free=padding_free, pad_to_multiple_of=16)(examples[:4])
     labels = batch["labels"]

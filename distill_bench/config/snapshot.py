@@ -8,7 +8,7 @@ import yaml
 
 from distill_bench.config.load import validate_config
 from distill_bench.config.plan import build_plan
-from distill_bench.energy.atomic import atomic_write_text
+from distill_bench.atomic import atomic_write_text
 
 
 def write_config_snapshot(config: dict, config_out: str | Path, plan_out: str | Path) -> None:

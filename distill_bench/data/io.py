@@ -13,8 +13,7 @@ from typing import Any
 
 import datasets
 
-from distill_bench.artifacts import write_dir_atomically
-from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.atomic import atomic_write_json, write_dir_atomically
 
 SCHEMA_COLUMNS = ("id", "prompt", "response", "answer", "source")
 SPLITS = ("train", "eval")
@@ -77,3 +76,11 @@ def dataset_content_hash(path: str | os.PathLike, *, recompute: bool = False) ->
         if isinstance(value, str) and value:
             return value
     return content_hash(load_dataset_dir(path))
+
+
+def dataset_hash_or_none(dataset: str | os.PathLike) -> str | None:
+    """Content hash of a prepared dataset dir for a settings fingerprint; None when it has none to read."""
+    try:
+        return dataset_content_hash(dataset)
+    except (FileNotFoundError, ValueError):
+        return None

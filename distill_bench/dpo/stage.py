@@ -24,10 +24,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from distill_bench.artifacts import (ChunkCheckpoint, dataset_hash_or_none, jsonl_text, short_hash,
-                                     write_dir_atomically)
+from distill_bench.artifacts import ChunkCheckpoint
+from distill_bench.atomic import atomic_write_json, atomic_write_text, jsonl_text, short_hash, write_dir_atomically
+from distill_bench.data.io import dataset_hash_or_none
 from distill_bench.dpo.config import normalize_dpo, sources_for
-from distill_bench.energy.atomic import atomic_write_json, atomic_write_text
+from distill_bench.dpo.pairs import REFERENCE_INFO, encode_pairs, read_pairs, resolve_lengths
+from distill_bench.dpo.train import check_reference_tokenizer, train_dpo
+from distill_bench.train.launch import launch_train, wants_launch
+from distill_bench.train.trainer import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +39,11 @@ CHUNK_BATCHES = 4
 SOURCE_SEED_STRIDE = 1_000_003
 CANDIDATES_INFO = "candidates_info.json"
 JUDGE_INFO = "judge_info.json"
-REFERENCE_INFO = "reference_info.json"
 SCORED = "scored_candidates.jsonl"
 CANDIDATE_COLUMNS = ("prompt_id", "prompt", "answer", "source", "sample_index", "response", "prompt_tokens",
                      "generated_tokens", "finished")
 PAIR_COLUMNS = ("prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_source",
                 "rejected_source")
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -290,23 +292,6 @@ def judge_candidates(*, meter, candidates: str, out_dir: str, dpo: Mapping[str, 
     return info
 
 
-def read_pairs(path: str | os.PathLike):
-    """The pairs ``Dataset`` (split ``train``) of a judge or reference stage, with a clear error naming the path."""
-    import datasets
-
-    p = Path(path)
-    if not (p / "dataset_dict.json").is_file():
-        raise FileNotFoundError(f"no DPO pairs at {p} (expected a DatasetDict; run judge_candidates first)")
-    dsd = datasets.load_from_disk(str(p))
-    if "train" not in dsd:
-        raise KeyError(f"DPO pairs {p} have no 'train' split (have {sorted(dsd)})")
-    ds = dsd["train"]
-    missing = [c for c in ("prompt", "chosen", "rejected") if c not in ds.column_names]
-    if missing:
-        raise KeyError(f"DPO pairs {p} lack column(s) {missing}")
-    return ds
-
-
 # --------------------------------------------------------------------------------------------- reference pass
 
 
@@ -321,7 +306,6 @@ def precompute_reference(*, meter, pairs: str, tokenizer: str, init_model: str, 
     import torch
 
     from distill_bench.dpo.judges import sequence_logprobs
-    from distill_bench.dpo.train import check_reference_tokenizer, encode_pairs, resolve_lengths
     from distill_bench.models.tokenizer import load_tokenizer
 
     cfg = normalize_dpo(dpo)
@@ -360,3 +344,20 @@ def precompute_reference(*, meter, pairs: str, tokenizer: str, init_model: str, 
     meter.record("pairs", len(rows))
     meter.record("dropped_too_long", dropped)
     return info
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def train_preferences(*, meter, dataset: str, tokenizer: str, init_model: str, out_dir: str, dpo: Mapping[str, Any],
+                      training: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """DPO's stage entry (the workflow's ``train_student`` rule for a ``dpo`` experiment): ``dataset`` is the judge's
+    (or the reference pass's) pairs dir. Several GPUs or nodes go through the same torchrun launch as SFT and KD:
+    this process keeps the meter, the workers train, the token counts come back once (all-reduced by rank 0)."""
+    settings = TrainSettings.from_dict(training)
+    if wants_launch(settings):
+        return launch_train(meter=meter, settings=settings, target=f"{__name__}:train_preferences", stage_kwargs=dict(
+            dataset=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir, dpo=dict(dpo),
+            training=dict(training), seed=seed))
+    return train_dpo(meter=meter, pairs=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir,
+                     dpo=dict(dpo), training=training, seed=seed)

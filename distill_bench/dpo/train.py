@@ -29,53 +29,20 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from distill_bench.dpo.config import normalize_dpo
+from distill_bench.dpo.pairs import (REF_COLUMNS, REFERENCE_INFO, encode_pairs, pair_tokens, read_pairs,
+                                     resolve_lengths)
+from distill_bench.models.build import check_model_tokenizer, tokenizer_source_for_model
+from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def resolve_lengths(cfg: Mapping[str, Any], training: Mapping[str, Any]) -> tuple[int, str]:
-    """(max_length, precision): dpo.max_length else training.max_length."""
-    max_length = cfg.get("max_length") or (training or {}).get("max_length")
-    if not max_length:
-        raise ValueError("dpo.max_length is null and training.max_length is not set")
-    return int(max_length), str((training or {}).get("precision", "fp32"))
-
-
 def check_reference_tokenizer(init_model: str, tokenizer_dir: str, run_tokenizer) -> str:
     """Refuse a starting checkpoint (policy and DPO reference) whose tokenizer differs from the run's."""
-    from distill_bench.models.build import tokenizer_source_for_model
-    from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
-    from distill_bench.train.stage import check_model_tokenizer
-
     src = tokenizer_source_for_model(init_model)
     if src is not None:
         assert_same_tokenizer(load_tokenizer(src), run_tokenizer, "DPO reference/policy (the starting checkpoint)",
                               names=(str(init_model), str(tokenizer_dir)))
     return check_model_tokenizer(init_model, tokenizer_dir, run_tokenizer)  # + vocabulary size vs the embeddings
-
-
-def encode_pairs(tokenizer, rows: Sequence[Mapping[str, Any]], max_length: int | None
-                 ) -> tuple[list[dict[str, Any]], int]:
-    """prompt/chosen/rejected ids per pair (``index`` = row number); pairs over ``max_length`` dropped, counted."""
-    from distill_bench.models.tokenizer import encode_prompt, encode_prompt_response
-
-    out, dropped = [], 0
-    for i, r in enumerate(rows):
-        p = encode_prompt(tokenizer, r["prompt"])
-        c = encode_prompt_response(tokenizer, r["prompt"], r["chosen"], max_length)
-        j = encode_prompt_response(tokenizer, r["prompt"], r["rejected"], max_length)
-        if c is None or j is None:
-            dropped += 1
-            continue
-        out.append({"index": i, "prompt_ids": p, "chosen_ids": c["input_ids"][len(p):],
-                    "rejected_ids": j["input_ids"][len(p):]})
-    return out, dropped
-
-
-def pair_tokens(e: Mapping[str, Sequence[int]]) -> int:
-    return len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
 
 
 def implicit_rewards(policy, reference, tokenizer, rows: Sequence[Mapping[str, Any]], beta: float,
@@ -165,9 +132,7 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
     from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils.logging import disable_progress_bar as quiet_transformers
 
-    from distill_bench.dpo.stage import REFERENCE_INFO, read_pairs
     from distill_bench.models.build import load_model, resolve_model_ref, save_model_dir
-    from distill_bench.models.tokenizer import load_tokenizer
     from distill_bench.train.trainer import (TrainSettings, check_or_write_fingerprint, mean_loss,
                                              resume_and_train, run_fingerprint, stop_if_interrupted,
                                              training_callbacks, write_train_log)
@@ -265,10 +230,6 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
         "settings": dataclasses.asdict(settings), "dpo": dict(cfg), "seed": int(seed), "trainer": "DPOTrainer",
         "fingerprint": fp, "init_model": str(init_model), "pairs_dir": str(pairs),
     }
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([trained, input_tokens], dtype=torch.long, device=trainer.args.device)
-        torch.distributed.all_reduce(t)
-        summary["trained_tokens"], summary["input_tokens"] = int(t[0]), int(t[1])
 
     stop_if_interrupted(trainer, stopper, counter, summary, max_steps, out, functools.partial(_report, meter))
 

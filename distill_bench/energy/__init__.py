@@ -2,7 +2,7 @@
 
 No torch import here: torch is only touched (lazily) for ``cuda.synchronize`` when the caller already uses it.
 """
-from .atomic import atomic_write_json, atomic_write_text
+from distill_bench.atomic import atomic_write_json, atomic_write_text
 from .environment import write_environment_snapshot
 from .idle import measure_idle
 from .meter import StageMeter, run_stage

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cpu_estimate
-from .atomic import atomic_write_json
+from distill_bench.atomic import atomic_write_json
 from .meter import utcnow
 from .nvml import NvmlReader, _text
 from .validate import SCHEMA_VERSION, validate_dict

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cpu_estimate, nvml as nvml_mod, rapl as rapl_mod
-from .atomic import atomic_write_json, check_writable_dir
+from distill_bench.atomic import atomic_write_json, check_writable_dir
 from .meter import utcnow
 from .settings import EnergySettings
 from .validate import SCHEMA_VERSION, validate_dict

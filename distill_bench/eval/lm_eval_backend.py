@@ -21,8 +21,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from distill_bench.artifacts import short_hash
-from distill_bench.energy.atomic import atomic_write_json, atomic_write_text
+from distill_bench.atomic import atomic_write_json, atomic_write_text, short_hash
 from distill_bench.eval.common import check_model_dir, load_split, parse_eval_config, samples_path
 
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"

@@ -5,7 +5,7 @@ import json
 import time
 from typing import Any, Mapping
 
-from distill_bench.energy.atomic import atomic_write_json, atomic_write_text
+from distill_bench.atomic import atomic_write_json, atomic_write_text
 from distill_bench.eval.common import (check_model_dir, gold_of, load_split, parse_eval_config,
                                        samples_path)
 from distill_bench.eval.scoring import bootstrap_ci, per_item, stderr

@@ -25,8 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from distill_bench.artifacts import replace_dir
-from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.atomic import atomic_write_json, replace_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

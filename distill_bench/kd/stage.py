@@ -19,6 +19,7 @@ import torch
 from distill_bench.kd.cache import (CacheWriter, check_disk_space, corpus_hash, estimate_cache_bytes, example_hash,
                                     iter_shard_sizes, loss_positions, value_entry_bytes, id_encoding_for,
                                     id_row_bytes)
+from distill_bench.train.head import head_is_plain
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,6 @@ def cache_temperatures(kd: Mapping[str, Any]) -> list[float]:
 def _vocab_size(model) -> int:
     head = model.get_output_embeddings()
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
-
-
-def _head_only_ok(model) -> bool:
-    """True when logits == lm_head(last hidden state), so the head can be applied to chosen positions only."""
-    cfg = model.config
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            return False
-    return model.get_output_embeddings() is not None and hasattr(model, "base_model") \
-        and model.base_model is not model
 
 
 @torch.no_grad()
@@ -90,7 +81,7 @@ def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatu
     cols_t = torch.as_tensor(np.concatenate(cols), dtype=torch.long, device=device)
     input_ids, attn = input_ids.to(device), attn.to(device)
     if head_only is None:
-        head_only = _head_only_ok(model)
+        head_only = head_is_plain(model)
     if head_only:
         hidden = model.base_model(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state
         hidden = hidden[rows_t, cols_t]                           # [N, H]: loss positions only
@@ -152,7 +143,7 @@ def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str
     model.eval()
     writer = CacheWriter(out_dir, k=k, value_dtype=value_dtype, vocab_size=vocab, temperatures=temps)
     input_tokens = padded_tokens = batches = 0
-    head_only = _head_only_ok(model)
+    head_only = head_is_plain(model)
     try:
         for si in range(n_shards):
             lo, hi = int(bounds[si]), int(bounds[si + 1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-import types
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -18,8 +17,8 @@ from trl import SFTTrainer
 from distill_bench.kd.cache import (CacheMismatchError, CacheReader, decode_ids, decode_values, example_hash,
                                     loss_positions)
 from distill_bench.kd.loss import KDConfigError, kd_loss, tail_at_temperature
-from distill_bench.train.collate import LMCollator
-from distill_bench.train.trainer import loss_positions_of, model_inputs
+from distill_bench.train.collate import LMCollator, loss_positions_of, model_inputs
+from distill_bench.train.head import add_positions_head
 
 log = logging.getLogger(__name__)
 
@@ -97,31 +96,6 @@ class _TrainTimer(TrainerCallback):
         t["train_s"] = time.perf_counter() - t.get("train_start", time.perf_counter())
 
 
-def add_kd_head(model) -> bool:
-    """Let ``model(..., kd_rows=r, kd_cols=c)`` return the LM-head logits of hidden positions (r, c) only, [n, V].
-
-    KD needs the full-vocab distribution at loss-bearing positions only; the plain forward projects every position
-    (prompt and padding too) through the head and keeps [B, L, V] logits and their gradient alive. Patched on the
-    instance like TRL's fused LM head (whose forward stays reachable without the keywords), so a compiled or
-    DDP-wrapped model still runs it. Returns False (model untouched) where logits are not plain head(hidden).
-    """
-    from distill_bench.kd.stage import _head_only_ok
-
-    if not _head_only_ok(model):
-        return False
-    inner = model.forward
-
-    def forward(self, *args, kd_rows=None, kd_cols=None, **kwargs):
-        if kd_rows is None:
-            return inner(*args, **kwargs)
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
-        return self.get_output_embeddings()(hidden[kd_rows, kd_cols])
-
-    model.forward = types.MethodType(forward, model)
-    return True
-
-
 class KDSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is :func:`distill_bench.kd.loss.kd_loss`; records time spent waiting for data.
 
@@ -130,7 +104,7 @@ class KDSFTTrainer(SFTTrainer):
     """
 
     loss_is_scaled_for_ga = True
-    kd_head_on_loss_positions: bool = True   # head on loss rows only (add_kd_head): +1.9 % tok/s, -0.9 GiB (H100)
+    kd_head_on_loss_positions: bool = True   # head on loss rows only (add_positions_head): +1.9 % tok/s, -0.9 GiB (H100)
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
     kd_chunk_size: int | None = None
@@ -147,7 +121,7 @@ class KDSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.add_callback(_TrainTimer(self))
         self._kd_sums: list[torch.Tensor] = []
-        self._kd_head = bool(self.kd_head_on_loss_positions) and add_kd_head(self.model)
+        self._kd_head = bool(self.kd_head_on_loss_positions) and add_positions_head(self.model)
         self._ids_checked = self._cache_fits_student()
 
     def _cache_fits_student(self) -> bool:

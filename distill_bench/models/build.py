@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from distill_bench.artifacts import write_dir_atomically
-from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.atomic import atomic_write_json, write_dir_atomically
+from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer, vocab_hash
 
 MODEL_REF = "model_ref.json"
 ARCH_KEYS = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "num_kv_heads",
@@ -156,3 +156,21 @@ def save_model_dir(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
             tokenizer.save_pretrained(str(tmp))
 
     return write_dir_atomically(out_dir, write)
+
+
+def check_model_tokenizer(init_model: str, tokenizer_dir: str, run_tokenizer) -> str:
+    """Refuse an init model whose tokenizer (if it carries one) or vocabulary size differs from the run's."""
+    from transformers import AutoConfig
+
+    src = tokenizer_source_for_model(init_model)
+    if src is not None:
+        h = assert_same_tokenizer(load_tokenizer(src), run_tokenizer, "student init model",
+                                  names=(str(init_model), str(tokenizer_dir)))
+    else:
+        h = vocab_hash(run_tokenizer)
+    cfg = AutoConfig.from_pretrained(resolve_model_ref(init_model))
+    vocab = getattr(cfg.get_text_config(), "vocab_size", None)
+    if vocab is not None and vocab < len(run_tokenizer):
+        raise ValueError(f"model {init_model!r} has vocab_size {vocab} < {len(run_tokenizer)} tokens of tokenizer "
+                         f"{tokenizer_dir!r}: they were not built together")
+    return h

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from distill_bench.artifacts import replace_dir, write_dir_atomically
+from distill_bench.atomic import replace_dir, write_dir_atomically
 from distill_bench.models.build import (count_parameters, init_model_from_arch, save_model_dir, write_model_ref)
 from distill_bench.models.tokenizer import (assert_same_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer,
                                             vocab_hash)

@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from distill_bench.artifacts import ChunkCheckpoint, dataset_hash_or_none, write_dir_atomically
-from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.artifacts import ChunkCheckpoint
+from distill_bench.atomic import atomic_write_json, write_dir_atomically
+from distill_bench.data.io import dataset_hash_or_none
 from distill_bench.generation import GenerationSettings, generate, resolve_backend
 from distill_bench.generation.prompts import load_tokenizer
 from distill_bench.synthetic.filters import apply_filters

@@ -21,6 +21,25 @@ def loss_positions_in(labels):
     return rows, cols, shifted[mask]
 
 
+MODEL_INPUT_SKIP = frozenset({"labels", "completion_mask", "example_index", "kd_ids", "kd_values", "kd_tail",
+                              REAL_TOKENS, LOSS_TOKENS, *LOSS_POSITIONS})
+
+
+def loss_positions_of(inputs: Mapping[str, Any]):
+    """(rows, cols, targets) of the loss-bearing positions of ``labels[:, 1:]`` (row-major): LMCollator's, built on
+    the CPU, else found on the device (one host synchronisation). Padding-free rows too: each document's first label
+    is -100."""
+    if LOSS_POSITIONS[0] in inputs:
+        return tuple(inputs[k] for k in LOSS_POSITIONS)
+    return loss_positions_in(inputs["labels"])
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The collator's keys the model takes: ids, attention mask or position_ids (padding-free), and the varlen
+    boundaries TRL's padding-free collator adds for flash-attention (cu_seq_lens_*, max_length_*, seq_idx)."""
+    return {k: v for k, v in batch.items() if k not in MODEL_INPUT_SKIP}
+
+
 class LMCollator:
     """Padded rows + attention mask, or one padding-free row with position_ids (TRL's own collator lays both out).
 

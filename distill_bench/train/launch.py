@@ -4,8 +4,8 @@ Why this shape: the energy meter must run once per node and see every GPU the jo
 one process per GPU. So the stage process (inside its ``StageMeter``, in the Snakemake rule) does no training when
 ``training.gpus > 1`` or ``training.nodes > 1``: it writes the stage's arguments to a spec file and runs
 ``python -m torch.distributed.run --nproc-per-node=<gpus> -m distill_bench.train.launch <spec>``. Every worker runs
-the ordinary ``distill_bench.train.stage.train_student`` (HF Trainer handles DDP/FSDP from the torchrun environment)
-against a recording meter; rank 0 writes the records, token counts (all-reduced over ranks) and the list of every
+the stage function the spec names (``target``, "module:function": SFT/KD's ``train_student``, DPO's
+``train_preferences``; HF Trainer handles DDP/FSDP from the torchrun environment) against a recording meter; rank 0 writes the records, token counts (all-reduced over ranks) and the list of every
 rank's host and device to a result file, which the launching process replays into the real meter.
 
 Multi-node (SLURM): the launching process runs ``srun --nodes=N --ntasks-per-node=1`` over the allocation; each
@@ -17,6 +17,8 @@ is then re-delivered to the meter (stage JSON ``interrupted``), so a rerun resum
 """
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import os
 import signal
@@ -27,7 +29,9 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.atomic import atomic_write_json
+from distill_bench.energy import StageMeter
+from distill_bench.train.trainer import TrainingInterrupted
 
 RESULT_ENV = "DISTILL_BENCH_LAUNCH_RESULT"
 # keep NVLink multicast off whatever the caller's environment says (it can take shared hosts' GPUs down)
@@ -140,15 +144,18 @@ def _run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str]) -> tuple
     return rc, (seen[0] if seen else None)
 
 
-def launch_train(*, meter, settings, stage_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """From inside the stage meter: train on ``settings.gpus`` GPUs per node (x ``settings.nodes``) via torchrun."""
+def launch_train(*, meter, settings, target: str, stage_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """From inside the stage meter: train on ``settings.gpus`` GPUs per node (x ``settings.nodes``) via torchrun.
+
+    Every worker calls the stage function ``target`` ("module:function", named rather than imported: the stage
+    modules sit above this one) with ``stage_kwargs`` and a recording meter."""
     out = Path(stage_kwargs["out_dir"])
     work = out / "launch"
     work.mkdir(parents=True, exist_ok=True)
     result = work / "result.json"
     result.unlink(missing_ok=True)
     spec = work / "spec.json"
-    atomic_write_json(spec, {"stage_kwargs": dict(stage_kwargs), "result": str(result)}, sort_keys=True,
+    atomic_write_json(spec, {"target": target, "stage_kwargs": dict(stage_kwargs), "result": str(result)}, sort_keys=True,
                       allow_nan=True, default=str)
     env = worker_env()
     env[RESULT_ENV] = str(result)
@@ -167,8 +174,6 @@ def launch_train(*, meter, settings, stage_kwargs: Mapping[str, Any]) -> dict[st
     if payload is not None and meter is not None:
         _replay(meter, payload)
     if signum is not None:
-        from distill_bench.train.trainer import TrainingInterrupted
-
         signal.raise_signal(signum)   # the meter's own handler marks the stage interrupted
         raise TrainingInterrupted(f"distributed training interrupted by signal {signum}; rerun to resume")
     if rc != 0:
@@ -216,12 +221,12 @@ def _rank_inventory() -> dict[str, Any]:
 
 
 def worker_main(spec_path: str) -> int:
-    """One torchrun worker: the ordinary train stage against a RecordingMeter; rank 0 writes the result."""
-    from distill_bench.train.stage import train_student
-
+    """One torchrun worker: the spec's train stage against a RecordingMeter; rank 0 writes the result."""
     spec = json.loads(Path(spec_path).read_text())
+    module, func = spec["target"].split(":")
+    stage = getattr(importlib.import_module(module), func)
     rec = RecordingMeter()
-    summary = train_student(meter=rec, **spec["stage_kwargs"])
+    summary = stage(meter=rec, **spec["stage_kwargs"])
     inventory = _rank_inventory()
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_json(Path(os.environ.get(RESULT_ENV) or spec["result"]),
@@ -232,10 +237,6 @@ def worker_main(spec_path: str) -> int:
 
 def node_main(argv: Sequence[str]) -> int:
     """One node of a multi-node run: this node's meter around its torchrun (launched by srun)."""
-    import argparse
-
-    from distill_bench.energy import StageMeter
-
     ap = argparse.ArgumentParser(prog="distill_bench.train.launch node")
     ap.add_argument("spec")
     ap.add_argument("--nproc", type=int, required=True)

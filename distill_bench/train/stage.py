@@ -4,30 +4,18 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
+from distill_bench.dpo.stage import train_preferences
+from distill_bench.kd.trainer import kd_trainer_parts
+from distill_bench.models.build import check_model_tokenizer, load_model
+from distill_bench.models.stage import encode_split, load_split
+from distill_bench.models.tokenizer import load_tokenizer
+from distill_bench.train.launch import launch_train, wants_launch
+from distill_bench.train.trainer import TrainSettings
+from distill_bench.train.trainer import train_student as run_trainer
+
 log = logging.getLogger(__name__)
 
 PLAIN_PIPELINES = ("sft_gt", "sft", "continued")  # SFT on a dataset dir's prompt/response columns
-
-
-def check_model_tokenizer(init_model: str, tokenizer_dir: str, run_tokenizer) -> str:
-    """Refuse an init model whose tokenizer (if it carries one) or vocabulary size differs from the run's."""
-    from transformers import AutoConfig
-
-    from distill_bench.models.build import resolve_model_ref, tokenizer_source_for_model
-    from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer, vocab_hash
-
-    src = tokenizer_source_for_model(init_model)
-    if src is not None:
-        h = assert_same_tokenizer(load_tokenizer(src), run_tokenizer, "student init model",
-                                  names=(str(init_model), str(tokenizer_dir)))
-    else:
-        h = vocab_hash(run_tokenizer)
-    cfg = AutoConfig.from_pretrained(resolve_model_ref(init_model))
-    vocab = getattr(cfg.get_text_config(), "vocab_size", None)
-    if vocab is not None and vocab < len(run_tokenizer):
-        raise ValueError(f"model {init_model!r} has vocab_size {vocab} < {len(run_tokenizer)} tokens of tokenizer "
-                         f"{tokenizer_dir!r}: they were not built together")
-    return h
 
 
 def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_model: str, out_dir: str,
@@ -40,25 +28,15 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
     which differs for self-distillation (kd or sft from an earlier student) and continued training (sft_gt).
     """
     pipeline = method or pipeline
-    if pipeline == "dpo":
-        from distill_bench.dpo.train import train_dpo  # lazy: only DPO runs need it
-
-        return train_dpo(meter=meter, pairs=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir,
-                         dpo=dict(dpo or {}), training=training, seed=seed)
-    from distill_bench.models.build import load_model
-    from distill_bench.models.stage import encode_split, load_split
-    from distill_bench.models.tokenizer import load_tokenizer
-    from distill_bench.train.trainer import TrainSettings
-    from distill_bench.train.trainer import train_student as run_trainer
-
+    if pipeline == "dpo":   # DPO's own stage entry (same launch, same trainer skeleton)
+        return train_preferences(meter=meter, dataset=dataset, tokenizer=tokenizer, init_model=init_model,
+                                 out_dir=out_dir, dpo=dict(dpo or {}), training=training, seed=seed)
     if pipeline not in PLAIN_PIPELINES and pipeline != "kd":
         raise ValueError(f"train_student: pipeline {pipeline!r} is not trained by this stage "
                          f"(supported: {', '.join(PLAIN_PIPELINES + ('kd',))})")
     settings = TrainSettings.from_dict(training)
-    from distill_bench.train.launch import launch_train, wants_launch
-
     if wants_launch(settings):  # gpus/nodes > 1: this process keeps the meter, torchrun workers train
-        return launch_train(meter=meter, settings=settings, stage_kwargs=dict(
+        return launch_train(meter=meter, settings=settings, target=f"{__name__}:train_student", stage_kwargs=dict(
             pipeline=pipeline, dataset=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir,
             training=dict(training), seed=seed, kd_cache=kd_cache, kd=dict(kd) if kd is not None else None))
     tok = load_tokenizer(tokenizer)
@@ -77,8 +55,6 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
     if pipeline == "kd":
         if not kd_cache:
             raise ValueError("pipeline 'kd' needs kd_cache (the teacher logit cache dir)")
-        from distill_bench.kd.trainer import kd_trainer_parts  # lazy: only KD runs need it
-
         trainer_cls, collator, extra = kd_trainer_parts(cache_dir=kd_cache, kd=dict(kd or {}), tokenizer=tok,
                                                         examples=examples)
         for key, value in dict(extra or {}).items():  # KD facts (cache k, tau, alpha...) for the stage JSON

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from distill_bench.artifacts import short_hash
-from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.atomic import atomic_write_json, short_hash
 from distill_bench.train.budget import build_budgeted_dataset
-from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_in
+from distill_bench.train.collate import (LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_of,
+                                         model_inputs)
+from distill_bench.train.head import add_positions_head
 from distill_bench.train.speed import (compile_decoder_layers, resolve_compile, resolve_pad_multiple,
                                        resolve_padding_free)
 from distill_bench.train.varlen import CONFIG_NAME as VARLEN
@@ -202,10 +203,8 @@ def _loss_positions_sft_trainer():
         loss_is_scaled_for_ga = True
 
         def __init__(self, *args, **kwargs):
-            from distill_bench.kd.trainer import add_kd_head   # lazy: kd imports this module
-
             super().__init__(*args, **kwargs)
-            self._head_on_loss_positions = add_kd_head(self.model)
+            self._head_on_loss_positions = add_positions_head(self.model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not self._head_on_loss_positions or "shift_labels" in inputs:
@@ -224,25 +223,6 @@ def _loss_positions_sft_trainer():
             return loss
 
     return LossPositionsSFTTrainer
-
-
-MODEL_INPUT_SKIP = frozenset({"labels", "completion_mask", "example_index", "kd_ids", "kd_values", "kd_tail",
-                              REAL_TOKENS, LOSS_TOKENS, *LOSS_POSITIONS})
-
-
-def loss_positions_of(inputs: Mapping[str, Any]):
-    """(rows, cols, targets) of the loss-bearing positions of ``labels[:, 1:]`` (row-major): LMCollator's, built on
-    the CPU, else found on the device (one host synchronisation). Padding-free rows too: each document's first label
-    is -100."""
-    if LOSS_POSITIONS[0] in inputs:
-        return tuple(inputs[k] for k in LOSS_POSITIONS)
-    return loss_positions_in(inputs["labels"])
-
-
-def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The collator's keys the model takes: ids, attention mask or position_ids (padding-free), and the varlen
-    boundaries TRL's padding-free collator adds for flash-attention (cu_seq_lens_*, max_length_*, seq_idx)."""
-    return {k: v for k, v in batch.items() if k not in MODEL_INPUT_SKIP}
 
 
 def check_even_split(n_examples: int, batch_size: int, world: int) -> None:

@@ -1,0 +1,94 @@
+"""Atomic writes and content hashes: a reader (or a crash) never sees half a file or half a directory.
+
+The lowest layer of the package: standard library only, imported by every other layer (energy, data, artifacts,
+models, stages), so it must import nothing from distill_bench.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` via a temp file in the same directory, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False, allow_nan: bool = False,
+                      default: Callable[[Any], Any] | None = None) -> Path:
+    """JSON version of :func:`atomic_write_text`. NaN/inf are refused by default (they are not JSON); writers whose
+    payload may legitimately hold a diverged loss pass ``allow_nan=True``."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan, default=default)
+    return atomic_write_text(path, text + "\n")
+
+
+def check_writable_dir(directory: str | os.PathLike, what: str = "output") -> Path:
+    """Create ``directory`` and prove we can write there, so a bad path fails before the work, not after."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise PermissionError(f"energy: {what} directory {str(directory)!r} is not writable: {exc}") from exc
+    return directory
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished ``tmp`` over ``out``; an existing ``out`` is moved aside first and removed afterwards."""
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dir_atomically(out: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Run ``write(tmp_dir)`` in a temporary sibling of ``out``, then rename it over ``out``.
+
+    A reader never sees a half-written directory; on any error (or signal) the temporary directory is removed.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def short_hash(obj: Any) -> str:
+    """16 hex digits of sha256 over canonical JSON (sorted keys, ``str`` for the rest): a fingerprint field."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def jsonl_text(rows: Iterable[Mapping[str, Any]]) -> str:
+    """JSON lines (UTF-8 kept as is, NaN/inf refused)."""
+    return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
