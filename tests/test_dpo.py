@@ -17,7 +17,8 @@ from distill_bench.dpo.pairs import build_pairs  # noqa: E402
 from conftest import FakeMeter  # noqa: E402
 
 TRAINING = {"token_budget": 1, "max_length": 96, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "weight_decay": 0.0,
-            "warmup_ratio": 0.0, "lr_scheduler": "constant", "precision": "fp32", "save_steps": 1000}
+            "warmup_ratio": 0.0, "lr_scheduler": "constant", "precision": "fp32", "save_steps": 1000,
+            "stale_checkpoints": "refuse"}
 
 
 # --------------------------------------------------------------------------------------------- pairing rule

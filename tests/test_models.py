@@ -171,7 +171,8 @@ def test_prepare_teacher_train_writes_trained_hf_model_dir(tmp_path, tok_dir, to
 
     data = save_pairs_dataset(tmp_path / "data", arith_pairs(20))
     meter = FakeMeter()
-    training = {"token_budget": 999, "max_length": 64, "batch_size": 8, "lr": 1e-3, "save_steps": 100}
+    training = {"token_budget": 999, "max_length": 64, "batch_size": 8, "lr": 1e-3, "save_steps": 100,
+                "precision": "fp32"}
     prepare_teacher(meter=meter, out_dir=str(tmp_path / "teacher"), tokenizer=str(tok_dir),
                     teacher={"source": "train", "arch": TINY_ARCH, "train": {"tokens": 150, "lr": 5e-3,
                                                                              "batch_size": 4}},

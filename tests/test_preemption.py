@@ -34,7 +34,8 @@ LOSS_TOL = 1e-4
 WEIGHT_TOL = 1e-5
 ENERGY = {"policy": "measured", "sample_interval_s": 0.05, "codecarbon": False, "snapshot_interval_s": 30}
 TRAINING = dict(token_budget=600, max_length=96, batch_size=4, grad_accum=1, lr=3e-3, weight_decay=0.0,
-                warmup_ratio=0.1, lr_scheduler="cosine", precision="fp32", save_steps=2, num_threads=1)
+                warmup_ratio=0.1, lr_scheduler="cosine", precision="fp32", save_steps=2, num_threads=1,
+                stale_checkpoints="refuse")
 SYNTHETIC = dict(backend="hf", batch_size=2, max_new_tokens=6, temperature=0.0, top_p=1.0, samples_per_prompt=1,
                  n_prompts=32)
 
@@ -55,7 +56,7 @@ CHILD = textwrap.dedent("""
             return out
         CallbackHandler.on_step_end = on_step_end
     else:
-        import distill_bench.synthetic.stage as syn
+        import distill_bench.generation.chunked as syn   # the loop the synthetic stage generates through
         orig = syn.generate
         calls = []
         def generate(*a, **k):

@@ -146,7 +146,9 @@ def test_sampled_samples_count_prompt_tokens_once_per_sample(env):
 
 
 def test_interrupted_shard_resumes_from_completed_chunks(env, greedy_unsharded, monkeypatch):
-    real, calls = stage.generate, []
+    from distill_bench.generation import chunked
+
+    real, calls = chunked.generate, []
 
     def flaky(model, tok, prompts, settings, on_batch=None):
         calls.append(prompts[0])
@@ -154,7 +156,7 @@ def test_interrupted_shard_resumes_from_completed_chunks(env, greedy_unsharded, 
             raise KeyboardInterrupt("simulated SIGTERM")
         return real(model, tok, prompts, settings, on_batch=on_batch)
 
-    monkeypatch.setattr(stage, "generate", flaky)
+    monkeypatch.setattr(chunked, "generate", flaky)   # the chunked loop the stage generates through
     out = env["root"] / "resume" / "shard-0-of-1"
     kwargs = dict(teacher=env["teacher"], tokenizer=env["tokenizer"], dataset=env["dataset"], out_dir=str(out),
                   synthetic=synth(), shard=0, num_shards=1, seed=11)

@@ -86,7 +86,7 @@ def examples(tok):
 
 def settings(**kw):
     base = dict(token_budget=300, max_length=64, batch_size=4, grad_accum=1, lr=5e-3, warmup_ratio=0.1,
-                lr_scheduler="cosine", save_steps=1000, logging_steps=1)
+                lr_scheduler="cosine", precision="fp32", save_steps=1000, logging_steps=1, stale_checkpoints="refuse")
     base.update(kw)
     return TrainSettings.from_dict(base)
 

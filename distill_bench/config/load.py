@@ -10,17 +10,13 @@ from typing import Any, Iterable, Mapping
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).with_name("workflow.schema.yaml")
+from distill_bench.defaults import schema as _schema
+
 SECTIONS = ("training", "kd", "synthetic", "eval", "dpo", "selfdistill")
 
 
 class ConfigError(ValueError):
     """A workflow config problem; the message names the key path."""
-
-
-def _schema() -> dict:
-    with open(SCHEMA_PATH) as fh:
-        return yaml.safe_load(fh)
 
 
 def _validator_with_defaults(schema: dict):

@@ -6,28 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-DEFAULTS: dict[str, Any] = {
-    "beta": 0.1,
-    "sample_source": "student",        # student | teacher | both
-    "samples_per_prompt": 4,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "max_new_tokens": 96,
-    "batch_size": 64,
-    "n_prompts": 256,                  # null: every train prompt
-    "judge": "verifier",               # verifier | teacher_logprob | llm
-    "margin": 0.0,
-    "epochs": 1,
-    "lr": None,                        # null: training.lr
-    "precompute_ref_logprobs": False,
-    "loss_type": "sigmoid",
-    "max_length": None,                # null: training.max_length
-    # read by the planner (which checkpoint to start from, which model judges); carried through unchanged
-    "start_from": "sft",
-    "judge_model": None,
-}
-SOURCES = ("student", "teacher", "both")
-JUDGES = ("verifier", "teacher_logprob", "llm")
+from distill_bench.defaults import allowed_values, section_defaults
+
+# the schema's `dpo` section; start_from and judge_model are read by the planner and carried through unchanged
+DEFAULTS: dict[str, Any] = section_defaults("dpo")
+SOURCES = allowed_values("dpo", "sample_source")
+JUDGES = allowed_values("dpo", "judge")
 # TRL 1.16 DPOTrainer loss types that take one pair per row and no extra hyper-parameter we do not expose
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
               "sigmoid_norm")

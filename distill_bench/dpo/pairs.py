@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from distill_bench.defaults import section_defaults
 from distill_bench.models.tokenizer import encode_prompt, encode_prompt_response
 
 REFERENCE_INFO = "reference_info.json"   # beside precomputed reference log-probs: what they were computed for
@@ -92,7 +93,7 @@ def resolve_lengths(cfg: Mapping[str, Any], training: Mapping[str, Any]) -> tupl
     max_length = cfg.get("max_length") or (training or {}).get("max_length")
     if not max_length:
         raise ValueError("dpo.max_length is null and training.max_length is not set")
-    return int(max_length), str((training or {}).get("precision", "fp32"))
+    return int(max_length), str((training or {}).get("precision", section_defaults("training")["precision"]))
 
 
 def encode_pairs(tokenizer, rows: Sequence[Mapping[str, Any]], max_length: int | None

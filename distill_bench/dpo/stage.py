@@ -8,7 +8,7 @@ chunks are checkpointed as JSON lines under ``<out_dir>.partial/<source>/`` (ato
 a rerun after SIGTERM generates only the rest. ``out_dir`` (a ``datasets.Dataset`` plus ``candidates_info.json``,
 the completion marker) appears only when complete. Token counts are exact per sample: ``generated_tokens`` (up to
 and including EOS) and ``input_tokens`` (templated prompt tokens, once per sample), charged for chunks generated in
-this attempt only.
+this attempt only. The loop is :mod:`distill_bench.generation.chunked`, shared with synthetic data.
 
 Judging. See ``judges`` for the three judges and ``pairs.build_pairs`` for the pairing rule. The pairs directory is a
 ``DatasetDict`` (split ``train``) plus ``judge_info.json`` (judge, margin, counts per reason) and
@@ -16,7 +16,6 @@ Judging. See ``judges`` for the three judges and ``pairs.build_pairs`` for the p
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -30,12 +29,13 @@ from distill_bench.data.io import dataset_hash_or_none
 from distill_bench.dpo.config import normalize_dpo, sources_for
 from distill_bench.dpo.pairs import REFERENCE_INFO, encode_pairs, read_pairs, resolve_lengths
 from distill_bench.dpo.train import check_reference_tokenizer, train_dpo
+from distill_bench.generation.chunked import (CHUNK_BATCHES, ChunkedRun, MeteredTokens, chunk_bounds, chunk_prompts,
+                                             generate_chunks)
 from distill_bench.train.launch import launch_train, wants_launch
 from distill_bench.train.trainer import TrainSettings
 
 log = logging.getLogger(__name__)
 
-CHUNK_BATCHES = 4
 SOURCE_SEED_STRIDE = 1_000_003
 CANDIDATES_INFO = "candidates_info.json"
 JUDGE_INFO = "judge_info.json"
@@ -63,7 +63,7 @@ def _device_model(path: str):
 def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, dataset: str, out_dir: str,
                       dpo: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """Sample ``dpo.samples_per_prompt`` candidates per prompt from each source model of ``dpo.sample_source``."""
-    from distill_bench.generation import GenerationSettings, generate, resolve_backend
+    from distill_bench.generation import GenerationSettings, resolve_backend
     from distill_bench.generation.prompts import load_tokenizer
     from distill_bench.models.stage import load_split
 
@@ -94,26 +94,18 @@ def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, datas
         raise ValueError(f"dataset {dataset!r} has no train prompts")
     rows_src = train.select(range(total))
     prompts, ids, answers = list(rows_src["prompt"]), list(rows_src["id"]), list(rows_src["answer"])
-    per_chunk = max(1, base.batch_size // base.num_samples) * CHUNK_BATCHES
-    chunks = [(s, min(s + per_chunk, total)) for s in range(0, total, per_chunk)]
+    per_chunk = chunk_prompts(base)
+    chunks = chunk_bounds(total, base)
     decoding = {k: cfg[k] for k in ("samples_per_prompt", "temperature", "top_p", "max_new_tokens", "batch_size")}
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial_root = out.with_name(out.name + ".partial")
     meter.set_primary_tokens("generated_tokens")
-    charged = {"generated": 0, "marked": False}
-
-    def on_batch(n_tokens: int, elapsed_s: float) -> None:  # noqa: ARG001
-        """Charge tokens as batches finish, so the meter's steady-state window sees only its own tokens."""
-        meter.add_tokens("generated_tokens", int(n_tokens))
-        charged["generated"] += int(n_tokens)
-        if not charged["marked"]:  # the first batch carries warm-up
-            charged["marked"] = True
-            meter.mark_steady_state()
-
+    tokens = MeteredTokens(meter)
+    run = ChunkedRun()
+    resumed_chunks = 0
     all_rows: list[dict] = []
-    attempt = {"generated_tokens": 0, "input_tokens": 0, "resumed_chunks": 0}
     tok = None
     for s_index, source in enumerate(wanted):
         fingerprint = {"source": source, "model": str(models[source]), "tokenizer": str(tokenizer),
@@ -122,39 +114,28 @@ def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, datas
                        "source_index": s_index}
         checkpoint = ChunkCheckpoint(partial_root / source, fingerprint, what="candidates")
         done = checkpoint.done
-        attempt["resumed_chunks"] += len(done)
+        resumed_chunks += len(done)
         todo = [c for c in range(len(chunks)) if c not in done]
         if todo:
             checkpoint.start()
             model = models[source] if backend == "vllm" else _device_model(models[source])
             if tok is None:
                 tok = tokenizer if backend == "vllm" else load_tokenizer(tokenizer)
-            for c in todo:
-                lo, hi = chunks[c]
-                settings = dataclasses.replace(base, seed=int(seed) + s_index * SOURCE_SEED_STRIDE + c * CHUNK_BATCHES)
-                results = generate(model, tok, prompts[lo:hi], settings, on_batch=on_batch)
-                chunk_rows, gen, inp = [], 0, 0
-                for r in sorted(results, key=lambda r: (r.prompt_index, r.sample_index)):
-                    i = lo + r.prompt_index
-                    chunk_rows.append({"prompt_id": ids[i], "prompt": prompts[i], "answer": answers[i],
-                                       "source": source, "sample_index": int(r.sample_index),
-                                       "response": r.text.strip(), "prompt_tokens": int(r.prompt_tokens),
-                                       "generated_tokens": int(r.generated_tokens), "finished": bool(r.finished),
-                                       "dropped": bool(r.dropped)})
-                    if not r.dropped:
-                        gen += r.generated_tokens
-                        inp += r.prompt_tokens
-                meter.add_tokens("input_tokens", inp)
-                attempt["generated_tokens"] += gen
-                if attempt["generated_tokens"] < charged["generated"]:
-                    raise RuntimeError(f"generation backend reported {charged['generated']} generated tokens per "
-                                       f"batch but its results hold {attempt['generated_tokens']}")
-                meter.add_tokens("generated_tokens", attempt["generated_tokens"] - charged["generated"])
-                charged["generated"] = attempt["generated_tokens"]
-                attempt["input_tokens"] += inp
-                checkpoint.save(c, chunk_rows)
+
+            def row_of(i: int, r, source=source) -> dict[str, Any]:
+                return {"prompt_id": ids[i], "prompt": prompts[i], "answer": answers[i], "source": source,
+                        "sample_index": int(r.sample_index), "response": r.text.strip(),
+                        "prompt_tokens": int(r.prompt_tokens), "generated_tokens": int(r.generated_tokens),
+                        "finished": bool(r.finished), "dropped": bool(r.dropped)}
+
+            generate_chunks(model, tok, prompts, chunks=chunks, todo=todo, settings=base,
+                            seed_of=lambda c, s_index=s_index: int(seed) + s_index * SOURCE_SEED_STRIDE
+                            + c * CHUNK_BATCHES, row_of=row_of, checkpoint=checkpoint, meter=meter, tokens=tokens,
+                            run=run)
             del model
         all_rows.extend(row for c in range(len(chunks)) for row in done[c])
+    attempt = {"generated_tokens": run.generated_tokens, "input_tokens": run.input_tokens,
+               "resumed_chunks": resumed_chunks}
 
     kept = [r for r in all_rows if not r["dropped"]]
     dropped_prompts = sorted({r["prompt_id"] for r in all_rows if r["dropped"]})
@@ -191,6 +172,8 @@ def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, datas
     meter.record("sample_source", cfg["sample_source"])
     meter.record("samples_per_prompt", cfg["samples_per_prompt"])
     meter.record("resumed_chunks", attempt["resumed_chunks"])
+    if tokens.tokens_per_s() is not None:
+        meter.record("steady_state_tokens_per_s", tokens.tokens_per_s())
     meter.record("backend", backend)
     return {k: v for k, v in info.items() if k != "prompt_ids"}
 

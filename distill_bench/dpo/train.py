@@ -17,22 +17,22 @@ loses its EOS and changes what is preferred).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from distill_bench.dpo.config import normalize_dpo
 from distill_bench.dpo.pairs import (REF_COLUMNS, REFERENCE_INFO, encode_pairs, pair_tokens, read_pairs,
                                      resolve_lengths)
-from distill_bench.models.build import check_model_tokenizer, tokenizer_source_for_model
+from distill_bench.models.build import (check_model_tokenizer, load_model, resolve_model_ref,
+                                       tokenizer_source_for_model)
 from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
+from distill_bench.train.trainer import (TrainingJob, TrainSettings, check_even_split, checkpoints_dir, mean_loss,
+                                         prepare_process, run_training, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,6 @@ def _dpo_trainer_class():
 def _dpo_config(settings, cfg: Mapping[str, Any], ckpt_dir: Path, max_steps: int, seed: int, use_cpu: bool):
     from trl import DPOConfig
 
-    from distill_bench.train.trainer import training_arguments
-
     return DPOConfig(
         **training_arguments(settings, ckpt_dir, max_steps, seed, use_cpu),
         num_train_epochs=int(cfg["epochs"]),
@@ -123,22 +121,17 @@ def _curve(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
             if key in e and "step" in e and math.isfinite(float(e[key]))]
 
 
+DPO_REPORT_KEYS = ("final_loss", "mean_loss", "steps", "max_steps", "resumed_from_step", "trained_tokens_this_attempt",
+                   "loss_curve", "reward_accuracy_final", "reward_margin_final", "reward_accuracy_curve",
+                   "reward_margin_curve", "lr")
+
+
 def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: str, dpo: Mapping[str, Any],
               training: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """DPO on the judge's pairs for ``dpo.epochs``; writes ``out_dir/final`` and ``out_dir/train_log.json``."""
     import torch
     from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar as quiet_datasets
-    from transformers.trainer_utils import get_last_checkpoint
-    from transformers.utils.logging import disable_progress_bar as quiet_transformers
 
-    from distill_bench.models.build import load_model, resolve_model_ref, save_model_dir
-    from distill_bench.train.trainer import (TrainSettings, check_or_write_fingerprint, mean_loss,
-                                             resume_and_train, run_fingerprint, stop_if_interrupted,
-                                             training_callbacks, write_train_log)
-
-    quiet_datasets()
-    quiet_transformers()
     cfg = normalize_dpo(dpo)
     max_length, _ = resolve_lengths(cfg, training)
     lr = cfg["lr"] if cfg["lr"] is not None else (training or {}).get("lr")
@@ -162,9 +155,9 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
         raise ValueError(f"no DPO pair of {pairs!r} fits max_length={max_length} (dpo.max_length / training.max_length)")
     epochs = int(cfg["epochs"])
     declared = sum(pair_tokens(e) for e in enc) * epochs
-    settings = TrainSettings.from_dict(training, token_budget=declared, lr=lr, max_length=max_length)
-    if settings.num_threads:
-        torch.set_num_threads(int(settings.num_threads))
+    settings = TrainSettings.from_dict(training, token_budget=declared, **({"lr": lr} if lr is not None else {}),
+                                       max_length=max_length)
+    prepare_process(settings)
     meter.set_primary_tokens("trained_tokens")
     meter.record("pairs", len(enc))
     meter.record("epochs", epochs)
@@ -186,63 +179,42 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
                                  .encode()).hexdigest()
 
     out = Path(out_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_even_split(len(enc), settings.batch_size, world)
     batches = math.ceil(len(enc) / (settings.batch_size * world))
     max_steps = epochs * max(batches // settings.grad_accum + int(batches % settings.grad_accum > 0), 1)
 
     model = load_model(init_model)
+    args = _dpo_config(settings, cfg, checkpoints_dir(out), max_steps, seed, not torch.cuda.is_available())
+
+    def build_trainer(callbacks: list) -> Any:
+        ref_model = None if precompute else load_model(init_model)  # frozen copy of the starting checkpoint
+        trainer = _dpo_trainer_class()(model=model, ref_model=ref_model, args=args,
+                                       train_dataset=Dataset.from_list(rows), processing_class=tok,
+                                       callbacks=callbacks)
+        _check_trl_tokenization(trainer.train_dataset, enc)
+        return trainer
+
+    def summarize(trainer, history: list) -> dict[str, Any]:
+        loss = _curve(history, "loss")
+        acc = _curve(history, "rewards/accuracies")
+        margins = _curve(history, "rewards/margins")
+        return {
+            "declared_token_budget": declared, "pairs": len(enc), "epochs": epochs, "dropped_over_max_length": dropped,
+            "loss_curve": loss, "final_loss": loss[-1][1] if loss else None, "mean_loss": mean_loss(loss),
+            "reward_accuracy_curve": acc, "reward_margin_curve": margins,
+            "reward_accuracy_final": acc[-1][1] if acc else None,
+            "reward_margin_final": margins[-1][1] if margins else None,
+            "lr": float(settings.lr), "dpo": dict(cfg), "init_model": str(init_model), "pairs_dir": str(pairs),
+        }
+
     extra = {"pipeline": "dpo", "beta": cfg["beta"], "loss_type": cfg["loss_type"], "epochs": epochs,
              "precompute": precompute, "init_model": str(init_model)}
-    fp = run_fingerprint(settings, seed, stream_hash, model.config.to_dict(), "DPOTrainer", extra)
-    last = get_last_checkpoint(str(ckpt_dir))
-    set_aside = check_or_write_fingerprint(ckpt_dir, fp, last is not None, settings.stale_checkpoints)
-    if set_aside:
-        last = None
-        meter.record("stale_checkpoints_set_aside", set_aside)
-    ref_model = None if precompute else load_model(init_model)  # frozen copy of the starting checkpoint
-    use_cpu = not torch.cuda.is_available()
-    args = _dpo_config(settings, cfg, ckpt_dir, max_steps, seed, use_cpu)
-    StopOnSignal, SaveCounts = training_callbacks()
-    stopper, counter = StopOnSignal(), SaveCounts(meter)
-    trainer = _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
-                                   processing_class=tok, callbacks=[stopper, counter])
-    counter.trainer = trainer
-    _check_trl_tokenization(trainer.train_dataset, enc)
-
-    result, start_step = resume_and_train(trainer, stopper, counter, last, max_steps, what="DPO ")
-
-    trained, input_tokens = counter.totals()
-    history = trainer.state.log_history
-    loss = _curve(history, "loss")
-    acc = _curve(history, "rewards/accuracies")
-    margins = _curve(history, "rewards/margins")
-    summary: dict[str, Any] = {
-        "trained_tokens": trained, "input_tokens": input_tokens, "declared_token_budget": declared,
-        "pairs": len(enc), "epochs": epochs, "dropped_over_max_length": dropped, "max_steps": max_steps,
-        "steps": int(trainer.state.global_step), "resumed_from_step": start_step,
-        "trained_tokens_this_attempt": trainer._db_trained_tokens, "loss_curve": loss,
-        "final_loss": loss[-1][1] if loss else None, "mean_loss": mean_loss(loss),
-        "reward_accuracy_curve": acc, "reward_margin_curve": margins,
-        "reward_accuracy_final": acc[-1][1] if acc else None, "reward_margin_final": margins[-1][1] if margins else None,
-        "lr": float(settings.lr), "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
-        "settings": dataclasses.asdict(settings), "dpo": dict(cfg), "seed": int(seed), "trainer": "DPOTrainer",
-        "fingerprint": fp, "init_model": str(init_model), "pairs_dir": str(pairs),
-    }
-
-    stop_if_interrupted(trainer, stopper, counter, summary, max_steps, out, functools.partial(_report, meter))
-
-    if summary["trained_tokens"] != declared:
-        raise RuntimeError(f"DPO trained {summary['trained_tokens']} tokens but declared {declared} "
-                           f"({len(enc)} pairs x {epochs} epochs): the batches consumed do not match the pairs")
-    if trainer.args.process_index == 0:
-        save_model_dir(trainer.model, out / "final", tok)
-        write_train_log(out, summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    counter.flush()
-    _report(meter, summary, final=True)
-    return summary
+    return run_training(TrainingJob(
+        settings=settings, seed=seed, out=out, tokenizer=tok, model_config=model.config.to_dict(),
+        stream_hash=stream_hash, trainer_name="DPOTrainer", fingerprint_extra=extra, max_steps=max_steps,
+        expected_tokens=declared, expected_what=f"declared ({len(enc)} pairs x {epochs} epochs)",
+        build_trainer=build_trainer, summarize=summarize, report_keys=DPO_REPORT_KEYS, meter=meter, what="DPO "))
 
 
 def _check_trl_tokenization(prepared, enc: Sequence[Mapping[str, Any]]) -> None:
@@ -256,13 +228,3 @@ def _check_trl_tokenization(prepared, enc: Sequence[Mapping[str, Any]]) -> None:
             if list(g[c]) != list(e[c]):
                 raise RuntimeError(f"TRL tokenised pair {e['index']} ({c}) differently from encode_prompt_response; "
                                    "the chat template renders a prompt differently alone and with a response")
-
-
-def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
-    meter.set_primary_tokens("trained_tokens")
-    for key in ("final_loss", "mean_loss", "steps", "max_steps", "resumed_from_step", "trained_tokens_this_attempt",
-                "loss_curve", "reward_accuracy_final", "reward_margin_final", "reward_accuracy_curve",
-                "reward_margin_curve", "lr"):
-        meter.record(key, summary[key])
-    meter.record("trained_tokens_total", int(summary["trained_tokens"]))
-    meter.record("training_completed", bool(final))

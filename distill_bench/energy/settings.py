@@ -6,20 +6,27 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-POLICIES = ("measured", "codecarbon", "gpu_only")
+from distill_bench.defaults import allowed_values, section_defaults
+
+# the schema's `energy` section: defaults and policies
+DEFAULTS = section_defaults("energy")
+POLICIES = allowed_values("energy", "policy")
 # keys of the workflow config's `energy:` section that configure something other than the meter
 IGNORED_CONFIG_KEYS = ("idle_seconds",)
 
 
 @dataclass
 class EnergySettings:
-    policy: str = "measured"
-    sample_interval_s: float = 0.1
-    country_iso_code: str = "USA"
-    codecarbon: bool = True
-    cpu_tdp_w: float | None = None
+    """The meter's settings: the config's ``energy`` section (schema defaults) plus the two files the workflow
+    points it at (``idle_json``, ``environment_json``; None outside the workflow)."""
+
+    policy: str = DEFAULTS["policy"]
+    sample_interval_s: float = DEFAULTS["sample_interval_s"]
+    country_iso_code: str = DEFAULTS["country_iso_code"]
+    codecarbon: bool = DEFAULTS["codecarbon"]
+    cpu_tdp_w: float | None = DEFAULTS["cpu_tdp_w"]
     idle_json: str | None = None
-    snapshot_interval_s: float = 60.0
+    snapshot_interval_s: float = DEFAULTS["snapshot_interval_s"]
     environment_json: str | None = None
 
     def __post_init__(self) -> None:

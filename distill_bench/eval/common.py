@@ -5,9 +5,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-EVAL_KEYS = {"backend", "max_new_tokens", "batch_size", "bootstrap_samples", "confidence", "tasks", "limit",
-             "hf_decode"}
-EVAL_BACKENDS = ("native", "lm_eval")
+from distill_bench.defaults import allowed_values, section_defaults
+
+# the schema's `eval` section
+DEFAULTS = section_defaults("eval")
+EVAL_KEYS = set(DEFAULTS)
+EVAL_BACKENDS = allowed_values("eval", "backend")
 
 
 def parse_eval_config(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -18,8 +21,7 @@ def parse_eval_config(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown eval setting(s) {', '.join('eval.' + k for k in unknown)}; "
                          f"known: {', '.join(sorted(EVAL_KEYS))}")
-    cfg = {"backend": "native", "max_new_tokens": 256, "batch_size": 64, "bootstrap_samples": 1000,
-           "confidence": 0.95, "tasks": None, "limit": None, "hf_decode": "auto", **dict(eval_cfg)}
+    cfg = {**DEFAULTS, **dict(eval_cfg)}
     if cfg["backend"] not in EVAL_BACKENDS:
         raise ValueError(f"eval.backend must be one of {', '.join(EVAL_BACKENDS)}, got {cfg['backend']!r}")
     for key in ("max_new_tokens", "batch_size", "bootstrap_samples"):

@@ -5,9 +5,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-BACKENDS = ("hf", "vllm", "auto")
-OVERFLOW_POLICIES = ("truncate", "drop")
-HF_DECODE = ("eager", "hf_static", "graph", "auto")
+from distill_bench.defaults import allowed_values, section_defaults
+
+# defaults and allowed values: the schema's `generation` block (distill_bench/config/workflow.schema.yaml)
+DEFAULTS = section_defaults("generation")
+BACKENDS = allowed_values("generation", "backend")
+OVERFLOW_POLICIES = allowed_values("generation", "prompt_overflow")
+HF_DECODE = allowed_values("generation", "hf_decode")
 # config spellings used by other sections (synthetic.samples_per_prompt) -> field name
 ALIASES = {"samples_per_prompt": "num_samples"}
 
@@ -32,18 +36,18 @@ class GenerationSettings:
     ``dtype``: vllm only (``auto`` lets vLLM choose); the hf backend uses the model as loaded.
     """
 
-    backend: str = "hf"
-    batch_size: int = 64
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    num_samples: int = 1
-    seed: int = 1234
-    max_prompt_tokens: int | None = None
-    prompt_overflow: str = "truncate"
-    continuous_batching: bool = False
-    hf_decode: str = "auto"
-    dtype: str = "auto"
+    backend: str = DEFAULTS["backend"]
+    batch_size: int = DEFAULTS["batch_size"]
+    max_new_tokens: int = DEFAULTS["max_new_tokens"]
+    temperature: float = DEFAULTS["temperature"]
+    top_p: float = DEFAULTS["top_p"]
+    num_samples: int = DEFAULTS["num_samples"]
+    seed: int = DEFAULTS["seed"]
+    max_prompt_tokens: int | None = DEFAULTS["max_prompt_tokens"]
+    prompt_overflow: str = DEFAULTS["prompt_overflow"]
+    continuous_batching: bool = DEFAULTS["continuous_batching"]
+    hf_decode: str = DEFAULTS["hf_decode"]
+    dtype: str = DEFAULTS["dtype"]
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:

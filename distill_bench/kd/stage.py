@@ -19,9 +19,12 @@ import torch
 from distill_bench.kd.cache import (CacheWriter, check_disk_space, corpus_hash, estimate_cache_bytes, example_hash,
                                     iter_shard_sizes, loss_positions, value_entry_bytes, id_encoding_for,
                                     id_row_bytes)
+from distill_bench.defaults import section_defaults
 from distill_bench.train.head import head_is_plain
 
 log = logging.getLogger(__name__)
+
+KD_DEFAULTS = section_defaults("kd")   # the schema's `kd` section
 
 SHARD_RAM_BYTES = 1 << 30        # cap on un-encoded rows held per shard before it is written
 CHUNK_ELEMENTS = 1 << 27         # positions x vocab per LM-head / top-k chunk (512 MiB float32; +39 % cache
@@ -31,7 +34,7 @@ CHUNK_ELEMENTS = 1 << 27         # positions x vocab per LM-head / top-k chunk (
 def cache_temperatures(kd: Mapping[str, Any]) -> list[float]:
     """1.0 first, then kd.cache_temperatures and kd.temperature (deduplicated, in that order)."""
     temps = [1.0]
-    extra = list(kd.get("cache_temperatures") or []) + [kd.get("temperature", 1.0)]
+    extra = list(kd.get("cache_temperatures") or []) + [kd.get("temperature", KD_DEFAULTS["temperature"])]
     for t in extra:
         t = float(t)
         if t <= 0:
@@ -200,6 +203,7 @@ def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: 
     from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
 
     torch.manual_seed(int(seed))
+    kd = {**KD_DEFAULTS, **dict(kd)}
     max_length = training.get("max_length")
     if max_length is None:
         raise KeyError("training.max_length is required by cache_logits (must equal the student's)")
@@ -216,15 +220,15 @@ def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: 
         data_hash = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _load_teacher(teacher, device)
-    k = int(kd.get("top_k", 64))
-    value_dtype = str(kd.get("value_dtype", "float16"))
+    k = int(kd["top_k"])
+    value_dtype = str(kd["value_dtype"])
     temps = cache_temperatures(kd)
     meta = {"teacher": str(teacher), "tokenizer": str(tokenizer), "tokenizer_vocab_hash": vocab_hash(tok),
             "dataset": str(dataset), "dataset_content_hash": data_hash, "max_length": int(max_length),
             "teacher_dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     manifest, stats = build_cache(model, encoded, out_dir, k=k, value_dtype=value_dtype, temperatures=temps,
-                                  batch_size=int(kd.get("batch_size", 32)), pad_token_id=int(tok.pad_token_id),
-                                  n_shards=int(kd.get("cache_shards", 1)), meta=meta, device=device)
+                                  batch_size=int(kd["batch_size"]), pad_token_id=int(tok.pad_token_id),
+                                  n_shards=int(kd["cache_shards"]), meta=meta, device=device)
     meter.add_tokens("input_tokens", stats["input_tokens"])
     meter.add_tokens("cached_positions", stats["cached_positions"])
     meter.set_primary_tokens("input_tokens")

@@ -14,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from distill_bench.defaults import section_defaults
 from distill_bench.kd.cache import (CacheMismatchError, CacheReader, decode_ids, decode_values, example_hash,
                                     loss_positions)
 from distill_bench.kd.loss import KDConfigError, kd_loss, tail_at_temperature
@@ -229,11 +230,12 @@ def kd_trainer_parts(cache_dir: str, kd: Mapping[str, Any], tokenizer, examples:
     if value_dtype != m["value_dtype"]:
         raise CacheMismatchError(f"kd.value_dtype={value_dtype!r} but the cache {cache_dir!r} stores "
                                  f"{m['value_dtype']!r}; rebuild it")
-    alpha = float(kd.get("alpha", 0.5))
+    defaults = section_defaults("kd")   # top_k and value_dtype default to the cache's own instead
+    alpha = float(kd.get("alpha", defaults["alpha"]))
     if not 0.0 <= alpha <= 1.0:
         raise KDConfigError(f"kd.alpha={alpha} must lie in [0, 1] (alpha weighs CE)")
-    tau = float(kd.get("temperature", 1.0))
-    approximate = bool(kd.get("tail_approximation", False))
+    tau = float(kd.get("temperature", defaults["temperature"]))
+    approximate = bool(kd.get("tail_approximation", defaults["tail_approximation"]))
     exact = any(abs(tau - t) <= 1e-6 for t in reader.temperatures)
     if not exact and not approximate:
         raise KDConfigError(
@@ -258,7 +260,7 @@ def kd_trainer_parts(cache_dir: str, kd: Mapping[str, Any], tokenizer, examples:
             truncated += 1
     collator = KDCollator(cache_dir, pad_token_id=tokenizer.pad_token_id, top_k=top_k, temperature=tau,
                           approximate_tail=approximate and not exact)
-    trainer_cls = make_kd_trainer_cls(alpha=alpha, temperature=tau, chunk_size=kd.get("chunk_size"))
+    trainer_cls = make_kd_trainer_cls(alpha=alpha, temperature=tau, chunk_size=kd.get("chunk_size", defaults["chunk_size"]))
     info = {"kd_cache": str(cache_dir), "kd_teacher": m.get("teacher"), "kd_cache_k": int(m["k"]),
             "kd_top_k": top_k, "kd_value_dtype": m["value_dtype"], "kd_alpha": alpha, "kd_temperature": tau,
             "kd_tail_mode": "exact" if exact else "approximate", "kd_cache_positions": int(m["n_positions"]),

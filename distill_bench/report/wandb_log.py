@@ -22,7 +22,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-DEFAULT_PROJECT = "distillation-energy-benchmark"
+from distill_bench.defaults import section_defaults
+
+# the schema's `report.wandb` section
+WANDB_CONFIG_DEFAULTS = section_defaults("report", "wandb")
+DEFAULT_PROJECT = WANDB_CONFIG_DEFAULTS["project"]
 MODES = ("offline", "online", "disabled")
 MISSING_WANDB = "report.wandb.enabled is true but wandb is not installed: pip install 'distill-bench[wandb]'"
 
@@ -259,10 +263,6 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
     if (path := _run_dir(run)) is not None:
         written.append(path)
     return written
-
-
-WANDB_CONFIG_DEFAULTS = {"enabled": False, "project": DEFAULT_PROJECT, "entity": None, "mode": "offline",
-                         "group": None, "dir": None}
 
 
 def log_from_config(results_dir: str | Path, config: dict) -> list[str]:

@@ -19,16 +19,14 @@ import json
 import re
 from typing import Any, Mapping
 
-# decoding defaults, as in distill_bench/config/workflow.schema.yaml (a missing key means the default)
-DECODING_DEFAULTS: dict[str, Any] = {
-    "backend": "auto", "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 1024,
-    "samples_per_prompt": 1, "batch_size": 64, "n_prompts": None, "hf_decode": "auto",
-}
+from distill_bench.defaults import section_defaults
+
 # keys of the synthetic section that never change the artifact
 NEUTRAL_KEYS = ("shards",)
-FILTER_DEFAULTS: dict[str, Any] = {
-    "min_tokens": 1, "max_tokens": None, "drop_truncated": True, "dedup": True, "verify_answer": False,
-}
+# the schema's `synthetic` section (a missing key means the default): decoding keys, and the filters
+DECODING_DEFAULTS: dict[str, Any] = {k: v for k, v in section_defaults("synthetic").items()
+                                     if k not in (*NEUTRAL_KEYS, "filters")}
+FILTER_DEFAULTS: dict[str, Any] = section_defaults("synthetic", "filters")
 
 
 def _decoding(synthetic: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ a chunk's batches, padding and random stream never depend on the shard layout: m
 gives exactly the unsharded output -- for greedy decoding, and for sampling with the hf backend too. (vLLM is
 handed a whole shard in one call, since it schedules its own batches and builds its engine per call; its sampled
 output is reproducible for a given layout, greedy output is layout-independent.) With more shards than chunks
-some shards are empty, which is valid.
+some shards are empty, which is valid. The loop itself (chunks, seeds, checkpoints, metering) is
+:mod:`distill_bench.generation.chunked`, shared with DPO sampling.
 
 Resume. Completed chunks are checkpointed as JSON lines in ``<out_dir>.partial/`` (atomic writes); a rerun after
 SIGTERM or a time-out reloads them when their fingerprint (every setting that changes the output) matches and
@@ -26,26 +27,25 @@ Context overflow. Prompts whose templated length exceeds the model's context min
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from distill_bench.artifacts import ChunkCheckpoint
 from distill_bench.atomic import atomic_write_json, write_dir_atomically
 from distill_bench.data.io import dataset_hash_or_none
-from distill_bench.generation import GenerationSettings, generate, resolve_backend
+from distill_bench.generation import GenerationSettings, resolve_backend
+from distill_bench.generation.chunked import (CHUNK_BATCHES, ChunkedRun, MeteredTokens, chunk_bounds, chunk_prompts,
+                                             generate_chunks)
 from distill_bench.generation.prompts import load_tokenizer
 from distill_bench.synthetic.filters import apply_filters
 from distill_bench.synthetic.ids import generation_shard_key, normalize_filters
 
 log = logging.getLogger(__name__)
 
-CHUNK_BATCHES = 4        # generation batches per chunk: the unit of sharding, seeding and checkpointing
 SHARD_INFO = "shard_info.json"
 SYNTHETIC_INFO = "synthetic_info.json"
 SUMMARY_FILE = "summary.json"   # what distill_bench.data.io.read_summary / dataset_content_hash read
@@ -76,10 +76,6 @@ def _decoding_settings(synthetic: Mapping[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _chunks(n_prompts: int, per_chunk: int) -> list[tuple[int, int]]:
-    return [(s, min(s + per_chunk, n_prompts)) for s in range(0, n_prompts, per_chunk)]
-
-
 def shard_chunks(n_chunks: int, shard: int, num_shards: int) -> range:
     """Contiguous chunk range of shard ``shard`` of ``num_shards`` (concatenation over shards = all chunks)."""
     return range(shard * n_chunks // num_shards, (shard + 1) * n_chunks // num_shards)
@@ -102,36 +98,6 @@ def _load_teacher(teacher: str, backend: str):
     return model.eval()
 
 
-class _Throughput:
-    """``on_batch`` callback: charges each batch's generated tokens to the meter as they come (so the meter's
-    steady-state window sees only the tokens generated inside it), marks the steady state after the first batch
-    (which carries warm-up: allocator, kernels, caches), and measures decode tokens/s over the later batches."""
-
-    def __init__(self, meter: Any) -> None:
-        self.meter, self.batches, self.charged, self.tokens, self.seconds = meter, 0, 0, 0, 0.0
-
-    def __call__(self, n_tokens: int, elapsed_s: float) -> None:
-        self.batches += 1
-        self.meter.add_tokens("generated_tokens", int(n_tokens))
-        self.charged += int(n_tokens)
-        if self.batches == 1:
-            self.meter.mark_steady_state()
-            return
-        self.tokens += int(n_tokens)
-        self.seconds += float(elapsed_s)
-
-    def settle(self, generated: int) -> None:
-        """Charge what a backend generated without reporting it per batch (exact total either way)."""
-        if generated < self.charged:
-            raise RuntimeError(f"generation backend reported {self.charged} generated tokens per batch but its "
-                               f"results hold {generated}")
-        self.meter.add_tokens("generated_tokens", generated - self.charged)
-        self.charged = generated
-
-    def tokens_per_s(self) -> float | None:
-        return self.tokens / self.seconds if self.seconds > 0 else None
-
-
 def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, out_dir: str,
                    synthetic: Mapping[str, Any], shard: int, num_shards: int, seed: int) -> dict[str, Any]:
     """Generate teacher responses for shard ``shard`` of ``num_shards``; write ``out_dir`` (a ``datasets.Dataset``
@@ -152,8 +118,8 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
 
     train = _load_source(dataset)["train"]
     total = len(train) if n_limit is None else min(int(n_limit), len(train))
-    per_chunk = max(1, settings.batch_size // settings.num_samples) * CHUNK_BATCHES
-    chunks = _chunks(total, per_chunk)
+    per_chunk = chunk_prompts(settings)
+    chunks = chunk_bounds(total, settings)
     mine = shard_chunks(len(chunks), shard, num_shards)
     shard_key = generation_shard_key(Path(dataset).name, synthetic, seed=seed)
     fingerprint = {
@@ -173,44 +139,25 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
     prompts, ids = list(rows["prompt"]), list(rows["id"])
     answers, sources = list(rows["answer"]), list(rows["source"])
     todo = [c for c in mine if c not in done]
-    meter_cb = _Throughput(meter)
+    tokens = MeteredTokens(meter)
     meter.set_primary_tokens("generated_tokens")
-    fresh_gen = fresh_in = charged_in = 0
-    t_gen = 0.0
+    run = ChunkedRun()
     if todo:
         checkpoint.start()
         model = _load_teacher(teacher, backend)
         tok = tokenizer if backend == "vllm" else load_tokenizer(tokenizer)  # vLLM loads it from the path
-        if backend == "vllm":  # one call for the whole shard: vLLM schedules its own continuous batches
-            groups = [todo]
-        else:
-            groups = [[c] for c in todo]
-        for group in groups:
-            lo, hi = chunks[group[0]][0] - offset, chunks[group[-1]][1] - offset
-            chunk_settings = dataclasses.replace(settings, seed=int(seed) + group[0] * CHUNK_BATCHES)
-            t0 = time.perf_counter()
-            results = generate(model, tok, prompts[lo:hi], chunk_settings, on_batch=meter_cb)
-            t_gen += time.perf_counter() - t0
-            by_chunk: dict[int, list[dict]] = {c: [] for c in group}
-            for r in results:
-                i = lo + r.prompt_index
-                row = {"prompt_index": offset + i, "id": f"{ids[i]}-s{r.sample_index}", "prompt_id": ids[i],
-                       "prompt": prompts[i], "response": r.text.strip(), "answer": answers[i],
-                       "source": sources[i], "sample_index": r.sample_index, "prompt_tokens": r.prompt_tokens,
-                       "generated_tokens": r.generated_tokens, "finished": bool(r.finished),
-                       "dropped": bool(r.dropped)}
-                if not r.dropped:
-                    fresh_gen += r.generated_tokens
-                    fresh_in += r.prompt_tokens
-                chunk = next(c for c in group if chunks[c][0] <= offset + i < chunks[c][1])
-                by_chunk[chunk].append(row)
-            meter_cb.settle(fresh_gen)
-            meter.add_tokens("input_tokens", fresh_in - charged_in)
-            charged_in = fresh_in
-            for c, chunk_rows in by_chunk.items():
-                checkpoint.save(c, chunk_rows)
-            log.info("shard %d/%d: chunks %d..%d done (%d/%d)", shard, num_shards, group[0], group[-1],
-                     len([c for c in mine if c in done]), len(mine))
+
+        def row_of(i: int, r) -> dict[str, Any]:
+            return {"prompt_index": offset + i, "id": f"{ids[i]}-s{r.sample_index}", "prompt_id": ids[i],
+                    "prompt": prompts[i], "response": r.text.strip(), "answer": answers[i], "source": sources[i],
+                    "sample_index": r.sample_index, "prompt_tokens": r.prompt_tokens,
+                    "generated_tokens": r.generated_tokens, "finished": bool(r.finished), "dropped": bool(r.dropped)}
+
+        # vLLM gets the whole shard in one call: it schedules its own continuous batches
+        generate_chunks(model, tok, prompts, chunks=chunks, todo=todo, settings=settings,
+                        seed_of=lambda c: int(seed) + c * CHUNK_BATCHES, row_of=row_of, checkpoint=checkpoint,
+                        meter=meter, tokens=tokens, run=run, one_call=backend == "vllm", prompt_offset=offset)
+        log.info("shard %d/%d: chunks %d..%d generated", shard, num_shards, todo[0], todo[-1])
 
     all_rows = [row for c in mine for row in done[c]]
     kept = [r for r in all_rows if not r["dropped"]]
@@ -224,8 +171,8 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
         "generated_tokens": sum(r["generated_tokens"] for r in records),
         "input_tokens": sum(r["prompt_tokens"] for r in records),
         "resumed_chunks": len(mine) - len(todo),
-        "attempt": {"generated_tokens": fresh_gen, "input_tokens": fresh_in, "generate_s": round(t_gen, 6),
-                    "steady_state_tokens_per_s": meter_cb.tokens_per_s()},
+        "attempt": {"generated_tokens": run.generated_tokens, "input_tokens": run.input_tokens,
+                    "generate_s": round(run.generate_s, 6), "steady_state_tokens_per_s": tokens.tokens_per_s()},
     }
     _write_shard(out, records, info)
     shutil.rmtree(partial, ignore_errors=True)
@@ -236,8 +183,8 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
         meter.record(key, info[key])
     meter.record("backend", backend)
     meter.record("shard", f"{shard}/{num_shards}")
-    if meter_cb.tokens_per_s() is not None:
-        meter.record("steady_state_tokens_per_s", meter_cb.tokens_per_s())
+    if tokens.tokens_per_s() is not None:
+        meter.record("steady_state_tokens_per_s", tokens.tokens_per_s())
     if dropped_ids:
         log.warning("shard %d/%d: %d prompt(s) longer than the context were dropped", shard, num_shards,
                     len(dropped_ids))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from distill_bench.atomic import atomic_write_json, short_hash
+from distill_bench.defaults import allowed_values, section_defaults
 from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import (LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_of,
                                          model_inputs)
@@ -33,20 +34,22 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT = "run_fingerprint.json"
 COUNTS = "distill_bench_counts.json"
-PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr", "polynomial")
+# defaults and allowed values: the schema's `training` section (distill_bench/config/workflow.schema.yaml)
+DEFAULTS = section_defaults("training")
+PRECISIONS = allowed_values("training", "precision")
+SCHEDULERS = allowed_values("training", "lr_scheduler")
 # settings that change what is learned; the rest (save_steps, workers...) may change between attempts
 _RESULT_KEYS = ("token_budget", "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                 "lr_scheduler", "precision", "gpus", "max_grad_norm")
-DISTRIBUTED = ("ddp", "fsdp")
-ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", VARLEN)
+DISTRIBUTED = allowed_values("training", "distributed")
+ATTN_IMPLEMENTATIONS = tuple(a for a in allowed_values("training", "attn_implementation") if a is not None)
 
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint in the output dir was written by a run with another config, seed or data."""
 
 
-STALE_CHECKPOINT_POLICIES = ("refuse", "set_aside")
+STALE_CHECKPOINT_POLICIES = allowed_values("training", "stale_checkpoints")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -55,45 +58,44 @@ class TrainingInterrupted(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    token_budget: int
-    max_length: int
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    lr_scheduler: str = "cosine"
-    precision: str = "fp32"
-    save_steps: int = 200
-    gradient_checkpointing: bool = False
-    dataloader_workers: int = 0
-    gpus: int = 1
-    max_grad_norm: float = 1.0
-    logging_steps: int | None = None  # None: about 50 log points per run
-    num_threads: int | None = None    # torch.set_num_threads on CPU; None leaves torch's default
-    padding_free: bool | str = "auto"  # flattened batches, no padding; "auto" = on a GPU (distill_bench.train.speed)
-    pad_to_multiple_of: int | str | None = "auto"  # round batch lengths up (few distinct shapes); auto = 64 on a GPU
-    nodes: int = 1                    # > 1: SLURM multi-node (distill_bench.train.launch)
-    distributed: str = "ddp"          # gpus * nodes > 1: "ddp", or "fsdp" (full shard) for students too big for DDP
-    # auto: varlen for padding-free GPU training where it applies (distill_bench.train.varlen), else the model's own;
-    # None keeps the model's own (sdpa in transformers 5)
-    attn_implementation: str | None = "auto"
-    torch_compile: bool | str = "auto"  # false, true/"model" (HF compiles the whole model), "layers" (each decoder
-                                        # layer), "auto" = layers on a GPU (distill_bench.train.speed)
-    stale_checkpoints: str = "refuse"  # checkpoints of another config: "refuse" (error) or "set_aside" (renamed
-                                       # to checkpoints.stale-<time>, training starts fresh; never mixed, never lost)
+    """The ``training`` section. Every default is the schema's (what each key means: its descriptions there)."""
+
+    token_budget: int = DEFAULTS["token_budget"]
+    max_length: int = DEFAULTS["max_length"]
+    batch_size: int = DEFAULTS["batch_size"]
+    grad_accum: int = DEFAULTS["grad_accum"]
+    lr: float = DEFAULTS["lr"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    warmup_ratio: float = DEFAULTS["warmup_ratio"]
+    lr_scheduler: str = DEFAULTS["lr_scheduler"]
+    precision: str = DEFAULTS["precision"]
+    save_steps: int = DEFAULTS["save_steps"]
+    gradient_checkpointing: bool = DEFAULTS["gradient_checkpointing"]
+    dataloader_workers: int = DEFAULTS["dataloader_workers"]
+    gpus: int = DEFAULTS["gpus"]
+    max_grad_norm: float = DEFAULTS["max_grad_norm"]
+    logging_steps: int | None = DEFAULTS["logging_steps"]
+    num_threads: int | None = DEFAULTS["num_threads"]
+    padding_free: bool | str = DEFAULTS["padding_free"]            # distill_bench.train.speed
+    pad_to_multiple_of: int | str | None = DEFAULTS["pad_to_multiple_of"]
+    nodes: int = DEFAULTS["nodes"]                                 # > 1: SLURM multi-node (distill_bench.train.launch)
+    distributed: str = DEFAULTS["distributed"]
+    attn_implementation: str | None = DEFAULTS["attn_implementation"]   # distill_bench.train.varlen
+    torch_compile: bool | str = DEFAULTS["torch_compile"]
+    stale_checkpoints: str = DEFAULTS["stale_checkpoints"]
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any], **overrides: Any) -> "TrainSettings":
-        """Build from the config's ``training`` section; unknown keys are an error naming the key."""
+        """Build from the config's ``training`` section (missing keys: the schema's defaults); unknown keys are an
+        error naming the key."""
         data = {**dict(section or {}), **overrides}
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ValueError(f"training: unknown key(s) {unknown}; known: {sorted(fields)}")
         for key in ("token_budget", "max_length"):
-            if data.get(key) is None:
-                raise ValueError(f"training.{key} is required")
+            if data.get(key, DEFAULTS[key]) is None:
+                raise ValueError(f"training.{key} must be a positive integer, got None")
         s = cls(**data)
         s.validate()
         return s
@@ -480,7 +482,118 @@ def stop_if_interrupted(trainer, stopper, counter, summary: dict[str, Any], max_
     redeliver_signal(stopper.signum)
 
 
-# --------------------------------------------------------------------------------------------- main entry
+# --------------------------------------------------------------------------------------------- the skeleton
+
+
+@dataclasses.dataclass
+class TrainingJob:
+    """What a trainer (SFT/KD's ``train_student``, DPO's ``train_dpo``) plugs into :func:`run_training`.
+
+    The skeleton owns what every trainer must do the same way: the run fingerprint guarding the checkpoints, resume
+    with the exact token tally stored beside a checkpoint, SIGTERM/SIGUSR1 -> checkpoint and re-deliver, the check
+    that the trained tokens are exactly the ones declared, the final model and ``train_log.json`` (rank 0), and the
+    stage metrics, once."""
+
+    settings: TrainSettings
+    seed: int
+    out: Path
+    tokenizer: Any
+    model_config: Mapping[str, Any]   # before any attention/compile change, so fingerprints stay comparable
+    stream_hash: str
+    trainer_name: str
+    fingerprint_extra: Mapping[str, Any] | None
+    max_steps: int
+    expected_tokens: int              # the exact loss-bearing tokens the run must train
+    expected_what: str                # how the error names them ("the budget ...", "declared (...)")
+    build_trainer: Callable[[list], Any]       # callbacks -> a counting HF Trainer writing to checkpoints_dir(out)
+    summarize: Callable[[Any, list], dict[str, Any]]   # (trainer, log history) -> the trainer's own summary fields
+    report_keys: Sequence[str]        # summary keys recorded as stage metrics
+    meter: Any = None
+    what: str = ""                    # log prefix ("DPO ")
+    keep_checkpoints: bool = False
+    before_save: Callable[[], None] | None = None
+
+
+def checkpoints_dir(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def prepare_process(settings: TrainSettings) -> None:
+    """Quiet progress bars (they only spam the stage logs) and apply ``training.num_threads``."""
+    import torch
+    from datasets.utils.logging import disable_progress_bar as quiet_datasets
+    from transformers.utils.logging import disable_progress_bar as quiet_transformers
+
+    quiet_datasets()
+    quiet_transformers()
+    if settings.num_threads:
+        torch.set_num_threads(int(settings.num_threads))
+
+
+def run_training(job: TrainingJob) -> dict[str, Any]:
+    """fingerprint -> resume -> train (signals checkpoint) -> summary -> interrupted? -> token check -> save ->
+    metrics. Returns the summary (also ``out/train_log.json``)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from distill_bench.models.build import save_model_dir
+
+    ckpt_dir = checkpoints_dir(job.out)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    fp = run_fingerprint(job.settings, job.seed, job.stream_hash, job.model_config, job.trainer_name,
+                         job.fingerprint_extra)
+    last = get_last_checkpoint(str(ckpt_dir))
+    set_aside = check_or_write_fingerprint(ckpt_dir, fp, last is not None, job.settings.stale_checkpoints)
+    if set_aside:
+        last = None
+        if job.meter is not None:
+            job.meter.record("stale_checkpoints_set_aside", set_aside)
+    StopOnSignal, SaveCounts = training_callbacks()
+    stopper, counter = StopOnSignal(), SaveCounts(job.meter)
+    if job.meter is not None:
+        job.meter.set_primary_tokens("trained_tokens")
+    trainer = job.build_trainer([stopper, counter])
+    counter.trainer = trainer
+    result, start_step = resume_and_train(trainer, stopper, counter, last, job.max_steps, what=job.what)
+
+    trained, input_tokens = counter.totals()   # summed over ranks once, here
+    summary: dict[str, Any] = {
+        "trained_tokens": trained,
+        "input_tokens": input_tokens,
+        "max_steps": job.max_steps,
+        "steps": int(trainer.state.global_step),
+        "resumed_from_step": start_step,
+        "trained_tokens_this_attempt": trained - counter.base[0],
+        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "settings": dataclasses.asdict(job.settings),
+        "seed": int(job.seed),
+        "trainer": job.trainer_name,
+        "fingerprint": fp,
+        **job.summarize(trainer, trainer.state.log_history),
+    }
+    report = functools.partial(_report, job.meter, job.report_keys)
+    stop_if_interrupted(trainer, stopper, counter, summary, job.max_steps, job.out, report)
+
+    if summary["trained_tokens"] != job.expected_tokens:
+        raise RuntimeError(f"{job.what}trained {summary['trained_tokens']} tokens but {job.expected_what} is "
+                           f"{job.expected_tokens}: the batches consumed do not match the stream")
+    if job.before_save is not None:
+        job.before_save()
+    if trainer.args.process_index == 0:
+        save_model_dir(trainer.model, job.out / "final", job.tokenizer)
+        write_train_log(job.out, summary)
+        if not job.keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    counter.flush()
+    report(summary, True)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- SFT and KD
+
+
+SFT_REPORT_KEYS = ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
+                   "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile",
+                   "attn_implementation", "token_budget", "budget_epochs", "stream_examples", "data_wait_fraction")
 
 
 def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], settings: TrainSettings, seed: int,
@@ -497,22 +610,10 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     """
     import torch
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
-    from distill_bench.models.build import save_model_dir
-
-    from datasets.utils.logging import disable_progress_bar as quiet_datasets
-    from transformers.utils.logging import disable_progress_bar as quiet_transformers
-
-    quiet_datasets()       # progress bars only spam the stage logs
-    quiet_transformers()
-    if settings.num_threads:
-        torch.set_num_threads(int(settings.num_threads))
+    prepare_process(settings)
     out = Path(output_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
     stream, budget_info = build_budgeted_dataset(examples, settings.token_budget, seed)
     too_long = max(len(ex["input_ids"]) for ex in stream)
     if too_long > settings.max_length:
@@ -525,15 +626,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     base_cls = trainer_cls or _loss_positions_sft_trainer()
     if not issubclass(base_cls, SFTTrainer):
         raise TypeError(f"trainer_cls must subclass trl.SFTTrainer, got {base_cls!r}")
-    fp = run_fingerprint(settings, seed, budget_info["stream_hash"], model.config.to_dict(), base_cls.__name__,
-                         fingerprint_extra)
-    last = get_last_checkpoint(str(ckpt_dir))
-    set_aside = check_or_write_fingerprint(ckpt_dir, fp, last is not None, settings.stale_checkpoints)
-    if set_aside:
-        last = None
-        if meter is not None:
-            meter.record("stale_checkpoints_set_aside", set_aside)
-
+    model_config = model.config.to_dict()
     use_cpu = not torch.cuda.is_available()
     own_attn = model.config._attn_implementation
     attn = settings.attn_implementation if settings.attn_implementation != "auto" else None
@@ -561,65 +654,49 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     compile_mode = resolve_compile(settings.torch_compile, on_gpu=not use_cpu)
     if compile_mode == "layers":
         log.info("compiled %d decoder layers", compile_decoder_layers(model))
-    args = _sft_config(settings, ckpt_dir, max_steps, seed, use_cpu, compile_mode)
-    StopOnSignal, SaveCounts = training_callbacks()
-    stopper, counter = StopOnSignal(), SaveCounts(meter)
-    if meter is not None:
-        meter.set_primary_tokens("trained_tokens")
-    kwargs = dict(trainer_kwargs or {})
-    callbacks = list(kwargs.pop("callbacks", []) or []) + [stopper, counter]
-    trainer = _counting_trainer_class(base_cls)(
-        model=model, args=args, train_dataset=Dataset.from_list(_with_labels(stream)), processing_class=tokenizer,
-        data_collator=collator, callbacks=callbacks, **kwargs)
-    counter.trainer = trainer
-    result, start_step = resume_and_train(trainer, stopper, counter, last, max_steps)
+    args = _sft_config(settings, checkpoints_dir(out), max_steps, seed, use_cpu, compile_mode)
 
-    trained, input_tokens = counter.totals()
-    history = trainer.state.log_history
-    curve = _loss_curve(history)
-    summary: dict[str, Any] = {
-        "trained_tokens": trained,
-        "input_tokens": input_tokens,
-        "token_budget": settings.token_budget,
-        "max_steps": max_steps,
-        "steps": int(trainer.state.global_step),
-        "resumed_from_step": start_step,
-        "trained_tokens_this_attempt": trained - counter.base[0],
-        "loss_curve": curve,
-        "lr_curve": _lr_curve(history),
-        "final_loss": curve[-1][1] if curve else None,
-        "mean_loss": mean_loss(curve),
-        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
-        "budget": {k: v for k, v in budget_info.items()},
-        "settings": dataclasses.asdict(settings),
-        "seed": int(seed),
-        "trainer": base_cls.__name__,
-        "fingerprint": fp,
-        "padding_free": padding_free,
-        "pad_to_multiple_of": multiple,
-        "torch_compile": compile_mode,
-        "attn_implementation": attn or own_attn,
-    }
-    if hasattr(trainer, "data_wait_fraction"):  # KD: time waiting for the cache reads, as a share of step time
-        summary["data_wait_fraction"] = trainer.data_wait_fraction()
-    summary["lr_last_step"] = summary["lr_curve"][-1][1] if summary["lr_curve"] else None
-    summary["lr_end"] = float(trainer.lr_scheduler.get_last_lr()[0]) if trainer.lr_scheduler is not None else None
+    def build_trainer(callbacks: list) -> Any:
+        kwargs = dict(trainer_kwargs or {})
+        return _counting_trainer_class(base_cls)(
+            model=model, args=args, train_dataset=Dataset.from_list(_with_labels(stream)),
+            processing_class=tokenizer, data_collator=collator,
+            callbacks=list(kwargs.pop("callbacks", []) or []) + callbacks, **kwargs)
 
-    stop_if_interrupted(trainer, stopper, counter, summary, max_steps, out, functools.partial(_report, meter))
+    def summarize(trainer, history: list) -> dict[str, Any]:
+        curve = _loss_curve(history)
+        lrs = _lr_curve(history)
+        own = {
+            "token_budget": settings.token_budget,
+            "loss_curve": curve,
+            "lr_curve": lrs,
+            "final_loss": curve[-1][1] if curve else None,
+            "mean_loss": mean_loss(curve),
+            "budget": dict(budget_info),
+            "budget_epochs": budget_info["epochs"],
+            "stream_examples": budget_info["stream_examples"],
+            "padding_free": padding_free,
+            "pad_to_multiple_of": multiple,
+            "torch_compile": compile_mode,
+            "attn_implementation": attn or own_attn,
+            "lr_last_step": lrs[-1][1] if lrs else None,
+            "lr_end": float(trainer.lr_scheduler.get_last_lr()[0]) if trainer.lr_scheduler is not None else None,
+        }
+        if hasattr(trainer, "data_wait_fraction"):  # KD: time waiting for the cache reads, as a share of step time
+            own["data_wait_fraction"] = trainer.data_wait_fraction()
+        return own
 
-    if summary["trained_tokens"] != settings.token_budget:
-        raise RuntimeError(f"trained {summary['trained_tokens']} loss-bearing tokens but the budget is "
-                           f"{settings.token_budget}: the batches consumed do not match the stream")
-    if attn == VARLEN:
-        model.set_attn_implementation(own_attn)   # the saved model must load without distill_bench's kernel
-    if trainer.args.process_index == 0:
-        save_model_dir(trainer.model, out / "final", tokenizer)
-        write_train_log(out, summary)
-        if not keep_checkpoints:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-    counter.flush()
-    _report(meter, summary, final=True)
-    return summary
+    def restore_attention() -> None:
+        if attn == VARLEN:
+            model.set_attn_implementation(own_attn)   # the saved model must load without distill_bench's kernel
+
+    return run_training(TrainingJob(
+        settings=settings, seed=seed, out=out, tokenizer=tokenizer, model_config=model_config,
+        stream_hash=budget_info["stream_hash"], trainer_name=base_cls.__name__, fingerprint_extra=fingerprint_extra,
+        max_steps=max_steps, expected_tokens=settings.token_budget,
+        expected_what="the budget (loss-bearing tokens)",
+        build_trainer=build_trainer, summarize=summarize, report_keys=SFT_REPORT_KEYS, meter=meter,
+        keep_checkpoints=keep_checkpoints, before_save=restore_attention))
 
 
 def mean_loss(curve: list[tuple[int, float]]) -> float | None:
@@ -635,19 +712,13 @@ def mean_loss(curve: list[tuple[int, float]]) -> float | None:
     return weighted / total
 
 
-def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
+def _report(meter, keys: Sequence[str], summary: Mapping[str, Any], final: bool) -> None:
     """Stage metrics. Token counts reach the meter per attempt (SaveCounts), since the meter sums attempts."""
     if meter is None:
         return
     meter.set_primary_tokens("trained_tokens")
-    for key in ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
-                "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile",
-                "attn_implementation"):
-        meter.record(key, summary[key])
+    for key in keys:
+        if key in summary:
+            meter.record(key, summary[key])
     meter.record("trained_tokens_total", int(summary["trained_tokens"]))
-    meter.record("token_budget", int(summary["token_budget"]))
-    meter.record("budget_epochs", summary["budget"]["epochs"])
-    meter.record("stream_examples", summary["budget"]["stream_examples"])
     meter.record("training_completed", bool(final))
-    if "data_wait_fraction" in summary:
-        meter.record("data_wait_fraction", summary["data_wait_fraction"])

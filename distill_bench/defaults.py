@@ -1,0 +1,63 @@
+"""Every default of the package, read from the one place it is written: ``config/workflow.schema.yaml``.
+
+The workflow fills a config's defaults from the schema when it validates it; the settings objects (``TrainSettings``,
+the ``dpo`` section, ``EnergySettings``, ``GenerationSettings``, synthetic decoding and filters, ``eval``, W&B) take
+theirs from here too, so ``distill-bench stage``, the benchmarks and the workflow train and generate the same from
+the same words. ``tests/test_defaults.py`` proves the settings objects and the schema cannot disagree.
+
+A leaf module (PyYAML only): the energy layer below the config package reads it as well.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config") / "workflow.schema.yaml"
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH) as fh:
+        return yaml.safe_load(fh)
+
+
+def schema() -> dict[str, Any]:
+    """The workflow config schema (a fresh copy: callers may extend it)."""
+    return copy.deepcopy(_schema())
+
+
+def _section_schema(name: str) -> dict[str, Any]:
+    """A section's schema: ``$defs/<name>`` (training, kd, dpo, generation...) or a top-level property (energy)."""
+    root = _schema()
+    node = root["$defs"].get(name) or root["properties"].get(name)
+    if node is None:
+        raise KeyError(f"workflow.schema.yaml has no section {name!r}")
+    return node
+
+
+def _defaults_of(node: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, sub in node.get("properties", {}).items():
+        if sub.get("type") == "object" and "properties" in sub:
+            out[key] = _defaults_of(sub)
+        elif "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+    return out
+
+
+def section_defaults(name: str, *path: str) -> dict[str, Any]:
+    """Defaults of every key of a section (nested objects as dicts of their own defaults), e.g.
+    ``section_defaults("training")`` or ``section_defaults("synthetic", "filters")``."""
+    node = _section_schema(name)
+    for part in path:
+        node = node["properties"][part]
+    return _defaults_of(node)
+
+
+def allowed_values(name: str, key: str) -> tuple[Any, ...]:
+    """The ``enum`` of ``<section>.<key>``: the values a settings object accepts."""
+    return tuple(_section_schema(name)["properties"][key]["enum"])
