@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make run    set up .venv (pinned, CPU torch) and run the whole embedded DAG to results/summary/comparison.md
-#   make test   set up .venv, check the code (make lint) and run the test suite
+#   make test   set up .venv, check the code (make lint: ruff, snakefmt, snakemake --lint) and run the test suite
+#               (tests/test_layers.py among them)
 #
 # Which torch build: TORCH_VARIANT=cpu (default) installs the +cpu wheel from PyTorch's CPU index (no CUDA
 # libraries, a few hundred MB); TORCH_VARIANT=cuda installs PyPI's default build, which brings the CUDA libraries
@@ -38,9 +39,11 @@ run: setup
 dryrun: setup
 	$(BIN)/snakemake -n
 
-# ruff (config in pyproject.toml)
+# ruff (config in pyproject.toml), snakefmt, and Snakemake's own linter (it plans the embedded default; nothing runs)
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile rules/
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint --directory "$$(mktemp -d)"
 
 test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q

@@ -15,7 +15,12 @@ import yaml
 
 sys.path.insert(0, workflow.basedir)
 from distill_bench.config import ConfigError, build_plan, load_config
-from distill_bench.hardware import HardwareError, apply_preset, check_partitions, rule_resources
+from distill_bench.hardware import (
+    HardwareError,
+    apply_preset,
+    check_partitions,
+    rule_resources,
+)
 
 # The embedded default is loaded only when no --configfile brought a full config: merging it under a cluster
 # config would leak the embedded datasets and students into the cluster grid.

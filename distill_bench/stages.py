@@ -9,9 +9,14 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from distill_bench.config.plan import stage_id_from_energy_json
+from distill_bench.energy import EnergySettings, run_stage
 
 # stage name -> ("module:function", role)
 STAGES: dict[str, tuple[str, str]] = {
@@ -48,8 +53,6 @@ def resolve(name: str) -> Callable[..., Any]:
 def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str, Any],
                     kwargs: Mapping[str, Any]) -> Any:
     """Run stage ``name`` with ``kwargs`` inside a StageMeter that writes ``out_json``."""
-    from distill_bench.energy import EnergySettings, run_stage
-
     fn = resolve(name)
     accepted = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in kwargs.items() if not (k == "pipeline" and k not in accepted)}
@@ -76,17 +79,21 @@ def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str,
     )
 
 
-def run_from_snakemake(snakemake: Any, name: str) -> Any:
-    """Adapter used by scripts/*.py: named inputs/outputs/params -> keyword arguments."""
-    import logging
-    import sys
-
+def log_to_rule_log(snakemake: Any) -> logging.Logger:
+    """Send this job's logging to the rule's declared ``log:`` file (and stderr); returns the rule's logger."""
     if snakemake.log:
         log_path = Path(str(snakemake.log[0]))
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_path)
-        logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler(sys.stderr)],
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        handlers = [logging.FileHandler(log_path), logging.StreamHandler(sys.stderr)]
+        logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return logging.getLogger(f"rule.{snakemake.rule}")
+
+
+def run_from_snakemake(snakemake: Any, name: str) -> Any:
+    """Adapter used by scripts/*.py: named inputs/outputs/params -> keyword arguments; the stage id is the energy
+    JSON's name and the role the registry's."""
+    log_to_rule_log(snakemake)
     kwargs: dict[str, Any] = {}
     for section in (snakemake.input, snakemake.output):
         for key, value in section.items():
@@ -96,6 +103,7 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
     params = dict(snakemake.params.items())
     meter_args = {k: params.pop(k) for k in METER_KEYS if k in params}
     out_json = kwargs.pop("energy_json")
+    meter_args.setdefault("stage_id", stage_id_from_energy_json(out_json))
     kwargs.update(params)
     os.environ.setdefault("OMP_NUM_THREADS", str(snakemake.threads))
     return run_named_stage(name, out_json=out_json, meter_args=meter_args, kwargs=kwargs)

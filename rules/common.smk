@@ -1,6 +1,9 @@
 # Input functions and shared settings. Everything derives from PLAN (distill_bench.config.plan), which the
 # roll-up reads too, so the DAG and the energy accounting cannot disagree.
 
+from distill_bench.config.plan import STAGE_IDS
+
+
 wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
     student="[A-Za-z0-9_]+",
@@ -38,7 +41,9 @@ def resources_for(rule_name):
         if key == "cpus":
             out["cpus_per_task"] = value
         elif key == "runtime":
-            out["runtime"] = (lambda base: (lambda wildcards, attempt: base * attempt))(value)
+            out["runtime"] = (lambda base: (lambda wildcards, attempt: base * attempt))(
+                value
+            )
         elif key == "gpu" and value == 0:
             continue
         else:
@@ -63,7 +68,7 @@ def model_dir_for(model_id):
     if model_id == "teacher":
         return f"{R}/models/teacher"
     if model_id.startswith("init."):
-        return init_dir(model_id[len("init."):])
+        return init_dir(model_id[len("init.") :])
     return f"{R}/models/students/{model_id}/final"
 
 
@@ -78,7 +83,9 @@ def artifact_dir(artifact_id):
 def shard_dirs(artifact_id):
     art = PLAN.artifacts[artifact_id]
     n = art.params["shards"]
-    return [f"{R}/teacher/synthetic_shards/{art.shard_key}/shard{i}of{n}" for i in range(n)]
+    return [
+        f"{R}/teacher/synthetic_shards/{art.shard_key}/shard{i}of{n}" for i in range(n)
+    ]
 
 
 def synthetic_artifact_by_shard_key(shard_key):
@@ -86,3 +93,83 @@ def synthetic_artifact_by_shard_key(shard_key):
         if art.shard_key == shard_key:
             return art
     raise ValueError(f"unknown synthetic shard key {shard_key!r}")
+
+
+# A stage's identity comes from one place, distill_bench.config.plan.STAGE_IDS (rule -> stage id over the rule's
+# wildcards): the plan lists stages by it, the roll-up charges by it, and each stage rule's energy JSON, log and
+# benchmark are named after it here. The stage adapter reads the id back from the energy JSON's name and the role
+# from the stage registry, so a rule spells neither.
+def stage_energy_json(rule_name):
+    return f"{R}/energy/{STAGE_IDS[rule_name]}.json"
+
+
+def stage_log(rule_name):
+    return f"{R}/logs/{STAGE_IDS[rule_name]}.log"
+
+
+def stage_benchmark(rule_name):
+    return f"{R}/benchmarks/{STAGE_IDS[rule_name]}.tsv"
+
+
+# the software environment of every rule, for --software-deployment-method conda (pinned like requirements.lock)
+CONDA_ENV = "../envs/distill-bench.yaml"
+
+
+# from dpo.smk
+def preference_artifact(wildcards):
+    return PLAN.artifacts[wildcards.artifact]
+
+
+# from dpo.smk
+def judge_model_path(artifact):
+    judge = artifact.judge_model
+    if judge is None:
+        return None
+    return (
+        model_dir_for(judge)
+        if judge == "teacher" or judge in PLAN.experiments
+        else judge
+    )
+
+
+# from eval.smk
+def eval_inputs(wildcards):
+    inputs = {
+        **METER_INPUTS,
+        "model": model_dir_for(wildcards.model_id),
+        "tokenizer": f"{R}/tokenizer",
+    }
+    if wildcards.eval_name in CFG["datasets"]:
+        inputs["dataset"] = f"{R}/data/{wildcards.eval_name}"
+    return inputs
+
+
+# from eval.smk
+def eval_settings(wildcards):
+    if wildcards.model_id in PLAN.experiments:
+        return PLAN.experiments[wildcards.model_id].sections["eval"]
+    return CFG["eval"]
+
+
+# from kd.smk
+def logits_artifact(wildcards):
+    return PLAN.artifacts[wildcards.artifact]
+
+
+# from train.smk
+def train_inputs(wildcards):
+    """The student starts from its init, or from an earlier experiment's model (DPO, self-distillation,
+    continued training); it reads ground truth, a synthetic set or preference pairs, plus a logit cache for KD.
+    """
+    exp = experiment(wildcards)
+    init = model_dir_for(exp.init_from) if exp.init_from else init_dir(exp.student)
+    inputs = {**METER_INPUTS, "tokenizer": f"{R}/tokenizer", "init_model": init}
+    if exp.trainer == "dpo" and exp.sections["dpo"]["precompute_ref_logprobs"]:
+        inputs["dataset"] = f"{R}/models/students/{exp.id}/reference_pairs"
+    elif exp.trainer in ("sft", "dpo"):
+        inputs["dataset"] = artifact_dir(exp.artifact)
+    else:
+        inputs["dataset"] = f"{R}/data/{exp.dataset}"
+    if exp.trainer == "kd":
+        inputs["kd_cache"] = artifact_dir(exp.artifact)
+    return inputs

@@ -2,44 +2,38 @@
 # judge ranks them into chosen/rejected pairs. Two metered stages, so sampling and judging energy show separately.
 
 
-def preference_artifact(wildcards):
-    return PLAN.artifacts[wildcards.artifact]
-
-
 rule sample_preferences:
     input:
         **METER_INPUTS,
-        model_dirs=lambda w: [model_dir_for(m) for m in preference_artifact(w).sources.values()],
+        model_dirs=lambda w: [
+            model_dir_for(m) for m in preference_artifact(w).sources.values()
+        ],
         tokenizer=f"{R}/tokenizer",
         dataset=lambda w: f"{R}/data/{preference_artifact(w).dataset}",
     output:
         out_dir=directory(f"{R}/teacher/preferences/{{artifact}}/candidates"),
-        energy_json=energy_json("teacher.sample.{artifact}"),
-    params:
-        models=lambda w: {label: model_dir_for(m) for label, m in preference_artifact(w).sources.items()},
-        dpo=lambda w: preference_artifact(w).params,
-        seed=CFG["seed"],
-        stage_id=lambda w: f"teacher.sample.{w.artifact}",
-        role="teacher",
-        pipeline="dpo",
-        artifact=lambda w: w.artifact,
-        energy=ENERGY,
+        energy_json=stage_energy_json("sample_preferences"),
     log:
-        f"{R}/logs/sample_preferences/{{artifact}}.log",
+        stage_log("sample_preferences"),
     benchmark:
-        f"{R}/benchmarks/sample_preferences/{{artifact}}.tsv"
+        stage_benchmark("sample_preferences")
+    conda:
+        CONDA_ENV
     threads: threads_for("sample_preferences")
     resources:
         **resources_for("sample_preferences"),
+    params:
+        models=lambda w: {
+            label: model_dir_for(m)
+            for label, m in preference_artifact(w).sources.items()
+        },
+        dpo=lambda w: preference_artifact(w).params,
+        seed=CFG["seed"],
+        pipeline="dpo",
+        artifact=lambda w: w.artifact,
+        energy=ENERGY,
     script:
         "../scripts/stage.py"
-
-
-def judge_model_path(artifact):
-    judge = artifact.judge_model
-    if judge is None:
-        return None
-    return model_dir_for(judge) if judge == "teacher" or judge in PLAN.experiments else judge
 
 
 rule judge_preferences:
@@ -47,33 +41,38 @@ rule judge_preferences:
         **METER_INPUTS,
         candidates=f"{R}/teacher/preferences/{{artifact}}/candidates",
         tokenizer=f"{R}/tokenizer",
-        judge_inputs=lambda w: [model_dir_for("teacher")] if preference_artifact(w).judge_model == "teacher" else [],
+        judge_inputs=lambda w: (
+            [model_dir_for("teacher")]
+            if preference_artifact(w).judge_model == "teacher"
+            else []
+        ),
     output:
         out_dir=directory(f"{R}/teacher/preferences/{{artifact}}/pairs"),
-        energy_json=energy_json("teacher.judge.{artifact}"),
+        energy_json=stage_energy_json("judge_preferences"),
+    log:
+        stage_log("judge_preferences"),
+    benchmark:
+        stage_benchmark("judge_preferences")
+    conda:
+        CONDA_ENV
+    threads: threads_for("judge_preferences")
+    resources:
+        **resources_for("judge_preferences"),
     params:
         judge_model=lambda w: judge_model_path(preference_artifact(w)),
         dpo=lambda w: preference_artifact(w).params,
         seed=CFG["seed"],
-        stage_id=lambda w: f"teacher.judge.{w.artifact}",
-        role="teacher",
         pipeline="dpo",
         artifact=lambda w: w.artifact,
         energy=ENERGY,
-    log:
-        f"{R}/logs/judge_preferences/{{artifact}}.log",
-    benchmark:
-        f"{R}/benchmarks/judge_preferences/{{artifact}}.tsv"
-    threads: threads_for("judge_preferences")
-    resources:
-        **resources_for("judge_preferences"),
     script:
         "../scripts/stage.py"
 
 
 rule precompute_reference:
     """Optional (dpo.precompute_ref_logprobs): the reference model's log-probs of every pair, metered on its own
-    (student side: it is this experiment's cost), so training needs no second model in memory."""
+    (student side: it is this experiment's cost), so training needs no second model in memory.
+    """
     input:
         **METER_INPUTS,
         pairs=lambda w: artifact_dir(experiment(w).artifact),
@@ -81,22 +80,22 @@ rule precompute_reference:
         init_model=lambda w: model_dir_for(experiment(w).init_from),
     output:
         out_dir=directory(f"{R}/models/students/{{exp}}/reference_pairs"),
-        energy_json=energy_json("student.reference.{exp}"),
+        energy_json=stage_energy_json("precompute_reference"),
+    log:
+        stage_log("precompute_reference"),
+    benchmark:
+        stage_benchmark("precompute_reference")
+    conda:
+        CONDA_ENV
+    threads: threads_for("precompute_reference")
+    resources:
+        **resources_for("precompute_reference"),
     params:
         dpo=lambda w: experiment(w).sections["dpo"],
         training=lambda w: experiment(w).training,
         seed=CFG["seed"],
-        stage_id=lambda w: f"student.reference.{w.exp}",
-        role="student",
         pipeline="dpo",
         experiment=lambda w: w.exp,
         energy=ENERGY,
-    log:
-        f"{R}/logs/precompute_reference/{{exp}}.log",
-    benchmark:
-        f"{R}/benchmarks/precompute_reference/{{exp}}.tsv"
-    threads: threads_for("precompute_reference")
-    resources:
-        **resources_for("precompute_reference"),
     script:
         "../scripts/stage.py"

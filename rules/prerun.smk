@@ -7,15 +7,17 @@
 rule prerun:
     output:
         f"{R}/env/prerun.json",
-    params:
-        hardware=CFG.get("hardware") or {},
-        energy=ENERGY,
     log:
         f"{R}/logs/prerun.log",
     benchmark:
         f"{R}/benchmarks/prerun.tsv"
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         **resources_for("prerun"),
+    params:
+        hardware=CFG.get("hardware") or {},
+        energy=ENERGY,
     script:
         "../scripts/prerun.py"

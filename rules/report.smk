@@ -3,49 +3,76 @@
 
 
 rule rollup:
-    localrule: True
     input:
         config=f"{R}/config/merged_config.yaml",
         plan=f"{R}/config/plan.json",
         stages=[energy_json(s) for s in PLAN.all_stage_ids()],
         evals=[f"{R}/eval/{m}/{d}.json" for m, d in PLAN.eval_units],
     output:
-        csv=report(f"{R}/summary/comparison.csv", caption="../report/comparison.rst", category="1. Comparison"),
+        csv=report(
+            f"{R}/summary/comparison.csv",
+            caption="../report/comparison.rst",
+            category="1. Comparison",
+        ),
         md=f"{R}/summary/comparison.md",
-        html=report(f"{R}/summary/report.html", caption="../report/summary_html.rst", category="1. Comparison"),
-        references=report(f"{R}/summary/references.csv", caption="../report/references.rst",
-                          category="1. Comparison"),
-        stages=report(f"{R}/summary/stages.csv", caption="../report/stages.rst", category="3. Stages"),
-        pareto=report(f"{R}/summary/pareto.png", caption="../report/pareto.rst", category="2. Figures"),
-        by_role=report(f"{R}/summary/energy_by_role.png", caption="../report/energy_by_role.rst",
-                       category="2. Figures"),
-        timelines=report(f"{R}/summary/power_timelines.png", caption="../report/power_timelines.rst",
-                         category="2. Figures"),
-    params:
-        results_dir=R,
+        html=report(
+            f"{R}/summary/report.html",
+            caption="../report/summary_html.rst",
+            category="1. Comparison",
+        ),
+        references=report(
+            f"{R}/summary/references.csv",
+            caption="../report/references.rst",
+            category="1. Comparison",
+        ),
+        stages=report(
+            f"{R}/summary/stages.csv",
+            caption="../report/stages.rst",
+            category="3. Stages",
+        ),
+        pareto=report(
+            f"{R}/summary/pareto.png",
+            caption="../report/pareto.rst",
+            category="2. Figures",
+        ),
+        by_role=report(
+            f"{R}/summary/energy_by_role.png",
+            caption="../report/energy_by_role.rst",
+            category="2. Figures",
+        ),
+        timelines=report(
+            f"{R}/summary/power_timelines.png",
+            caption="../report/power_timelines.rst",
+            category="2. Figures",
+        ),
     log:
         f"{R}/logs/rollup.log",
     benchmark:
         f"{R}/benchmarks/rollup.tsv"
+    localrule: True
+    conda:
+        CONDA_ENV
     script:
         "../scripts/rollup.py"
 
 
 rule wandb_log:
-    """Optional (report.wandb.enabled): log the finished run to Weights & Biases, offline by default; upload later
-    with `wandb sync`. It only reads the roll-up, so it is not a metered stage."""
-    localrule: True
     input:
+        plan=f"{R}/config/plan.json",
         csv=f"{R}/summary/comparison.csv",
         stages=f"{R}/summary/stages.csv",
     output:
         f"{R}/summary/wandb_runs.txt",
-    params:
-        results_dir=R,
-        config=CFG,
     log:
         f"{R}/logs/wandb_log.log",
     benchmark:
         f"{R}/benchmarks/wandb_log.tsv"
+    """Optional (report.wandb.enabled): log the finished run to Weights & Biases, offline by default; upload later
+    with `wandb sync`. It only reads the roll-up, so it is not a metered stage."""
+    localrule: True
+    conda:
+        CONDA_ENV
+    params:
+        config=CFG,
     script:
         "../scripts/wandb_log.py"

@@ -2,28 +2,32 @@
 
 
 rule config_snapshot:
-    localrule: True
     output:
         config=f"{R}/config/merged_config.yaml",
         plan=f"{R}/config/plan.json",
-    params:
-        config=CFG,
     log:
         f"{R}/logs/config_snapshot.log",
     benchmark:
         f"{R}/benchmarks/config_snapshot.tsv"
+    localrule: True
+    conda:
+        CONDA_ENV
+    params:
+        config=CFG,
     script:
         "../scripts/config_snapshot.py"
 
 
 rule environment_snapshot:
-    localrule: True
     output:
         f"{R}/env/environment.json",
     log:
         f"{R}/logs/environment_snapshot.log",
     benchmark:
         f"{R}/benchmarks/environment_snapshot.tsv"
+    localrule: True
+    conda:
+        CONDA_ENV
     script:
         "../scripts/environment_snapshot.py"
 
@@ -35,16 +39,18 @@ rule idle_baseline:
         prerun=f"{R}/env/prerun.json",
     output:
         f"{R}/energy/idle.json",
-    params:
-        seconds=CFG["energy"]["idle_seconds"],
-        energy=ENERGY,
     log:
         f"{R}/logs/idle_baseline.log",
     benchmark:
         f"{R}/benchmarks/idle_baseline.tsv"
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         **resources_for("idle_baseline"),
+    params:
+        seconds=CFG["energy"]["idle_seconds"],
+        energy=ENERGY,
     script:
         "../scripts/idle_baseline.py"
 
@@ -54,22 +60,26 @@ rule prepare_data:
         **METER_INPUTS,
     output:
         out_dir=directory(f"{R}/data/{{dataset}}"),
-        energy_json=energy_json("data.prepare.{dataset}"),
+        energy_json=stage_energy_json("prepare_data"),
+    log:
+        stage_log("prepare_data"),
+    benchmark:
+        stage_benchmark("prepare_data")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        **resources_for("prepare_data"),
     params:
         dataset_name=lambda w: w.dataset,
         spec=lambda w: CFG["datasets"][w.dataset],
         seed=CFG["seed"],
-        tokenizer=CFG["tokenizer"]["source"] if CFG["tokenizer"]["source"] != "train" else None,
-        stage_id=lambda w: f"data.prepare.{w.dataset}",
-        role="data",
+        tokenizer=(
+            CFG["tokenizer"]["source"]
+            if CFG["tokenizer"]["source"] != "train"
+            else None
+        ),
         energy=ENERGY,
-    log:
-        f"{R}/logs/prepare_data/{{dataset}}.log",
-    benchmark:
-        f"{R}/benchmarks/prepare_data/{{dataset}}.tsv"
-    threads: 1
-    resources:
-        **resources_for("prepare_data"),
     script:
         "../scripts/stage.py"
 
@@ -80,21 +90,21 @@ rule prepare_tokenizer:
         datasets=expand(f"{R}/data/{{dataset}}", dataset=sorted(CFG["datasets"])),
     output:
         out_dir=directory(f"{R}/tokenizer"),
-        energy_json=energy_json("setup.tokenizer"),
+        energy_json=stage_energy_json("prepare_tokenizer"),
+    log:
+        stage_log("prepare_tokenizer"),
+    benchmark:
+        stage_benchmark("prepare_tokenizer")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        **resources_for("prepare_tokenizer"),
     params:
         source=CFG["tokenizer"]["source"],
         vocab_size=CFG["tokenizer"]["vocab_size"],
         seed=CFG["seed"],
-        stage_id="setup.tokenizer",
-        role="setup",
         energy=ENERGY,
-    log:
-        f"{R}/logs/prepare_tokenizer.log",
-    benchmark:
-        f"{R}/benchmarks/prepare_tokenizer.tsv"
-    threads: 1
-    resources:
-        **resources_for("prepare_tokenizer"),
     script:
         "../scripts/stage.py"
 
@@ -110,21 +120,21 @@ rule prepare_teacher:
         dataset=f"{R}/data/{TEACHER_DATASET}",
     output:
         out_dir=directory(f"{R}/models/teacher"),
-        energy_json=energy_json("setup.teacher"),
+        energy_json=stage_energy_json("prepare_teacher"),
+    log:
+        stage_log("prepare_teacher"),
+    benchmark:
+        stage_benchmark("prepare_teacher")
+    conda:
+        CONDA_ENV
+    threads: threads_for("prepare_teacher")
+    resources:
+        **resources_for("prepare_teacher"),
     params:
         teacher=CFG["teacher"],
         training=CFG["training"],
         seed=CFG["seed"],
-        stage_id="setup.teacher",
-        role="setup",
         energy=ENERGY,
-    log:
-        f"{R}/logs/prepare_teacher.log",
-    benchmark:
-        f"{R}/benchmarks/prepare_teacher.tsv"
-    threads: threads_for("prepare_teacher")
-    resources:
-        **resources_for("prepare_teacher"),
     script:
         "../scripts/stage.py"
 
@@ -135,19 +145,19 @@ rule init_student:
         tokenizer=f"{R}/tokenizer",
     output:
         out_dir=directory(f"{R}/models/init/{{student}}"),
-        energy_json=energy_json("setup.init.{student}"),
-    params:
-        student=lambda w: CFG["students"][w.student],
-        seed=CFG["seed"],
-        stage_id=lambda w: f"setup.init.{w.student}",
-        role="setup",
-        energy=ENERGY,
+        energy_json=stage_energy_json("init_student"),
     log:
-        f"{R}/logs/init_student/{{student}}.log",
+        stage_log("init_student"),
     benchmark:
-        f"{R}/benchmarks/init_student/{{student}}.tsv"
+        stage_benchmark("init_student")
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         **resources_for("init_student"),
+    params:
+        student=lambda w: CFG["students"][w.student],
+        seed=CFG["seed"],
+        energy=ENERGY,
     script:
         "../scripts/stage.py"

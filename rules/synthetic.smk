@@ -5,28 +5,32 @@
 rule generate_synthetic:
     input:
         **METER_INPUTS,
-        teacher=lambda w: model_dir_for(synthetic_artifact_by_shard_key(w.shard_key).teacher),
+        teacher=lambda w: model_dir_for(
+            synthetic_artifact_by_shard_key(w.shard_key).teacher
+        ),
         tokenizer=f"{R}/tokenizer",
         dataset=lambda w: f"{R}/data/{synthetic_artifact_by_shard_key(w.shard_key).dataset}",
     output:
-        out_dir=directory(f"{R}/teacher/synthetic_shards/{{shard_key}}/shard{{shard}}of{{nshards}}"),
-        energy_json=energy_json("teacher.generate.{shard_key}.shard{shard}of{nshards}"),
+        out_dir=directory(
+            f"{R}/teacher/synthetic_shards/{{shard_key}}/shard{{shard}}of{{nshards}}"
+        ),
+        energy_json=stage_energy_json("generate_synthetic"),
+    log:
+        stage_log("generate_synthetic"),
+    benchmark:
+        stage_benchmark("generate_synthetic")
+    conda:
+        CONDA_ENV
+    threads: threads_for("generate_synthetic")
+    resources:
+        **resources_for("generate_synthetic"),
     params:
         synthetic=lambda w: synthetic_artifact_by_shard_key(w.shard_key).params,
         shard=lambda w: int(w.shard),
         num_shards=lambda w: int(w.nshards),
         seed=CFG["seed"],
-        stage_id=lambda w: f"teacher.generate.{w.shard_key}.shard{w.shard}of{w.nshards}",
-        role="teacher",
         artifact=lambda w: w.shard_key,
         energy=ENERGY,
-    log:
-        f"{R}/logs/generate_synthetic/{{shard_key}}.shard{{shard}}of{{nshards}}.log",
-    benchmark:
-        f"{R}/benchmarks/generate_synthetic/{{shard_key}}.shard{{shard}}of{{nshards}}.tsv"
-    threads: threads_for("generate_synthetic")
-    resources:
-        **resources_for("generate_synthetic"),
     script:
         "../scripts/stage.py"
 
@@ -38,19 +42,19 @@ rule merge_synthetic:
         dataset=lambda w: f"{R}/data/{PLAN.artifacts[w.artifact].dataset}",
     output:
         out_dir=directory(f"{R}/teacher/synthetic/{{artifact}}"),
-        energy_json=energy_json("teacher.merge.{artifact}"),
-    params:
-        synthetic=lambda w: PLAN.artifacts[w.artifact].params,
-        stage_id=lambda w: f"teacher.merge.{w.artifact}",
-        role="teacher",
-        artifact=lambda w: w.artifact,
-        energy=ENERGY,
+        energy_json=stage_energy_json("merge_synthetic"),
     log:
-        f"{R}/logs/merge_synthetic/{{artifact}}.log",
+        stage_log("merge_synthetic"),
     benchmark:
-        f"{R}/benchmarks/merge_synthetic/{{artifact}}.tsv"
+        stage_benchmark("merge_synthetic")
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         **resources_for("merge_synthetic"),
+    params:
+        synthetic=lambda w: PLAN.artifacts[w.artifact].params,
+        artifact=lambda w: w.artifact,
+        energy=ENERGY,
     script:
         "../scripts/stage.py"

@@ -81,3 +81,12 @@ def test_make_setup_installs_the_cpu_torch_build_by_default():
     assert f'"torch=={version}"' in cuda and "+cpu" not in cuda
     bad = dry("TORCH_VARIANT=rocm")
     assert bad.returncode != 0 and "TORCH_VARIANT must be cpu or cuda" in bad.stderr
+
+
+def test_make_test_runs_ruff_snakefmt_and_snakemake_lint_before_the_tests():
+    plan = subprocess.run(["make", "-n", "-B", "test"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    steps = ["ruff check .", "snakefmt --check Snakefile rules/", "snakemake --lint", "pytest"]
+    positions = [plan.find(s) for s in steps]
+    assert -1 not in positions and positions == sorted(positions), plan
+    pins = lock_pins()
+    assert "ruff" in pins and "snakefmt" in pins

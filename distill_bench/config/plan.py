@@ -21,6 +21,40 @@ LINEAGE_KEY = {"dpo": ("dpo", "start_from"), "selfdistill": ("selfdistill", "fro
                "continued": ("selfdistill", "from")}
 
 
+# A stage's identity, in one place: the workflow rule that runs it -> its stage id over the rule's wildcards. The
+# plan lists stages by these ids, the rules derive their energy JSON, log and benchmark paths from them
+# (rules/common.smk), the stage adapter reads the id back from the energy JSON's name, and the roll-up charges by
+# them. The role lives in the stage registry (distill_bench.stages).
+STAGE_IDS: dict[str, str] = {
+    "prepare_data": "data.prepare.{dataset}",
+    "prepare_tokenizer": "setup.tokenizer",
+    "prepare_teacher": "setup.teacher",
+    "init_student": "setup.init.{student}",
+    "cache_logits": "teacher.logits.{artifact}",
+    "generate_synthetic": "teacher.generate.{shard_key}.shard{shard}of{nshards}",
+    "merge_synthetic": "teacher.merge.{artifact}",
+    "sample_preferences": "teacher.sample.{artifact}",
+    "judge_preferences": "teacher.judge.{artifact}",
+    "precompute_reference": "student.reference.{exp}",
+    "train_student": "student.train.{exp}",
+    "evaluate": "eval.{model_id}.{eval_name}",
+}
+
+
+def stage_id(rule: str, **wildcards: Any) -> str:
+    """The stage id of ``rule``'s job for ``wildcards`` (e.g. ``stage_id("train_student", exp="kd.tiny.arith")``)."""
+    return STAGE_IDS[rule].format(**wildcards)
+
+
+def stage_id_from_energy_json(path: Any) -> str:
+    """The stage id a stage JSON is named after (``<results>/energy/<stage id>.json``): the stage adapter and the
+    roll-up read it back from the path the rule declared, so no rule spells it a second time."""
+    name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+    if not name.endswith(".json"):
+        raise ValueError(f"stage JSON {str(path)!r} does not end in .json")
+    return name[: -len(".json")]
+
+
 def stable_hash(obj: Any, n: int = 8) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
@@ -89,9 +123,9 @@ class Plan:
     eval_units: list[tuple[str, str]]        # (model_id, eval_name): eval_name is a dataset or an lm-eval task
 
     def setup_stage_ids(self) -> list[str]:
-        ids = [f"data.prepare.{d}" for d in self.config["datasets"]]
-        ids += ["setup.tokenizer", "setup.teacher"]
-        ids += [f"setup.init.{s}" for s in self.used_students()]
+        ids = [stage_id("prepare_data", dataset=d) for d in self.config["datasets"]]
+        ids += [stage_id("prepare_tokenizer"), stage_id("prepare_teacher")]
+        ids += [stage_id("init_student", student=s) for s in self.used_students()]
         return ids
 
     def used_students(self) -> list[str]:
@@ -101,7 +135,7 @@ class Plan:
         ids = self.setup_stage_ids()
         for art in self.artifacts.values():
             ids += art.stage_ids
-        ids += [f"student.train.{e}" for e in self.experiments]
+        ids += [stage_id("train_student", exp=e) for e in self.experiments]
         ids += [reference_stage_id(e) for e in self.experiments.values() if reference_stage_id(e)]
         ids += [eval_stage_id(m, d) for m, d in self.eval_units]
         return ids
@@ -128,12 +162,12 @@ class Plan:
 def reference_stage_id(exp: Experiment) -> str | None:
     """DPO with precomputed reference log-probs: that forward pass is its own metered stage."""
     if exp.trainer == "dpo" and exp.sections["dpo"]["precompute_ref_logprobs"]:
-        return f"student.reference.{exp.id}"
+        return stage_id("precompute_reference", exp=exp.id)
     return None
 
 
 def eval_stage_id(model_id: str, dataset: str) -> str:
-    return f"eval.{model_id}.{dataset}"
+    return stage_id("evaluate", model_id=model_id, eval_name=dataset)
 
 
 def _base_teacher_identity(cfg: dict) -> dict:
@@ -162,7 +196,7 @@ def _logits_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) ->
     prefix = exp.dataset if teacher == "teacher" else f"{exp.dataset}-from-{exp.lineage[0].split('.')[0]}"
     art_id = f"{prefix}-k{kd['top_k']}-{kd['value_dtype']}-{stable_hash(ident, 6)}"
     return Artifact(id=art_id, kind="logits", dataset=exp.dataset, params=params,
-                    stage_ids=[f"teacher.logits.{art_id}"], teacher=teacher)
+                    stage_ids=[stage_id("cache_logits", artifact=art_id)], teacher=teacher)
 
 
 def _synthetic_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) -> Artifact:
@@ -174,8 +208,8 @@ def _synthetic_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any)
     shard_key = generation_shard_key(name, syn, seed=cfg["seed"], teacher=teacher_hash)
     art_id = synthetic_artifact_id(name, syn, seed=cfg["seed"], teacher=teacher_hash)
     shards = syn["shards"]
-    stage_ids = [f"teacher.generate.{shard_key}.shard{i}of{shards}" for i in range(shards)]
-    stage_ids.append(f"teacher.merge.{art_id}")
+    stage_ids = [stage_id("generate_synthetic", shard_key=shard_key, shard=i, nshards=shards) for i in range(shards)]
+    stage_ids.append(stage_id("merge_synthetic", artifact=art_id))
     return Artifact(id=art_id, kind="synthetic", dataset=exp.dataset, params=copy.deepcopy(syn),
                     stage_ids=stage_ids, shard_key=shard_key, teacher=teacher)
 
@@ -198,7 +232,7 @@ def _preference_artifact(cfg: dict, exp: Experiment, experiments: dict[str, Expe
              "sources": {k: _model_identity(cfg, experiments, v) for k, v in sources.items()}}
     art_id = f"{exp.dataset}-{dpo['judge']}-n{dpo['samples_per_prompt']}-{stable_hash(ident, 6)}"
     return Artifact(id=art_id, kind="preferences", dataset=exp.dataset, params=params,
-                    stage_ids=[f"teacher.sample.{art_id}", f"teacher.judge.{art_id}"],
+                    stage_ids=[stage_id(rule, artifact=art_id) for rule in ("sample_preferences", "judge_preferences")],
                     teacher=judge_model or "teacher", sources=sources, judge_model=judge_model)
 
 

@@ -1,0 +1,62 @@
+"""A stage's identity (id, role, energy JSON, log) is derived in one place: the plan's STAGE_IDS names each stage
+rule's job, rules/common.smk names its files after it, the adapter reads the id back from the energy JSON and the
+role from the stage registry, and the roll-up charges by the same ids."""
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+
+import pytest
+
+from distill_bench.config import build_plan, load_config
+from distill_bench.config.plan import STAGE_IDS, stage_id, stage_id_from_energy_json
+from distill_bench.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+RULE_TEXT = {p.name: p.read_text() for p in (ROOT / "rules").glob("*.smk")}
+
+
+def rule_blocks() -> dict[str, str]:
+    blocks = {}
+    for text in RULE_TEXT.values():
+        for m in re.finditer(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", text, re.S | re.M):
+            blocks[m.group(1)] = m.group(2)
+    return blocks
+
+
+def test_every_stage_rule_has_one_identity_and_a_registry_role():
+    assert set(STAGE_IDS) == set(STAGES), "stage rules and the stage registry must name the same stages"
+    blocks = rule_blocks()
+    for rule in STAGE_IDS:
+        body = blocks[rule]
+        wildcards = {f for _, f, _, _ in string.Formatter().parse(STAGE_IDS[rule]) if f}
+        for key in wildcards:
+            assert "{{" + key + "}}" in body, f"rule {rule}: stage id wildcard {key} is not one of its outputs' wildcards"
+        assert f'energy_json=stage_energy_json("{rule}")' in body
+        assert f'stage_log("{rule}")' in body and f'stage_benchmark("{rule}")' in body
+        assert not re.search(r"^\s+(stage_id|role)=", body, re.M), f"rule {rule} spells its stage id or role"
+
+
+def test_no_helper_function_lives_in_a_rule_file():
+    for name, text in RULE_TEXT.items():
+        if name != "common.smk":
+            assert not re.search(r"^def ", text, re.M), f"rules/{name} defines a function (helpers: rules/common.smk)"
+
+
+def test_every_rule_names_the_conda_environment():
+    for rule, body in rule_blocks().items():
+        if "script:" in body:
+            assert "conda:" in body and "CONDA_ENV" in body, f"rule {rule} has no conda environment"
+
+
+def test_energy_json_name_gives_back_the_stage_id_the_plan_lists():
+    cfg = load_config(ROOT / "tests" / "configs" / "tiny.yaml")
+    plan = build_plan(cfg)
+    patterns = [re.compile("^" + re.sub(r"\\\{\w+\\\}", r"[^/]+", re.escape(p)) + "$") for p in STAGE_IDS.values()]
+    for sid in plan.all_stage_ids():
+        assert stage_id_from_energy_json(f"results/energy/{sid}.json") == sid
+        assert any(p.match(sid) for p in patterns), f"{sid} matches no STAGE_IDS pattern"
+    assert stage_id("train_student", exp="kd.tiny.arith") == "student.train.kd.tiny.arith"
+    with pytest.raises(ValueError, match=r"\.json"):
+        stage_id_from_energy_json("results/energy/x.yaml")
