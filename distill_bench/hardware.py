@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+from distill_bench.atomic import atomic_write_json
 
 # ---------------------------------------------------------------------------------------------------- presets
 # Rules that get a GPU on GPU partitions: the teacher-side stages, training, evaluation and the node checks (prerun,
@@ -351,7 +352,6 @@ def prerun(*, out_json: str | os.PathLike, hardware: Mapping[str, Any] | None = 
     Raises :class:`HardwareError` listing every mismatch (the JSON is still written, with ``status: mismatch``,
     so the facts that failed the check can be read). On a CPU-only node with no preset it records and passes.
     """
-    from distill_bench.atomic import atomic_write_json
     from distill_bench.energy.nvml import NvmlReader
 
     hw = dict(hardware or {})

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from distill_bench.config.load import SECTIONS, ConfigError
+from distill_bench.synthetic.ids import generation_shard_key, synthetic_artifact_id
 
 # datasets whose eval split has a verifiable final answer, scored by exact match on their own held-out split
 VERIFIABLE_SOURCES = {"embedded", "openr1_math"}
@@ -200,7 +201,6 @@ def _logits_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) ->
 
 
 def _synthetic_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) -> Artifact:
-    from distill_bench.synthetic.ids import generation_shard_key, synthetic_artifact_id
 
     syn = exp.sections["synthetic"]
     teacher_hash = stable_hash({"teacher": identity, "dataset": cfg["datasets"][exp.dataset]}, 12)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 import re
 from typing import Any, Callable, Mapping, Sequence
+from distill_bench.eval.scoring import exact_match, extract_flexible, extract_strict
+from distill_bench.generation import GenerationSettings, generate
+from distill_bench.models.tokenizer import encode_prompt_response
 
 RUBRIC = "Rate the answer from 1 to 10. Reply with 'Score: N'."
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
@@ -51,7 +54,6 @@ def judge_prompt(prompt: str, response: str) -> str:
 
 def score_verifier(rows: Sequence[Mapping[str, Any]]) -> list[float]:
     """1.0 where the extracted answer (strict '#### N', else the last number) equals the reference answer."""
-    from distill_bench.eval.scoring import exact_match, extract_flexible, extract_strict
 
     scores = []
     for r in rows:
@@ -121,7 +123,6 @@ def score_teacher_logprob(model, tokenizer, rows: Sequence[Mapping[str, Any]], b
 
     Returns (scores, tokens forwarded): every templated prompt+response token, padding excluded.
     """
-    from distill_bench.models.tokenizer import encode_prompt_response
 
     seqs = []
     for r in rows:
@@ -143,7 +144,6 @@ def score_llm(model, tokenizer, rows: Sequence[Mapping[str, Any]], batch_size: i
 
     Returns (scores with None for malformed replies, raw replies, token totals {input_tokens, generated_tokens}).
     """
-    from distill_bench.generation import GenerationSettings, generate
 
     settings = GenerationSettings(backend="hf", batch_size=int(batch_size), max_new_tokens=int(max_new_tokens),
                                   temperature=0.0, num_samples=1, seed=int(seed), prompt_overflow="truncate")

@@ -33,6 +33,7 @@ from distill_bench.models.build import (check_model_tokenizer, load_model, resol
 from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
 from distill_bench.train.trainer import (TrainingJob, TrainSettings, check_even_split, checkpoints_dir, mean_loss,
                                          prepare_process, run_training, training_arguments)
+from distill_bench.dpo.judges import sequence_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ def implicit_rewards(policy, reference, tokenizer, rows: Sequence[Mapping[str, A
                      batch_size: int = 16, max_length: int | None = None) -> dict[str, Any]:
     """DPO implicit rewards r = beta * (log pi(y|x) - log pi_ref(y|x)) on ``rows``; accuracy = P(r_chosen > r_rejected)
     (strict, as TRL's ``rewards/accuracies``), plus the mean margin. Used by tests and for ad-hoc evaluation."""
-    from distill_bench.dpo.judges import sequence_logprobs
 
     enc, _ = encode_pairs(tokenizer, rows, max_length)
     seqs = []

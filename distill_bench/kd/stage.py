@@ -21,6 +21,8 @@ from distill_bench.kd.cache import (CacheWriter, check_disk_space, corpus_hash, 
                                     id_row_bytes)
 from distill_bench.defaults import section_defaults
 from distill_bench.train.head import head_is_plain
+from distill_bench.data.io import load_dataset_dir
+from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +201,6 @@ def _load_teacher(ref: str, device: torch.device):
 def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: str, kd: Mapping[str, Any],
                  training: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """Stage: teacher top-k logit cache for the train split of ``dataset`` (see module docstring)."""
-    from distill_bench.data.io import load_dataset_dir
-    from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
 
     torch.manual_seed(int(seed))
     kd = {**KD_DEFAULTS, **dict(kd)}

@@ -20,6 +20,7 @@ from distill_bench.kd.cache import (CacheMismatchError, CacheReader, decode_ids,
 from distill_bench.kd.loss import KDConfigError, kd_loss, tail_at_temperature
 from distill_bench.train.collate import LMCollator, loss_positions_of, model_inputs
 from distill_bench.train.head import add_positions_head
+from distill_bench.models.tokenizer import vocab_hash
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,6 @@ def make_kd_trainer_cls(*, alpha: float, temperature: float, chunk_size: int | N
 
 
 def _vocab_hash(tokenizer) -> str:
-    from distill_bench.models.tokenizer import vocab_hash
 
     return vocab_hash(tokenizer)
 

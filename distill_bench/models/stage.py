@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from distill_bench.atomic import replace_dir, write_dir_atomically
-from distill_bench.models.build import (count_parameters, init_model_from_arch, save_model_dir, write_model_ref)
-from distill_bench.models.tokenizer import (assert_same_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer,
-                                            vocab_hash)
+from distill_bench.models.build import (count_parameters, init_model_from_arch, resolve_model_ref, save_model_dir,
+                                        write_model_ref)
+from distill_bench.models.tokenizer import (assert_same_tokenizer, encode_prompt_response, load_tokenizer,
+                                            save_tokenizer, train_tokenizer, vocab_hash)
+from distill_bench.train.trainer import TrainSettings, train_student
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,6 @@ def prepare_tokenizer(*, meter, out_dir: str, source: str, vocab_size: int, data
 def _pointer_dir(out_dir: str | os.PathLike, name_or_path: str, run_tokenizer, tokenizer_dir: str, what: str
                  ) -> str:
     """Check ``name_or_path``'s tokenizer against the run's, then write ``out_dir/model_ref.json`` atomically."""
-    from distill_bench.models.build import resolve_model_ref
 
     if not name_or_path:
         raise ValueError(f"{what}.name_or_path is required when {what}.source/init is 'pretrained'")
@@ -99,7 +100,6 @@ def _param_count_from_config(name_or_path: str) -> int | None:
 
 def encode_split(tokenizer, ds, max_length: int) -> tuple[list[dict[str, Any]], int]:
     """encode_prompt_response over a split; returns (examples with ``example_index`` = row, dropped count)."""
-    from distill_bench.models.tokenizer import encode_prompt_response
 
     examples, dropped = [], 0
     for i, (prompt, response) in enumerate(zip(ds["prompt"], ds["response"])):
@@ -115,7 +115,6 @@ def encode_split(tokenizer, ds, max_length: int) -> tuple[list[dict[str, Any]], 
 def prepare_teacher(*, meter, out_dir: str, tokenizer: str, teacher: Mapping[str, Any], dataset: str,
                     training: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """'train': init from teacher.arch and train on ``dataset``'s train split; 'pretrained': model_ref.json pointer."""
-    from distill_bench.train.trainer import TrainSettings, train_student
 
     tok = load_tokenizer(tokenizer)
     source = teacher.get("source")

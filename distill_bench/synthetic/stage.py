@@ -36,13 +36,14 @@ from typing import Any, Mapping
 
 from distill_bench.artifacts import ChunkCheckpoint
 from distill_bench.atomic import atomic_write_json, write_dir_atomically
-from distill_bench.data.io import dataset_hash_or_none
+from distill_bench.data.io import content_hash, dataset_hash_or_none, load_dataset_dir
 from distill_bench.generation import GenerationSettings, resolve_backend
 from distill_bench.generation.chunked import (CHUNK_BATCHES, ChunkedRun, MeteredTokens, chunk_bounds, chunk_prompts,
                                              generate_chunks)
 from distill_bench.generation.prompts import load_tokenizer
 from distill_bench.synthetic.filters import apply_filters
-from distill_bench.synthetic.ids import generation_shard_key, normalize_filters
+from distill_bench.synthetic.ids import DECODING_DEFAULTS, generation_shard_key, normalize_filters
+from distill_bench.models.build import load_model
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ def _features():
 
 def _decoding_settings(synthetic: Mapping[str, Any]) -> dict[str, Any]:
     """The generation fields of the synthetic section, config defaults filled, errors naming ``synthetic.<key>``."""
-    from distill_bench.synthetic.ids import DECODING_DEFAULTS
 
     d = {k: synthetic.get(k, v) for k, v in DECODING_DEFAULTS.items() if k != "n_prompts"}
     try:
@@ -82,7 +82,6 @@ def shard_chunks(n_chunks: int, shard: int, num_shards: int) -> range:
 
 
 def _load_source(dataset: str):
-    from distill_bench.data.io import load_dataset_dir
 
     return load_dataset_dir(dataset)
 
@@ -92,7 +91,6 @@ def _load_teacher(teacher: str, backend: str):
     if backend == "vllm":
         return teacher
     import torch
-    from distill_bench.models.build import load_model
 
     model = load_model(teacher, device="cuda" if torch.cuda.is_available() else None)
     return model.eval()
@@ -226,8 +224,6 @@ def merge_shards(*, meter: Any, shards: list[str], out_dir: str, synthetic: Mapp
     """Concatenate complete shards in shard order, filter, and write the synthetic ``DatasetDict`` (``train``: the
     kept samples; ``eval``: copied from the source dataset) with ``summary.json`` and ``synthetic_info.json``."""
     import datasets
-
-    from distill_bench.data.io import content_hash
 
     if isinstance(shards, (str, os.PathLike)):
         shards = [str(shards)]

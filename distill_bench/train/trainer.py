@@ -29,6 +29,7 @@ from distill_bench.train.speed import (compile_decoder_layers, resolve_compile, 
 from distill_bench.train.varlen import CONFIG_NAME as VARLEN
 from distill_bench.train.varlen import auto_applies as varlen_auto_applies
 from distill_bench.train.varlen import register as register_varlen
+from distill_bench.models.build import save_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -534,8 +535,6 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
     """fingerprint -> resume -> train (signals checkpoint) -> summary -> interrupted? -> token check -> save ->
     metrics. Returns the summary (also ``out/train_log.json``)."""
     from transformers.trainer_utils import get_last_checkpoint
-
-    from distill_bench.models.build import save_model_dir
 
     ckpt_dir = checkpoints_dir(job.out)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
