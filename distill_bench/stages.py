@@ -34,8 +34,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("distill_bench.eval.stage:evaluate", "eval"),
 }
 
-# inputs that only order the DAG (the meter finds them through its settings), never stage arguments
+# inputs that only order the DAG or feed the meter, never stage arguments
 ADAPTER_ONLY_INPUTS = ("idle", "environment", "model_dirs", "judge_inputs")
+# meter inputs -> the energy setting that points the meter at them (the rule declares each path once, as an input)
+METER_INPUT_SETTINGS = {"idle": "idle_json", "environment": "environment_json"}
 
 # keys of a rule's params that configure the meter rather than the stage function
 METER_KEYS = ("stage_id", "role", "pipeline", "experiment", "artifact", "energy")
@@ -104,6 +106,11 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
     meter_args = {k: params.pop(k) for k in METER_KEYS if k in params}
     out_json = kwargs.pop("energy_json")
     meter_args.setdefault("stage_id", stage_id_from_energy_json(out_json))
+    energy = dict(meter_args.get("energy") or {})
+    for key, setting in METER_INPUT_SETTINGS.items():
+        if key in snakemake.input.keys():
+            energy[setting] = str(snakemake.input[key])
+    meter_args["energy"] = energy
     kwargs.update(params)
     os.environ.setdefault("OMP_NUM_THREADS", str(snakemake.threads))
     return run_named_stage(name, out_json=out_json, meter_args=meter_args, kwargs=kwargs)

@@ -17,11 +17,8 @@ wildcard_constraints:
 
 
 # energy settings handed to every stage's meter
-ENERGY = {
-    **{k: v for k, v in CFG["energy"].items() if k != "idle_seconds"},
-    "idle_json": f"{R}/energy/idle.json",
-    "environment_json": f"{R}/env/environment.json",
-}
+# (the idle baseline and environment snapshot reach each stage's meter through its METER_INPUTS, not here)
+ENERGY = {k: v for k, v in CFG["energy"].items() if k != "idle_seconds"}
 # idle baseline and environment snapshot: needed before any stage, but their mtime must not rerun the DAG
 METER_INPUTS = {
     "idle": ancient(f"{R}/energy/idle.json"),

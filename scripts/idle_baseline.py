@@ -8,6 +8,6 @@ from distill_bench.energy import EnergySettings, measure_idle  # noqa: E402
 from distill_bench.stages import log_to_rule_log  # noqa: E402
 
 log = log_to_rule_log(snakemake)  # noqa: F821
-settings = EnergySettings.from_dict({k: v for k, v in snakemake.params.energy.items() if k != "idle_json"})  # noqa: F821
+settings = EnergySettings.from_dict(snakemake.params.energy)  # noqa: F821
 measure_idle(snakemake.output[0], seconds=snakemake.params.seconds, settings=settings)  # noqa: F821
 log.info("idle baseline over %s s written to %s", snakemake.params.seconds, snakemake.output[0])  # noqa: F821

@@ -60,3 +60,36 @@ def test_energy_json_name_gives_back_the_stage_id_the_plan_lists():
     assert stage_id("train_student", exp="kd.tiny.arith") == "student.train.kd.tiny.arith"
     with pytest.raises(ValueError, match=r"\.json"):
         stage_id_from_energy_json("results/energy/x.yaml")
+
+
+class _Section(dict):
+    """Stand-in for Snakemake's named lists (items(), keys(), [key], attribute access)."""
+
+    def __getattr__(self, key):
+        return self[key]
+
+
+class _FakeSnakemake:
+    def __init__(self, tmp_path):
+        self.rule = "train_student"
+        self.input = _Section(idle=str(tmp_path / "energy" / "idle.json"), environment=str(tmp_path / "env.json"),
+                              dataset="d")
+        self.output = _Section(energy_json=str(tmp_path / "energy" / "student.train.kd.tiny.arith.json"))
+        self.params = _Section(energy={"policy": "measured"}, experiment="kd.tiny.arith", seed=1)
+        self.log = [str(tmp_path / "logs" / "student.train.kd.tiny.arith.log")]
+        self.threads = 1
+
+
+def test_adapter_reads_the_id_from_the_energy_json_and_the_meter_files_from_the_inputs(tmp_path, monkeypatch):
+    import distill_bench.stages as stages
+
+    seen = {}
+    monkeypatch.setattr(stages, "run_named_stage", lambda name, **kw: seen.update(name=name, **kw))
+    sm = _FakeSnakemake(tmp_path)
+    stages.run_from_snakemake(sm, sm.rule)
+    meter = seen["meter_args"]
+    assert meter["stage_id"] == "student.train.kd.tiny.arith" and "role" not in meter   # role: the registry's
+    assert meter["energy"] == {"policy": "measured", "idle_json": sm.input.idle,
+                               "environment_json": sm.input.environment}
+    assert seen["kwargs"] == {"dataset": "d", "seed": 1}
+    assert (tmp_path / "logs" / "student.train.kd.tiny.arith.log").is_file()   # the declared log is written to
