@@ -95,7 +95,7 @@ def test_tiny_config_runs_to_the_comparison_table(tiny_run):
     kd = table[table.pipeline == "kd"]
     assert kd.artifact.nunique() == 1 and (kd.artifact_consumers == 2).all()
     assert (kd.teacher_kwh_oneoff > 0).all() and (table[table.pipeline == "sft_gt"].teacher_kwh_oneoff == 0).all()
-    for name in ("comparison.md", "stages.csv", "pareto.png", "energy_by_role.png", "power_timelines.png"):
+    for name in ("comparison.md", "stages.csv", "pareto.png", "energy_by_role.png", "run_timeline.png", "reconciliation.md", "reconciliation.json"):
         assert (summary / name).stat().st_size > 0
     stages = pd.read_csv(summary / "stages.csv")
     assert (stages.status == "complete").all()
