@@ -73,6 +73,26 @@ def test_cluster_example_dry_run_shows_gpu_resources_without_network(tmp_path):
     assert "gpu=1" in train_block and "gpu_model=h100" in train_block
 
 
+GPU_CAPABLE_RULES = {"prerun", "idle_baseline", "prepare_teacher", "cache_logits", "generate_synthetic",
+                     "sample_preferences", "judge_preferences", "precompute_reference", "train_student", "evaluate"}
+
+
+def test_single_gpu_config_validates_and_dry_runs_with_every_gpu_rule_asking_for_one(tmp_path):
+    proc = snakemake("-n", "--configfile", str(ROOT / "configs" / "gpu_single.yaml"), cwd=tmp_path)
+    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)
+    gpu_rules, cpu_rules = set(), set()
+    for block in blocks:
+        head = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if head:
+            (gpu_rules if re.search(r"\bgpu=1\b", block) else cpu_rules).add(head.group(1))
+    assert {"prepare_teacher", "cache_logits", "generate_synthetic", "train_student", "evaluate",
+            "idle_baseline", "prerun"} <= gpu_rules <= GPU_CAPABLE_RULES
+    assert {"prepare_data", "prepare_tokenizer", "init_student", "merge_synthetic", "rollup"} <= cpu_rules
+    trains = [w for r, w in planned_jobs(proc.stdout) if r == "train_student"]
+    assert len(trains) == 7
+    assert not (tmp_path / "results_gpu_single").exists(), "a dry-run reads no counters and writes nothing"
+
+
 def _run_tiny(workdir: Path, config: Path = TINY) -> None:
     snakemake("-c2", "--configfile", str(config), cwd=workdir)
 
