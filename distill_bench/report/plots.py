@@ -208,7 +208,7 @@ def plot_run_timeline(stages: pd.DataFrame, out: Path, reconciliation: dict | No
             order.append(a["stage_id"])
     n_rows = max(1, len(order))
     fig, (ax, axp) = plt.subplots(2, 1, figsize=(12, 2.2 + 0.24 * n_rows + 2.6), sharex=True,
-                                  gridspec_kw={"height_ratios": [0.24 * n_rows + 0.8, 2.4]})
+                                  gridspec_kw={"height_ratios": [0.24 * n_rows + 0.8, 2.4], "hspace": 0.06})
     span = (t1 - t0).total_seconds() if t0 is not None else 1.0
     rel = (lambda t: (t - t0).total_seconds())
     windows = []

@@ -347,6 +347,10 @@ def summary_line(record: dict[str, Any]) -> str:
             f"{record['duration_s']:.0f} s): " + "; ".join(parts) + f"; {coverage}{tail}.")
 
 
+def _seconds(entry: dict[str, Any]) -> str:
+    return f"{entry['unattributed_s']:.1f}" if entry.get("unattributed_s") is not None else "n/a"
+
+
 def markdown(record: dict[str, Any]) -> str:
     lines = ["# Run-level energy reconciliation", ""]
     if record.get("status") == "no_run_snapshot":
@@ -365,7 +369,7 @@ def markdown(record: dict[str, Any]) -> str:
             note = (note + "; " if note else "") + f"counter wrapped {d['wraps']}x (corrected)"
         lines.append(f"| {d['device']} | {d['status']}{' **VIOLATION**' if d.get('violation') else ''} | "
                      f"{_kj(d.get('counter_total_j'))} | {_kj(d.get('stages_j'))} | {unattributed} | "
-                     f"{d.get('unattributed_s', 0.0):.1f} | {d.get('n_windows', '')} | {note or ''} |")
+                     f"{_seconds(d)} | {d.get('n_windows', '')} | {note or ''} |")
     if record["violations"]:
         lines += ["", "Violations (the roll-up fails on these unless `energy.accept_shared_devices: true`):", ""]
         lines += [f"- {v}" for v in record["violations"]]
