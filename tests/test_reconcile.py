@@ -279,3 +279,24 @@ def test_pareto_frontier_is_drawn_without_rows_that_are_not_comparable(tmp_path,
                           "flexible_ci_low": 0.0, "flexible_ci_high": 1.0, "comparable": [True, False, True]})
     plots.plot_pareto(frame, tmp_path / "p.png")
     assert seen == [[(pytest.approx(1.0), pytest.approx(50.0)), (pytest.approx(2.0), pytest.approx(60.0))]]
+
+
+# ------------------------------------------------------------------------------------- the GPU run's own check
+def test_gpu_check_compares_stages_with_independent_counters_and_fails_on_excess(tmp_path, capsys):
+    from distill_bench.report import run_check
+
+    (tmp_path / "energy").mkdir()
+    for record in (stage("a", (10, 40, {"gpu0": 300.0})), stage("b", (50, 80, {"gpu0": 150.0})),
+                   stage("old", (-500, -400, {"gpu0": 9999.0}))):          # an earlier run: outside the window
+        (tmp_path / "energy" / f"{record['stage_id']}.json").write_text(json.dumps(record))
+    before = tmp_path / "before.json"
+    before.write_text(json.dumps({"time": iso(0), "devices": {"gpu0": 1000.0}}))
+    after = tmp_path / "after.json"
+    after.write_text(json.dumps({"time": iso(100), "devices": {"gpu0": 1500.0}}))
+    assert run_check.main([str(tmp_path), "--before", str(before), "--after", str(after)]) == 0
+    out = capsys.readouterr().out
+    assert "independent counter delta 0.50 kJ, stages' GPU energy 0.45 kJ (2 attempts)" in out
+    assert "unattributed 0.05 kJ (10.0 %)" in out and "wall time" in out and "100.0 s" in out
+    after.write_text(json.dumps({"time": iso(100), "devices": {"gpu0": 1400.0}}))   # stages 450 J > 400 J
+    assert run_check.main([str(tmp_path), "--before", str(before), "--after", str(after)]) == 1
+    assert "STAGES EXCEED THE COUNTER" in capsys.readouterr().out

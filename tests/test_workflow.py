@@ -93,6 +93,17 @@ def test_single_gpu_config_validates_and_dry_runs_with_every_gpu_rule_asking_for
     assert not (tmp_path / "results_gpu_single").exists(), "a dry-run reads no counters and writes nothing"
 
 
+def test_gpu_workflow_check_dry_mode_plans_the_single_gpu_run_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_workflow_check.sh"), "--dry"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "This was a dry-run" in proc.stdout and "snakemake exit status: 0" in proc.stdout
+    for name in ("before.json", "after.json", "snakemake.log"):
+        assert (tmp_path / "out" / name).exists()
+    assert "time" in json.loads((tmp_path / "out" / "before.json").read_text())
+
+
 def _run_tiny(workdir: Path, config: Path = TINY) -> None:
     snakemake("-c2", "--configfile", str(config), cwd=workdir)
 
