@@ -300,3 +300,33 @@ def test_gpu_check_compares_stages_with_independent_counters_and_fails_on_excess
     after.write_text(json.dumps({"time": iso(100), "devices": {"gpu0": 1400.0}}))   # stages 450 J > 400 J
     assert run_check.main([str(tmp_path), "--before", str(before), "--after", str(after)]) == 1
     assert "STAGES EXCEED THE COUNTER" in capsys.readouterr().out
+
+
+def test_rollup_fails_naming_the_stages_when_they_exceed_the_device_counter(tmp_path, monkeypatch):
+    from distill_bench.report.reconcile import ReconciliationError
+
+    results, plan = _build_run(tmp_path)
+    energy = results / "energy"
+    cache = next(s for s in plan["stage_ids"] if s.startswith("teacher.logits."))
+    train = "student.train.sft_gt.tiny.arith"
+    now = dt.datetime.now(dt.timezone.utc)
+    host = json.loads((energy / f"{cache}.json").read_text())["attempts"][0]["host"]
+    for stage_id, (a, b) in ((cache, (-80, -40)), (train, (-60, -20))):
+        rec = json.loads((energy / f"{stage_id}.json").read_text())
+        rec["attempts"][0].update(start_time=(now + dt.timedelta(seconds=a)).isoformat(),
+                                  end_time=(now + dt.timedelta(seconds=b)).isoformat())
+        rec["attempts"][0]["energy"]["per_device_j"] = {"gpu0": 3000.0}   # each charged the whole device
+        atomic_write_json(energy / f"{stage_id}.json", rec)
+    folder = run_counters.runs_dir(results) / "r-over"
+    folder.mkdir(parents=True)
+    start = snapshot(0, {"gpu0": 0.0})
+    start.update(time=(now - dt.timedelta(seconds=100)).isoformat(), host=host)
+    atomic_write_json(folder / "start.json", start)
+    end = snapshot(0, {"gpu0": 5000.0})
+    end.update(time=now.isoformat(), host=host)
+    monkeypatch.setattr(run_counters, "read_counters", lambda *args, **kwargs: dict(end))
+    monkeypatch.setenv(run_counters.RUN_ID_ENV, "r-over")
+    with pytest.raises(ReconciliationError, match=rf"{cache} and {train} overlap by 20.0 s"):
+        rollup_run(results, plots=False)
+    assert "**VIOLATION**" in (results / "summary" / "reconciliation.md").read_text()
+    assert not (results / "summary" / "comparison.csv").exists(), "no table from double-counted energy"

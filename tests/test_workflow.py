@@ -58,6 +58,7 @@ def test_embedded_default_dry_run_plans_every_stage(tmp_path):
     teacher_caches = [a for a in caching if "-from-" not in a]      # the other is self-distillation's own cache
     assert len(teacher_caches) == 1 and len(kd_students) == 2, "one teacher logit cache must feed both KD students"
     assert len(caching) == 2
+    assert not (tmp_path / "results").exists(), "a dry-run reads no energy counters and writes no run snapshot"
 
 
 def test_cluster_example_dry_run_shows_gpu_resources_without_network(tmp_path):
@@ -128,6 +129,11 @@ def test_tiny_config_runs_to_the_comparison_table(tiny_run):
     assert (kd.teacher_kwh_oneoff > 0).all() and (table[table.pipeline == "sft_gt"].teacher_kwh_oneoff == 0).all()
     for name in ("comparison.md", "stages.csv", "pareto.png", "energy_by_role.png", "run_timeline.png", "reconciliation.md", "reconciliation.json"):
         assert (summary / name).stat().st_size > 0
+    recon = json.loads((summary / "reconciliation.json").read_text())
+    assert (tiny_run / "results" / "energy" / "runs" / recon["run_id"] / "start.json").exists()
+    assert {d["device"]: d["status"] for d in recon["devices"]} == {"gpu": "unavailable", "cpu": "unavailable"}
+    assert recon["windows"]["in_run"] >= 27 and recon["violations"] == []
+    assert f"Reconciliation (run {recon['run_id']}" in (summary / "comparison.md").read_text()
     stages = pd.read_csv(summary / "stages.csv")
     assert (stages.status == "complete").all()
     assert set(stages.role) >= {"setup", "data", "teacher", "student", "eval"}
