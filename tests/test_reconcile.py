@@ -330,3 +330,36 @@ def test_rollup_fails_naming_the_stages_when_they_exceed_the_device_counter(tmp_
         rollup_run(results, plots=False)
     assert "**VIOLATION**" in (results / "summary" / "reconciliation.md").read_text()
     assert not (results / "summary" / "comparison.csv").exists(), "no table from double-counted energy"
+
+
+def test_run_timeline_draws_gpu_power_of_the_stages_in_this_run(tmp_path):
+    from distill_bench.report import plots
+
+    rows = []
+    for stage_id, role, (a, b), watts in (("teacher.train", "setup", (5, 40), 300.0),
+                                          ("student.train.kd", "student", (48, 80), 200.0),
+                                          ("old.stage", "eval", (-300, -200), 999.0)):
+        record = stage(stage_id, (a, b, {"gpu0": watts * (b - a)}), role=role)
+        record["attempts"][0]["energy"]["total_j"] = watts * (b - a)
+        record["power"] = {"timeline": f"{stage_id}.timeline.csv"}
+        t = [i * 0.5 for i in range(int((b - a) / 0.5))]
+        pd.DataFrame({"attempt": 1, "t_s": t, "gpu0_power_w": watts, "proc_cpu_pct": 100.0}).to_csv(
+            tmp_path / f"{stage_id}.timeline.csv", index=False)
+        (tmp_path / f"{stage_id}.json").write_text(json.dumps(record))
+        rows.append({"stage_id": stage_id, "path": str(tmp_path / f"{stage_id}.json")})
+    record = reconcile.reconcile(snapshot(0, {"gpu0": 0.0}), snapshot(100, {"gpu0": 20000.0}),
+                                 {r["stage_id"]: json.loads(Path(r["path"]).read_text()) for r in rows})
+    seen = {}
+    real_bar = plots.plt.Axes.broken_barh
+
+    def spy(self, xranges, yrange, **kw):
+        seen.setdefault("bars", []).append(xranges[0])
+        return real_bar(self, xranges, yrange, **kw)
+
+    plots.plt.Axes.broken_barh = spy
+    try:
+        out = plots.plot_run_timeline(pd.DataFrame(rows), tmp_path / "run_timeline.png", record)
+    finally:
+        plots.plt.Axes.broken_barh = real_bar
+    assert out.stat().st_size > 0
+    assert seen["bars"] == [(5.0, 35.0), (48.0, 32.0)], "only this run's attempts, on the run's clock"

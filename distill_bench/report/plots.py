@@ -254,10 +254,16 @@ def plot_run_timeline(stages: pd.DataFrame, out: Path, reconciliation: dict | No
         axp.set_ylabel("GPU power, W")
         unattributed = [d for d in rec.get("devices") or [] if d.get("kind") == "gpu" and d.get("unattributed_s")
                         and d.get("unattributed_j") is not None]
-        for d in unattributed:
-            axp.text(0.01, 0.95, f"{d['device']}: unattributed {d['unattributed_j'] / 3600:.3g} Wh over "
-                     f"{d['unattributed_s']:.0f} s (counter over the run)", transform=axp.transAxes, fontsize=7,
-                     va="top")
+        for i, d in enumerate(unattributed):
+            # the counter's energy no stage was charged, spread over the time no stage covered that device
+            mean_w = d["unattributed_j"] / d["unattributed_s"]
+            on_device = [(rel(parse_time(w["start"])), rel(parse_time(w["end"]))) for w in d.get("stages") or []]
+            for a, b in _uncovered(on_device, 0.0, span):
+                axp.plot([a, b], [mean_w, mean_w], ls="--", color="#C44E52", lw=1)
+            axp.text(0.99, 0.04 + 0.08 * i, f"{d['device']}: unattributed {d['unattributed_j'] / 3600:.3g} Wh over "
+                     f"{d['unattributed_s']:.0f} s = {mean_w:.0f} W mean while no stage used it (dashed; "
+                     "counter over the run)", transform=axp.transAxes, fontsize=7, ha="right", va="bottom")
+        axp.set_ylim(bottom=0)
     else:
         step = max(1.0, span / 400)
         bins: dict[int, float] = {}
