@@ -193,6 +193,14 @@ def test_rollup_outside_any_run_says_so(tmp_path, monkeypatch):
     record = reconcile.reconcile_run(tmp_path, {})
     assert record["status"] == "no_run_snapshot"
     assert "not done" in (tmp_path / "summary" / "reconciliation.md").read_text()
+    # a finished earlier run exists: a hand-run roll-up re-reads it, the workflow's own roll-up never borrows it
+    folder = run_counters.runs_dir(tmp_path) / "r0"
+    folder.mkdir(parents=True)
+    atomic_write_json(folder / "start.json", snapshot(0, {"gpu0": 0.0}))
+    atomic_write_json(folder / "end.json", snapshot(10, {"gpu0": 10.0}))
+    assert reconcile.reconcile_run(tmp_path, {})["run_id"] == "r1"
+    workflow = reconcile.reconcile_run(tmp_path, {}, in_workflow=True)
+    assert workflow["status"] == "no_run_snapshot" and "--no-hooks" in workflow["reason"]
 
 
 def test_rapl_watch_thread_accumulates_wraps(tmp_path):

@@ -398,8 +398,10 @@ def write(record: dict[str, Any], summary_dir: Path, run_folder: Path | None = N
     summary_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(summary_dir / "reconciliation.json", record)
     atomic_write_text(summary_dir / "reconciliation.md", markdown(record))
-    if run_folder is not None and run_folder.is_dir():
+    if run_folder is not None and run_folder.is_dir():   # kept even when a failed roll-up's outputs are removed
         atomic_write_json(run_folder / "reconciliation.json", record)
+        atomic_write_text(run_folder / "reconciliation.md", markdown(record))
+        record["files"] = str(run_folder / "reconciliation.md")
 
 
 def enforce(record: dict[str, Any], accept_shared: bool) -> None:
@@ -407,15 +409,18 @@ def enforce(record: dict[str, Any], accept_shared: bool) -> None:
         raise ReconciliationError(
             "run-level reconciliation failed: " + " | ".join(record["violations"])
             + ". Stages were charged the same energy twice; run them one per device (GPU leases, or --cores 1) "
-              "or set energy.accept_shared_devices: true to keep such numbers, marked, out of N* and the frontier")
+              "or set energy.accept_shared_devices: true to keep such numbers, marked, out of N* and the frontier"
+            + (f". Details: {record['files']}" if record.get("files") else ""))
 
 
 def reconcile_run(results_dir: str | os.PathLike, stages: dict[str, dict], *, nvml_module: Any = None,
-                  rapl_root: str | os.PathLike = rapl_mod.DEFAULT_ROOT, run_id: str | None = None) -> dict[str, Any]:
+                  rapl_root: str | os.PathLike = rapl_mod.DEFAULT_ROOT, run_id: str | None = None,
+                  in_workflow: bool = False) -> dict[str, Any]:
     """Read the counters as the run's end, reconcile, write ``summary/reconciliation.{json,md}``; return the record.
 
-    The run is ``$DISTILL_BENCH_RUN_ID`` (set by the Snakefile's onstart in the jobs it spawns); without it (a
-    hand-run ``distill-bench rollup``) the newest finished run is re-reconciled from its saved end snapshot.
+    The run is ``$DISTILL_BENCH_RUN_ID`` (set by the Snakefile's onstart in the jobs it spawns); without it, a
+    hand-run ``distill-bench rollup`` re-reconciles the newest finished run from its saved end snapshot, while the
+    workflow's own roll-up (``in_workflow``) says the start is unknown rather than borrow another run's.
     """
     results_dir = Path(results_dir)
     summary = results_dir / "summary"
@@ -433,6 +438,12 @@ def reconcile_run(results_dir: str | os.PathLike, stages: dict[str, dict], *, nv
         from distill_bench.energy import atomic_write_json
 
         atomic_write_json(folder / "end.json", end)
+    elif in_workflow:
+        record = {"status": "no_run_snapshot", "run_id": None,
+                  "reason": f"${run_counters.RUN_ID_ENV} is not set: the Snakefile's onstart did not run "
+                            "(--no-hooks?), so the run's start counters are unknown"}
+        write(record, summary)
+        return record
     else:
         run_id = run_counters.latest_finished_run(results_dir)
         if run_id is None:

@@ -348,7 +348,8 @@ def markdown_table(comparison: pd.DataFrame, references: pd.DataFrame, stages: p
     return "\n".join(lines) + "\n"
 
 
-def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool = True) -> pd.DataFrame:
+def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool = True,
+               in_workflow: bool = False) -> pd.DataFrame:
     import yaml
 
     from distill_bench.energy import atomic_write_text
@@ -362,7 +363,7 @@ def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool =
     accept_shared = bool(((config or {}).get("energy") or {}).get("accept_shared_devices", False))
     stages = load_stages(results_dir, plan["stage_ids"])
     # the run's own counters against the stages' sum; fails (after writing reconciliation.md) on double counting
-    record = reconcile.reconcile_run(results_dir, stages)
+    record = reconcile.reconcile_run(results_dir, stages, in_workflow=in_workflow)
     reconcile.enforce(record, accept_shared)
     stage_frame = stages_frame(stages)
     charged = {exp: [s for ids in charged_units(plan, exp).values() for s in ids] for exp in plan["experiments"]}
