@@ -127,7 +127,8 @@ def test_tiny_config_runs_to_the_comparison_table(tiny_run):
     kd = table[table.pipeline == "kd"]
     assert kd.artifact.nunique() == 1 and (kd.artifact_consumers == 2).all()
     assert (kd.teacher_kwh_oneoff > 0).all() and (table[table.pipeline == "sft_gt"].teacher_kwh_oneoff == 0).all()
-    for name in ("comparison.md", "stages.csv", "pareto.png", "energy_by_role.png", "run_timeline.png", "reconciliation.md", "reconciliation.json"):
+    for name in ("comparison.md", "stages.csv", "pareto.png", "energy_by_role.png", "run_timeline.png",
+                 "reconciliation.md", "reconciliation.json"):
         assert (summary / name).stat().st_size > 0
     recon = json.loads((summary / "reconciliation.json").read_text())
     assert (tiny_run / "results" / "energy" / "runs" / recon["run_id"] / "start.json").exists()
@@ -226,7 +227,7 @@ def test_reports_open_in_headless_chromium_with_table_and_figures(tiny_run, tmp_
     dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom",
                           summary.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'id="comparison"' in dom and "sft_gt.tiny.arith" in dom
-    assert dom.count("data:image/png;base64,") == 3, "pareto, energy-by-role and power-timeline figures inline"
+    assert dom.count("data:image/png;base64,") == 3, "pareto, energy-by-role and run-timeline figures inline"
 
     report = tmp_path / "report.html"
     snakemake("--configfile", str(TINY), "--report", str(report), cwd=tiny_run)
