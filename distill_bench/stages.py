@@ -46,8 +46,9 @@ def resolve(name: str) -> Callable[..., Any]:
 
 
 def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str, Any],
-                    kwargs: Mapping[str, Any]) -> Any:
-    """Run stage ``name`` with ``kwargs`` inside a StageMeter that writes ``out_json``."""
+                    kwargs: Mapping[str, Any], lease: Any = None) -> Any:
+    """Run stage ``name`` with ``kwargs`` inside a StageMeter that writes ``out_json`` (``lease``: the GPU lease
+    this process holds, recorded in the stage JSON)."""
     from distill_bench.energy import EnergySettings, run_stage
 
     fn = resolve(name)
@@ -71,6 +72,7 @@ def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str,
         artifact=meter_args.get("artifact"),
         out_json=Path(out_json),
         settings=settings,
+        lease=lease.describe() if lease is not None else None,
         # bound here: stage arguments may share names with run_stage's own (e.g. pipeline)
         fn=functools.partial(fn, **kwargs),
     )
@@ -87,15 +89,20 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
         handler = logging.FileHandler(log_path)
         logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler(sys.stderr)],
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # lease the job's GPUs before the stage module (and torch, CUDA) is imported: one stage per device
+    from distill_bench.energy.lease import job_gpus, lease_for_job
+
+    params = dict(snakemake.params.items())
+    lease = lease_for_job(job_gpus(snakemake.resources), stage_id=params.get("stage_id"), rule=snakemake.rule,
+                          lock_dir=(params.get("energy") or {}).get("lock_dir"))
     kwargs: dict[str, Any] = {}
     for section in (snakemake.input, snakemake.output):
         for key, value in section.items():
             if key in ADAPTER_ONLY_INPUTS:
                 continue
             kwargs[key] = value if isinstance(value, str) else list(map(str, value))
-    params = dict(snakemake.params.items())
     meter_args = {k: params.pop(k) for k in METER_KEYS if k in params}
     out_json = kwargs.pop("energy_json")
     kwargs.update(params)
     os.environ.setdefault("OMP_NUM_THREADS", str(snakemake.threads))
-    return run_named_stage(name, out_json=out_json, meter_args=meter_args, kwargs=kwargs)
+    return run_named_stage(name, out_json=out_json, meter_args=meter_args, kwargs=kwargs, lease=lease)

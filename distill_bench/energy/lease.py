@@ -242,3 +242,34 @@ def holders(lock_dir: str | os.PathLike | None) -> dict[int, dict[str, Any]]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return out
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+_HELD: list[Lease] = []   # leases live as long as the process: the kernel drops them when it exits
+
+
+def lease_for_job(n_gpus: int, *, stage_id: str | None, lock_dir: str | os.PathLike | None = None,
+                  rule: str | None = None, nvml_module: Any = None) -> Lease | None:
+    """Lease ``n_gpus`` devices for this process and restrict CUDA to them; None when the job needs no GPU.
+
+    Call before anything initialises CUDA (torch may be imported, but no CUDA call made, before this).
+    """
+    if not n_gpus:
+        return None
+    got = acquire(int(n_gpus), stage_id=stage_id, lock_dir=lock_dir, rule=rule, nvml_module=nvml_module)
+    got.apply_to_environ()
+    _HELD.append(got)
+    log.info("%s leased GPU(s) %s after waiting %.1f s", rule or stage_id, got.cuda_visible_devices, got.waited_s)
+    return got
+
+
+def job_gpus(resources: Any) -> int:
+    """The `gpu` resource of a Snakemake job (0 when the rule declares none)."""
+    try:
+        value = resources.get("gpu", 0)
+    except AttributeError:
+        value = getattr(resources, "gpu", 0)
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
