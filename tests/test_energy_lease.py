@@ -380,3 +380,98 @@ def test_sigkilled_attempt_keeps_its_seconds_and_joules(tmp_path):
     assert done["status"] == "complete" and rec["status"] == "complete"
     assert rec["duration_s"] == pytest.approx(killed["duration_s"] + done["duration_s"])
     assert ledger_path_for(out).exists()
+
+
+def _complete_record(tmp_path, accepted):
+    kw = dict(stage="demo", stage_id="sig", role="eval", out_json=tmp_path / "sig.json", settings=NO_CC, devices="",
+              rapl_root=tmp_path / "none")
+    with StageMeter(**kw):
+        time.sleep(0.2)
+    first = load_stage_json(tmp_path / "sig.json")
+    (tmp_path / "sig.json").unlink()     # Snakemake removes an incomplete job's outputs before rerunning it
+    seen = []
+    with StageMeter(**kw, output_accepted=lambda rec: seen.append(rec["end_time"]) or accepted):
+        pass
+    assert seen == [first["end_time"]]
+    return load_stage_json(tmp_path / "sig.json")
+
+
+def test_finished_attempt_whose_output_was_never_accepted_stays_on_the_bill(tmp_path):
+    rec = _complete_record(tmp_path, accepted=False)
+    first, second = rec["attempts"]
+    assert first["status"] == "complete" and "never accepted" in first["discarded"]
+    assert "discarded" not in second and rec["status"] == "complete"
+    assert rec["duration_s"] == pytest.approx(first["duration_s"] + second["duration_s"])
+    assert first["duration_s"] >= 0.2
+
+
+@pytest.mark.parametrize("accepted", [True, None])
+def test_accepted_or_unknown_complete_record_is_replaced_by_a_rerun(tmp_path, accepted):
+    assert len(_complete_record(tmp_path, accepted=accepted)["attempts"]) == 1
+
+
+def test_snakemake_metadata_tells_an_accepted_output_from_one_finished_after_it(tmp_path):
+    """Reads the metadata a real Snakemake run records (the rerun-after-SIGINT case is a record newer than it)."""
+    from distill_bench.stages import snakemake_output_accepted
+
+    (tmp_path / "Snakefile").write_text('rule a:\n    output: "res/a.json"\n    shell: "echo {{}} > {output}"\n')
+    subprocess.run([sys.executable, "-m", "snakemake", "-c1", "-d", str(tmp_path), "-s", str(tmp_path / "Snakefile")],
+                   check=True, capture_output=True, timeout=300)
+    accepted = snakemake_output_accepted("res/a.json", tmp_path / ".snakemake")
+    mtime = (tmp_path / "res" / "a.json").stat().st_mtime
+
+    def iso(t):
+        import datetime as dt
+        return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+    assert accepted({"end_time": iso(mtime - 0.05)}) is True          # the record that Snakemake accepted
+    assert accepted({"end_time": iso(mtime + 30)}) is False           # finished later, never accepted
+    assert snakemake_output_accepted("res/b.json", tmp_path / ".snakemake")({"end_time": iso(mtime)}) is False
+    assert snakemake_output_accepted("res/a.json", tmp_path / "nowhere")({"end_time": iso(mtime)}) is None
+
+
+# ---------------------------------------------------------------------------------------------------- workflow
+def snakemake_dry_run(tmp_path, gpus, *extra, config=REPO / "tests" / "configs" / "tiny.yaml"):
+    env = {**fake_env(tmp_path, gpus), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d",
+                           str(tmp_path / "run"), "--configfile", str(config), *extra], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def rule_blocks(stdout):
+    import re
+
+    blocks = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", stdout):
+        head = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if head:
+            blocks.setdefault(head.group(1), block)
+    return blocks
+
+
+def test_gpu_rules_declare_a_gpu_on_a_gpu_machine_and_nothing_changes_without_one(tmp_path):
+    with_gpu = rule_blocks(snakemake_dry_run(tmp_path, "GPU-fake-0,GPU-fake-1").stdout)
+    for rule in ("train_student", "cache_logits", "generate_synthetic", "evaluate", "prepare_teacher"):
+        assert "gpu=1" in with_gpu[rule], rule
+    assert "gpu=2" in with_gpu["idle_baseline"] and "gpu=2" in with_gpu["prerun"]   # node checks lease all
+    for rule in ("prepare_data", "prepare_tokenizer", "init_student", "merge_synthetic"):
+        assert "gpu=" not in with_gpu[rule], rule
+    without = rule_blocks(snakemake_dry_run(tmp_path, "").stdout)
+    assert not any("gpu=" in block for block in without.values())
+
+
+def test_a_rule_asking_for_more_gpus_than_visible_is_a_planning_error(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg["training"]["gpus"] = 2
+    path = tmp_path / "two_gpus.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake_dry_run(tmp_path, "GPU-fake-0", config=path)
+    assert proc.returncode != 0
+    assert "rule 'train_student' asks for 2 GPU(s) per job but this machine shows 1" in proc.stdout + proc.stderr
+    cfg["training"]["gpus"] = 1
+    cfg["resources"] = {"rules": {"evaluate": {"gpu": 3}}}
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake_dry_run(tmp_path, "GPU-fake-0,GPU-fake-1", config=path)
+    assert proc.returncode != 0 and "rule 'evaluate' asks for 3 GPU(s)" in proc.stdout + proc.stderr

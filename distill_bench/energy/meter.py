@@ -96,7 +96,7 @@ class StageMeter:
                  settings: EnergySettings | dict | None = None, devices: Any = None,
                  is_measuring_process: bool | None = None, nvml_module: Any = None,
                  rapl_root: str | os.PathLike = rapl_mod.DEFAULT_ROOT, install_signal_handlers: bool = True,
-                 lease: dict | None = None):
+                 lease: dict | None = None, output_accepted: Callable[[dict], bool | None] | None = None):
         if not stage or not isinstance(stage, str):
             raise ValueError(f"stage must be a non-empty string; got {stage!r}")
         if not stage_id or not isinstance(stage_id, str):
@@ -115,6 +115,9 @@ class StageMeter:
         self._rapl_root = rapl_root
         self._install_handlers = install_signal_handlers
         self.lease = lease                 # the GPU lease this process holds (energy.lease.Lease.describe())
+        # did the workflow accept the output of a previous complete record? (None: cannot tell). A complete attempt
+        # whose output was never accepted (Snakemake interrupted right after it) was redone: it stays on the bill.
+        self._output_accepted = output_accepted
         self._ledger_fd: int | None = None
         self._ledger_depth = 0
         self._ledger_lock_error: str | None = None
@@ -307,7 +310,13 @@ class StageMeter:
         attempts = [dict(a) for a in old.get("attempts") or []]
         if old.get("status") == "complete" and not any(a.get("status") == "running" and _alive_elsewhere(a)
                                                        for a in attempts):
-            return []
+            accepted = self._output_accepted(old) if self._output_accepted is not None else None
+            if accepted is not False:
+                return []
+            for a in attempts:
+                if a.get("status") == "complete" and not a.get("discarded"):
+                    a["discarded"] = ("finished, but the workflow never accepted its output (interrupted before it "
+                                      "was recorded), so the work was redone; its energy stays on the bill")
         for a in attempts:
             if a.get("status") == "running" and not _alive_elsewhere(a):   # died without a final write (SIGKILL)
                 a["status"] = "interrupted"
@@ -684,7 +693,7 @@ def _sum_codecarbon(blocks: list[dict | None]) -> dict | None:
 def run_stage(*, stage: str, stage_id: str, role: str, pipeline: str = "shared", experiment: str | None = None,
               artifact: str | None = None, out_json: str | os.PathLike, settings: EnergySettings | dict | None = None,
               fn: Callable[..., Any], energy_settings: EnergySettings | dict | None = None, lease: dict | None = None,
-              **kwargs: Any) -> Any:
+              output_accepted: Callable[[dict], bool | None] | None = None, **kwargs: Any) -> Any:
     """Open a StageMeter, call ``fn(meter=meter, **kwargs)`` and return its result.
 
     Exceptions mark the stage 'failed' and re-raise; SIGTERM/SIGINT mark it 'interrupted', then the process exits as
@@ -693,5 +702,6 @@ def run_stage(*, stage: str, stage_id: str, role: str, pipeline: str = "shared",
     if settings is None:
         settings = energy_settings
     with StageMeter(stage=stage, stage_id=stage_id, role=role, pipeline=pipeline, experiment=experiment,
-                    artifact=artifact, out_json=out_json, settings=settings, lease=lease) as meter:
+                    artifact=artifact, out_json=out_json, settings=settings, lease=lease,
+                    output_accepted=output_accepted) as meter:
         return fn(meter=meter, **kwargs)
