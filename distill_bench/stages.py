@@ -135,10 +135,15 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     # lease the job's GPUs before the stage module (and torch, CUDA) is imported: one stage per device
     from distill_bench.energy.lease import job_gpus, lease_for_job
+    from distill_bench.hardware import GPU_CAPABLE_RULES
 
     params = dict(snakemake.params.items())
     lease = lease_for_job(job_gpus(snakemake.resources), stage_id=params.get("stage_id"), rule=snakemake.rule,
                           lock_dir=(params.get("energy") or {}).get("lock_dir"))
+    if lease is None and snakemake.rule not in GPU_CAPABLE_RULES:
+        # a CPU stage neither uses a GPU nor bills one: metering the device would charge it the power of whatever
+        # GPU stage runs beside it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     kwargs: dict[str, Any] = {}
     for section in (snakemake.input, snakemake.output):
         for key, value in section.items():

@@ -475,3 +475,38 @@ def test_a_rule_asking_for_more_gpus_than_visible_is_a_planning_error(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     proc = snakemake_dry_run(tmp_path, "GPU-fake-0,GPU-fake-1", config=path)
     assert proc.returncode != 0 and "rule 'evaluate' asks for 3 GPU(s)" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_local_run_on_one_gpu_runs_gpu_stages_one_at_a_time_on_their_lease(tmp_path):
+    """The tiny config up to synthetic generation on a (fake) one-GPU machine with 2 cores: the scheduler runs the
+    GPU stages one at a time (so none waits on a lock), each records its lease, none saw another on its device, and
+    CPU stages neither lease nor meter the GPU."""
+    env = {**fake_env(tmp_path, "GPU-fake-0"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    (tmp_path / "nvml").mkdir()
+    settings = tmp_path / "lease.yaml"
+    settings.write_text(f"energy: {{lock_dir: {tmp_path / 'locks'}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-c2", "-s", str(REPO / "Snakefile"), "-d",
+                           str(tmp_path / "run"), "--configfile", str(REPO / "tests" / "configs" / "tiny.yaml"),
+                           str(settings), "--until", "generate_synthetic"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'gpu=Resource("gpu", 1)' in proc.stdout + proc.stderr        # the global cap: one visible GPU
+    energy = tmp_path / "run" / "results" / "energy"
+    records = [load_stage_json(p) for p in energy.glob("*.json") if p.name != "idle.json"]
+    gpu_stages = [r for r in records if r["stage"] in ("prepare_teacher", "generate_synthetic")]
+    assert len(gpu_stages) == 3
+    windows = []
+    for rec in gpu_stages:
+        assert rec["lease"]["devices"] == [{"index": 0, "uuid": "GPU-fake-0"}]
+        assert rec["lease"]["lock_dir"] == str(tmp_path / "locks")
+        assert rec["lease"]["waited_s"] < 1.0, "serialised by a lock wait, not by the scheduler"
+        assert rec["sharing"]["checked"] is True and rec["sharing"]["shared"] is False
+        assert rec["energy"]["sources"]["gpu"] == "measured:nvml_energy_counter"
+        windows.append((rec["start_time"], rec["end_time"]))
+    windows.sort()
+    assert all(later[0] >= earlier[1] for earlier, later in zip(windows, windows[1:])), windows
+    for rec in records:
+        if rec["stage"] in ("prepare_data", "prepare_tokenizer"):
+            assert rec["lease"] is None and rec["energy"]["sources"]["gpu"] == "unavailable"
