@@ -31,10 +31,11 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False, allow_nan: bool = False,
-                      default: Callable[[Any], Any] | None = None, fsync: bool = True) -> Path:
+                      default: Callable[[Any], Any] | None = None, fsync: bool = True,
+                      indent: int | None = 2) -> Path:
     """JSON version of :func:`atomic_write_text`. NaN/inf are refused by default (they are not JSON); writers whose
     payload may legitimately hold a diverged loss pass ``allow_nan=True``."""
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan, default=default)
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan, default=default)
     return atomic_write_text(path, text + "\n", fsync=fsync)
 
 

@@ -595,7 +595,8 @@ class StageMeter:
     def _write_ledger(self) -> None:
         """Cheap frequent snapshot: the ledger only, no schema check, so a SIGKILLed attempt loses seconds."""
         with self._ledger_locked():
-            atomic_write_json(ledger_path_for(self.out_json), self._build(status="running"), fsync=False)
+            atomic_write_json(ledger_path_for(self.out_json), self._build(status="running"), fsync=False,
+                              indent=None)   # compact: the C encoder, a few ms
 
     def _maybe_snapshot(self) -> None:
         now = time.monotonic()
