@@ -135,6 +135,23 @@ def test_multi_gpu_lease_is_all_or_nothing_and_sets_cuda_visible_devices(tmp_pat
     assert acquire(1, lock_dir=tmp_path, devices=TWO, timeout_s=1).devices[0].uuid == "GPU-fake-0"
 
 
+def test_default_lock_dir_is_shared_in_the_system_temp_directory(monkeypatch, tmp_path):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert lease_mod.default_lock_dir() == tmp_path / "distill-bench-gpu-locks"
+    lease = acquire(1, devices=TWO)
+    assert oct((tmp_path / "distill-bench-gpu-locks").stat().st_mode & 0o7777) == "0o1777"
+    assert lease.describe()["lock_dir"] == str(tmp_path / "distill-bench-gpu-locks")
+    lease.release()
+
+
+def test_accept_shared_devices_is_a_roll_up_key_the_meter_ignores():
+    from distill_bench.energy import EnergySettings
+
+    assert EnergySettings.from_dict({"accept_shared_devices": True, "lock_dir": "/x"}).lock_dir == "/x"
+
+
 def test_lock_dir_without_working_locks_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(lease_mod, "_flock", lambda fd, op: None)   # a filesystem where flock silently succeeds
     with pytest.raises(LeaseError, match=r"energy.lock_dir .*file locks do not work"):
@@ -431,8 +448,8 @@ def test_snakemake_metadata_tells_an_accepted_output_from_one_finished_after_it(
 
 
 # ---------------------------------------------------------------------------------------------------- workflow
-def snakemake_dry_run(tmp_path, gpus, *extra, config=REPO / "tests" / "configs" / "tiny.yaml"):
-    env = {**fake_env(tmp_path, gpus), "HF_HUB_OFFLINE": "1"}
+def snakemake_dry_run(tmp_path, gpus, *extra, config=REPO / "tests" / "configs" / "tiny.yaml", env=None):
+    env = {**fake_env(tmp_path, gpus), "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d",
                            str(tmp_path / "run"), "--configfile", str(config), *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -458,6 +475,10 @@ def test_gpu_rules_declare_a_gpu_on_a_gpu_machine_and_nothing_changes_without_on
         assert "gpu=" not in with_gpu[rule], rule
     without = rule_blocks(snakemake_dry_run(tmp_path, "").stdout)
     assert not any("gpu=" in block for block in without.values())
+    # CUDA_VISIBLE_DEVICES narrows what the workflow counts
+    one_of_two = rule_blocks(snakemake_dry_run(tmp_path, "GPU-fake-0,GPU-fake-1",
+                                               env={"CUDA_VISIBLE_DEVICES": "1"}).stdout)
+    assert "gpu=1" in one_of_two["idle_baseline"] and "gpu=1" in one_of_two["train_student"]
 
 
 def test_a_rule_asking_for_more_gpus_than_visible_is_a_planning_error(tmp_path):

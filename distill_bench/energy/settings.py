@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 POLICIES = ("measured", "codecarbon", "gpu_only")
 # keys of the workflow config's `energy:` section that configure something other than the meter
-IGNORED_CONFIG_KEYS = ("idle_seconds",)
+IGNORED_CONFIG_KEYS = ("idle_seconds", "accept_shared_devices")
 
 
 @dataclass
