@@ -531,3 +531,23 @@ def test_local_run_on_one_gpu_runs_gpu_stages_one_at_a_time_on_their_lease(tmp_p
     for rec in records:
         if rec["stage"] in ("prepare_data", "prepare_tokenizer"):
             assert rec["lease"] is None and rec["energy"]["sources"]["gpu"] == "unavailable"
+
+
+def test_measure_cli_leases_gpus_and_runs_the_command_on_them(tmp_path):
+    out = tmp_path / "m.json"
+    env = fake_env(tmp_path, "GPU-fake-0,GPU-fake-1")
+    held = acquire(1, lock_dir=tmp_path / "locks", devices=TWO[:1])       # device 0 is taken
+    child = "import os; print('CVD=' + os.environ['CUDA_VISIBLE_DEVICES'])"
+    proc = subprocess.run([sys.executable, "-m", "distill_bench", "measure", "--stage", "m", "--out", str(out),
+                           "--no-codecarbon", "--gpus", "1", "--lock-dir", str(tmp_path / "locks"), "--",
+                           sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120)
+    held.release()
+    assert proc.returncode == 0, proc.stderr
+    assert "CVD=1" in proc.stdout
+    rec = load_stage_json(out)
+    assert rec["lease"]["devices"] == [{"index": 1, "uuid": "GPU-fake-1"}]
+    assert list(rec["energy"]["per_device_j"]) == ["gpu1"]
+    too_many = subprocess.run([sys.executable, "-m", "distill_bench", "measure", "--stage", "m", "--out", str(out),
+                               "--gpus", "3", "--lock-dir", str(tmp_path / "locks"), "--", "true"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert too_many.returncode == 2 and "asks for 3 GPU(s) but only 2 are visible" in too_many.stderr
