@@ -570,7 +570,7 @@ class StageMeter:
             "hosts": sorted({a.get("host") for a in attempts if a.get("host")}),
             "environment": self.settings.environment_json,
             "lease": self.lease,
-            "sharing": sharing_mod.merge([a.get("sharing") for a in attempts]),
+            "sharing": sharing_mod.merge(attempts),
             "provenance": dict(self.provenance),
             "settings": self.settings.to_dict(),
         }

@@ -136,15 +136,16 @@ class SharingTracker:
                 "polls": self.polls}
 
 
-def merge(blocks: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Sharing over several attempts: checked only if every attempt was, shared if any was."""
-    blocks = [b for b in blocks if b]
+def merge(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sharing over a stage's attempts: checked only if every attempt was, shared if any was; each foreign process
+    carries its attempt number."""
+    blocks = [(a.get("attempt"), a.get("sharing")) for a in attempts if a.get("sharing")]
     if not blocks:
         return {"checked": False, "shared": False, "foreign_processes": [], "unreadable": "not recorded", "polls": 0}
     foreign = []
-    for i, b in enumerate(blocks, 1):
-        foreign += [{**f, "attempt": f.get("attempt", i)} for f in b.get("foreign_processes") or []]
-    reasons = [b["unreadable"] for b in blocks if b.get("unreadable")]
-    return {"checked": all(b.get("checked") for b in blocks), "shared": any(b.get("shared") for b in blocks),
+    for number, b in blocks:
+        foreign += [{**f, "attempt": f.get("attempt", number)} for f in b.get("foreign_processes") or []]
+    reasons = [b["unreadable"] for _, b in blocks if b.get("unreadable")]
+    return {"checked": all(b.get("checked") for _, b in blocks), "shared": any(b.get("shared") for _, b in blocks),
             "foreign_processes": foreign, "unreadable": "; ".join(dict.fromkeys(reasons)) or None,
-            "polls": sum(int(b.get("polls") or 0) for b in blocks)}
+            "polls": sum(int(b.get("polls") or 0) for _, b in blocks)}
