@@ -551,3 +551,30 @@ def test_measure_cli_leases_gpus_and_runs_the_command_on_them(tmp_path):
                                "--gpus", "3", "--lock-dir", str(tmp_path / "locks"), "--", "true"], env=env,
                               capture_output=True, text=True, timeout=120)
     assert too_many.returncode == 2 and "asks for 3 GPU(s) but only 2 are visible" in too_many.stderr
+
+
+def test_shared_device_gets_a_labelled_utilisation_estimate_beside_the_counter(tmp_path):
+    from test_energy import fake_gpus
+
+    nv = fake_gpus(1)
+    me, other = os.getpid(), os.getppid()
+    nv.nvmlDeviceGetComputeRunningProcesses = lambda h: [type("P", (), {"pid": p})() for p in (me, other)]
+    stamp = iter(range(1, 10**6))
+
+    def utilisation(h, since):
+        t = next(stamp)
+        return [type("S", (), {"pid": me, "smUtil": 30, "timeStamp": t})(),
+                type("S", (), {"pid": other, "smUtil": 90, "timeStamp": t})()]
+
+    nv.nvmlDeviceGetProcessUtilization = utilisation
+    with StageMeter(stage="demo", stage_id="u", role="eval", out_json=tmp_path / "u.json", settings=NO_CC,
+                    nvml_module=nv, rapl_root=tmp_path / "none"):
+        time.sleep(1.3)
+        nv.devs[0]["energy_mj"] += 100_000
+    rec = load_stage_json(tmp_path / "u.json")
+    assert rec["energy"]["gpu_j"] == 100.0     # the billed figure stays the device counter, labelled shared
+    assert rec["energy"]["sources"]["gpu"] == "measured:nvml_energy_counter+shared_device"
+    att = rec["attempts"][0]["sharing"]["attribution"]
+    assert att["source"] == "estimated:per_process_utilisation"
+    assert att["per_device"]["gpu0"]["our_share"] == pytest.approx(0.25)
+    assert att["gpu_j"] == pytest.approx(25.0)

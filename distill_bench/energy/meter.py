@@ -514,6 +514,10 @@ class StageMeter:
         comps = self._final_comps if final and self._final_comps is not None else self._read_components()
         sharing = self.sharing.result()
         energy = self._energy_block(comps, duration, cc, sharing)
+        if sharing["shared"]:
+            attribution = self.sharing.attribution(energy["per_device_j"])
+            if attribution is not None:
+                sharing["attribution"] = attribution
         co2 = None
         if cc and not cc.get("error") and cc.get("energy_kwh") and cc.get("emissions_kg") is not None:
             co2 = energy["total_kwh"] * cc["emissions_kg"] / cc["energy_kwh"]   # CodeCarbon's intensity x our total

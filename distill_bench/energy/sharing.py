@@ -59,6 +59,9 @@ class SharingTracker:
         self._saw_ours: set[str] = set()
         self.errors: dict[str, str] = {}
         self._holders: dict[int, dict] | None = None
+        # per-process SM utilisation on shared devices (an estimate, never the billed figure): device -> sums
+        self._util: dict[str, dict[str, float]] = {}
+        self._util_seen_us: dict[str, int] = {}
 
     def _is_ours(self, pid: int) -> bool | None:
         if pid in self._ours:
@@ -111,6 +114,44 @@ class SharingTracker:
                     self._holders = None   # re-read the lease notes for the next newcomer
                 entry["overlap_s"] += dt
                 entry["last_seen_s"] = round(t, 3)
+            if any(k[1] == dev.key for k in self._foreign):
+                self._poll_utilisation(dev)
+
+    def _poll_utilisation(self, dev) -> None:
+        """SM utilisation per process since the last poll (NVML keeps a short per-process history)."""
+        query = getattr(self.nvml.nvml, "nvmlDeviceGetProcessUtilization", None)
+        if query is None:
+            return
+        try:
+            samples = query(dev.handle, self._util_seen_us.get(dev.key, 0)) or []
+        except Exception as exc:
+            self._util.setdefault(dev.key, {"ours": 0.0, "all": 0.0, "samples": 0})["error"] = str(exc)
+            return
+        acc = self._util.setdefault(dev.key, {"ours": 0.0, "all": 0.0, "samples": 0})
+        for smp in samples:
+            sm = float(getattr(smp, "smUtil", 0) or 0)
+            acc["all"] += sm
+            acc["samples"] += 1
+            if self._is_ours(int(smp.pid)):
+                acc["ours"] += sm
+            self._util_seen_us[dev.key] = max(self._util_seen_us.get(dev.key, 0), int(getattr(smp, "timeStamp", 0)))
+
+    def attribution(self, per_device_j: dict[str, float]) -> dict[str, Any] | None:
+        """Our share of each shared device's energy by SM utilisation: labelled an estimate, kept beside (never in)
+        the billed figure, which stays the device's counter."""
+        if not self._util:
+            return None
+        per = {}
+        for key, acc in sorted(self._util.items()):
+            share = acc["ours"] / acc["all"] if acc["all"] > 0 else None
+            j = per_device_j.get(key)
+            per[key] = {"our_share": share, "samples": acc["samples"],
+                        "gpu_j": share * j if share is not None and j is not None else None}
+            if "error" in acc:
+                per[key]["error"] = acc["error"]
+        total = [v["gpu_j"] for v in per.values()]
+        return {"source": "estimated:per_process_utilisation", "per_device": per,
+                "gpu_j": sum(total) if total and all(v is not None for v in total) else None}
 
     def result(self) -> dict[str, Any]:
         """The stage JSON's ``sharing`` block."""
