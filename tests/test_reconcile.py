@@ -233,7 +233,8 @@ def _shared_run(tmp_path, monkeypatch, accept: bool, how: str):
     if how == "meter":
         rec = json.loads((energy / f"{cache}.json").read_text())
         rec["sharing"] = {"checked": True, "shared": True, "unreadable": None,
-                          "foreign_processes": [{"pid": 4242, "device": 0, "stage_id": None, "overlap_s": 12.0}]}
+                          "foreign_processes": [{"pid": 4242, "device": "GPU-gpu0", "stage_id": None,
+                                                "overlap_s": 12.0}]}
         rec["energy"]["sources"]["gpu"] = "measured:nvml_energy_counter+shared_device"
         atomic_write_json(energy / f"{cache}.json", rec)
     else:   # both on gpu0 for 20 overlapping seconds, inside a run whose start snapshot saw gpu0
