@@ -56,7 +56,10 @@ set +e
 if [ "$DRY" = 1 ]; then
   snakemake -n --configfile "$CONFIG" --cores all "$@" 2>&1 | tee "$OUT/snakemake.log" | tail -25
 else
-  snakemake --configfile "$CONFIG" --cores all "$@" 2>&1 | tee "$OUT/snakemake.log" | tail -40
+  # SNAKEMAKE_TIMEOUT (seconds) stops the run with SIGINT so the counters, the check and the partial results still
+  # come back when the caller's own limit is near
+  ${SNAKEMAKE_TIMEOUT:+timeout --signal=INT --kill-after=30 "$SNAKEMAKE_TIMEOUT"} \
+    snakemake --configfile "$CONFIG" --cores all "$@" 2>&1 | tee "$OUT/snakemake.log" | tail -40
 fi
 status=${PIPESTATUS[0]}
 set -e
