@@ -1,4 +1,5 @@
-# Roll-up: every stage JSON and eval result -> the comparison table and figures. Cheap, so it runs locally.
+# Roll-up: every stage JSON and eval result -> the comparison table and figures. Cheap, so it runs locally, and it
+# is the run's last job: it reads the device energy counters again as the run's end (reconciliation.md).
 # `snakemake --report report.html` (or report.zip) bundles the outputs marked report() below.
 
 
@@ -40,11 +41,17 @@ rule rollup:
             caption="../report/energy_by_role.rst",
             category="2. Figures",
         ),
-        timelines=report(
-            f"{R}/summary/power_timelines.png",
-            caption="../report/power_timelines.rst",
+        timeline=report(
+            f"{R}/summary/run_timeline.png",
+            caption="../report/run_timeline.rst",
             category="2. Figures",
         ),
+        reconciliation=report(
+            f"{R}/summary/reconciliation.md",
+            caption="../report/reconciliation.rst",
+            category="1. Comparison",
+        ),
+        reconciliation_json=f"{R}/summary/reconciliation.json",
     log:
         f"{R}/logs/rollup.log",
     benchmark:
@@ -52,11 +59,17 @@ rule rollup:
     localrule: True
     conda:
         CONDA_ENV
+    params:
+        # the reconciliation reads the whole run directory (this run's onstart counters, run snapshots): the one
+        # holding the plan this rule declares as input
+        results_dir=lambda w, input: str(Path(input.plan).parent.parent),
     script:
         "../scripts/rollup.py"
 
 
 rule wandb_log:
+    """Optional (report.wandb.enabled): log the finished run to Weights & Biases, offline by default; upload later
+    with `wandb sync`. It only reads the roll-up, so it is not a metered stage."""
     input:
         plan=f"{R}/config/plan.json",
         csv=f"{R}/summary/comparison.csv",
@@ -67,8 +80,6 @@ rule wandb_log:
         f"{R}/logs/wandb_log.log",
     benchmark:
         f"{R}/benchmarks/wandb_log.tsv"
-    """Optional (report.wandb.enabled): log the finished run to Weights & Biases, offline by default; upload later
-    with `wandb sync`. It only reads the roll-up, so it is not a metered stage."""
     localrule: True
     conda:
         CONDA_ENV

@@ -4,10 +4,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 -- the workflow's own package (conda envs)
 
+from distill_bench.energy.lease import job_gpus, lease_for_job  # noqa: E402
 from distill_bench.hardware import prerun  # noqa: E402
 from distill_bench.stages import log_to_rule_log  # noqa: E402
 
 log = log_to_rule_log(snakemake)  # noqa: F821
+# every visible GPU, leased before anything touches CUDA: the burn-in and the checks see each device alone
+lease_for_job(job_gpus(snakemake.resources), stage_id="prerun", rule=snakemake.rule,  # noqa: F821
+              lock_dir=snakemake.params.energy.get("lock_dir"))  # noqa: F821
 record = prerun(out_json=snakemake.output[0], hardware=snakemake.params.hardware,  # noqa: F821
                 energy=snakemake.params.energy)  # noqa: F821
 log.info("prerun %s: %s", record["status"], [g["name"] for g in record["gpus"]] or "no GPU")

@@ -1,4 +1,4 @@
-"""Roll every stage JSON and eval result up into the summary files, all paths from the rule's inputs and outputs."""
+"""Roll every stage JSON and eval result up into results/summary/ (comparison.csv/.md, stages.csv)."""
 import sys
 from pathlib import Path
 
@@ -8,9 +8,6 @@ from distill_bench.report.rollup import rollup_run  # noqa: E402
 from distill_bench.stages import log_to_rule_log  # noqa: E402
 
 log = log_to_rule_log(snakemake)  # noqa: F821
-inp, out = snakemake.input, snakemake.output  # noqa: F821
-files = {"plan": inp.plan, "config": inp.config, "stages": list(inp.stages), "evals": list(inp.evals),
-         "outputs": {key: out[key] for key in out.keys()}}
-table = rollup_run(print_table=True, files=files)
-log.info("rolled up %d stage JSONs and %d eval results into %d experiments", len(files["stages"]),
-         len(files["evals"]), len(table))
+# in_workflow: the run's start counters come from this run's onstart, never from an earlier run's snapshot
+table = rollup_run(snakemake.params.results_dir, print_table=True, in_workflow=True)  # noqa: F821
+log.info("rolled up %d experiments into %s", len(table), snakemake.output.csv)  # noqa: F821

@@ -75,7 +75,7 @@ def save_tiny_model(tok, out_dir, seed=0):
 
 @pytest.fixture(scope="module")
 def tok():
-    """The generation tests' character-level chat tokenizer (distill_bench.generation.toy)."""
+    """The generation tests' character-level chat tokenizer (tests/toy_generation.py)."""
     from toy_generation import build_toy_tokenizer
 
     return build_toy_tokenizer()

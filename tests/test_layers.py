@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                  "distill_bench.eval.common", "distill_bench.eval.native", "distill_bench.eval.lm_eval_backend",
                  "distill_bench.synthetic", "distill_bench.synthetic.filters"]),
     ("stages", ["distill_bench.*.stage", "distill_bench.report", "distill_bench.report.rollup",
+                "distill_bench.report.reconcile", "distill_bench.report.run_check",
                 "distill_bench.report.compare", "distill_bench.report.html", "distill_bench.report.plots"]),
     ("entry", ["distill_bench.cli", "distill_bench.__main__", "distill_bench.stages", "distill_bench.*.cli",
                "distill_bench.report.wandb_log"]),

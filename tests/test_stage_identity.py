@@ -78,6 +78,7 @@ class _FakeSnakemake:
         self.params = _Section(energy={"policy": "measured"}, experiment="kd.tiny.arith", seed=1)
         self.log = [str(tmp_path / "logs" / "student.train.kd.tiny.arith.log")]
         self.threads = 1
+        self.resources = _Section()   # no GPU asked for: no lease
 
 
 def test_adapter_reads_the_id_from_the_energy_json_and_the_meter_files_from_the_inputs(tmp_path, monkeypatch):

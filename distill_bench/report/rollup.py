@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
 from distill_bench.config.plan import stage_id as stage_id_of
-from distill_bench.config.plan import stage_id_from_energy_json as stage_id_from_path
 
 J_PER_KWH = 3.6e6
 
@@ -59,25 +58,20 @@ def _load_stage(path: Path) -> dict:
         raise RollupError(f"stage JSON {path}: {err}") from err
 
 
-def load_stages(results_dir: str | Path | None, stage_ids: list[str],
-                paths: Mapping[str, str | Path] | None = None) -> dict[str, dict]:
-    """Every declared stage's JSON: at ``paths[stage_id]`` (the rule's declared inputs), else under
-    ``results_dir/energy/``; a missing one is an error naming it."""
-    energy_dir = Path(results_dir) / "energy" if results_dir is not None else None
-    paths = dict(paths or {})
+def load_stages(results_dir: str | Path, stage_ids: list[str]) -> dict[str, dict]:
+    energy_dir = Path(results_dir) / "energy"
     stages, missing = {}, []
     for stage_id in stage_ids:
-        path = Path(paths[stage_id]) if stage_id in paths else (energy_dir / f"{stage_id}.json" if energy_dir else None)
-        if path is None or not path.exists():
+        path = energy_dir / f"{stage_id}.json"
+        if not path.exists():
             missing.append(stage_id)
             continue
         stage = _load_stage(path)
         stage["_path"] = str(path)
         stages[stage_id] = stage
     if missing:
-        where = f"under {energy_dir}/" if energy_dir else "among the declared inputs"
-        raise RollupError(f"missing stage JSON for declared stage(s): {', '.join(missing)} (expected {where}); "
-                          "rerun those stages rather than reading them as zero")
+        raise RollupError(f"missing stage JSON for declared stage(s): {', '.join(missing)} (expected under "
+                          f"{energy_dir}/); rerun those stages rather than reading them as zero")
     return stages
 
 
@@ -133,14 +127,9 @@ def break_even_reuse(teacher_j: float, student_j: float, baseline_j: float, qual
     return float(max(1, math.ceil(teacher_j / margin - 1e-12)))
 
 
-def eval_json_path(results_dir: str | Path, model_id: str, eval_name: str) -> Path:
-    """Where the evaluate rule writes a model's result (``<results>/eval/<model_id>/<eval_name>.json``)."""
-    return Path(results_dir) / "eval" / model_id / f"{eval_name}.json"
-
-
-def _eval_result(evals: Mapping[tuple[str, str], Path], model_id: str, dataset: str) -> dict | None:
-    path = evals.get((model_id, dataset))
-    if path is None or not Path(path).exists():
+def _eval_result(results_dir: Path, model_id: str, dataset: str) -> dict | None:
+    path = results_dir / "eval" / model_id / f"{dataset}.json"
+    if not path.exists():
         return None
     with open(path) as fh:
         return json.load(fh)
@@ -155,13 +144,13 @@ def _metric(result: dict | None, name: str) -> tuple[float, float, float, float]
             m.get("stderr", math.nan))
 
 
-def _other_evals(evals: Mapping[tuple[str, str], Path], plan: dict, model_id: str, primary: str) -> str:
+def _other_evals(results_dir: Path, plan: dict, model_id: str, primary: str) -> str:
     """Scores of a model's other evaluations (lm-eval tasks such as gsm8k, mmlu, ifeval), as compact JSON."""
     out = {}
     for m, name in plan["eval_units"]:
         if m != model_id or name == primary:
             continue
-        result = _eval_result(evals, m, name) or {}
+        result = _eval_result(results_dir, m, name) or {}
         out[name] = {"backend": result.get("backend"), "n": result.get("n"),
                      **{k: {"value": v.get("value"), "stderr": v.get("stderr")}
                         for k, v in (result.get("metrics") or {}).items()}}
@@ -206,7 +195,8 @@ def _lineage(plan: dict, exp_id: str) -> str:
     return " -> ".join(chain + [exp_id])
 
 
-def comparison_frame(plan: dict, stages: dict[str, dict], evals: Mapping[tuple[str, str], Path]) -> pd.DataFrame:
+def comparison_frame(plan: dict, stages: dict[str, dict], results_dir: str | Path) -> pd.DataFrame:
+    results_dir = Path(results_dir)
     n_consumers = unit_consumers(plan)
     rows = []
     for exp_id, exp in plan["experiments"].items():
@@ -218,7 +208,7 @@ def comparison_frame(plan: dict, stages: dict[str, dict], evals: Mapping[tuple[s
         train = stages[stage_id_of("train_student", exp=exp_id)]
         teacher_stages = [stages[s] for s in units["teacher"]]
         all_stages = [stages[s] for ids in units.values() for s in ids]
-        result = _eval_result(evals, exp_id, exp["dataset"])
+        result = _eval_result(results_dir, exp_id, exp["dataset"])
         strict, flexible = _metric(result, "strict_match"), _metric(result, "flexible_extract")
         art_id = exp.get("artifact")
         total_oneoff = sum(gross.values())
@@ -237,7 +227,7 @@ def comparison_frame(plan: dict, stages: dict[str, dict], evals: Mapping[tuple[s
             "strict_stderr": strict[3], "flexible_acc": flexible[0], "flexible_ci_low": flexible[1],
             "flexible_ci_high": flexible[2], "flexible_stderr": flexible[3],
             "eval_n": (result or {}).get("n"), "eval_backend": (result or {}).get("backend"),
-            "other_evals": _other_evals(evals, plan, exp_id, exp["dataset"]),
+            "other_evals": _other_evals(results_dir, plan, exp_id, exp["dataset"]),
             "teacher_kwh_oneoff": gross["teacher"] / J_PER_KWH, "teacher_kwh_amortised": share["teacher"] / J_PER_KWH,
             "upstream_kwh_oneoff": gross["upstream"] / J_PER_KWH,
             "upstream_kwh_amortised": share["upstream"] / J_PER_KWH,
@@ -274,13 +264,14 @@ def comparison_frame(plan: dict, stages: dict[str, dict], evals: Mapping[tuple[s
     return frame[COMPARISON_COLUMNS]
 
 
-def reference_rows(plan: dict, evals: Mapping[tuple[str, str], Path]) -> pd.DataFrame:
+def reference_rows(plan: dict, results_dir: str | Path) -> pd.DataFrame:
     """Quality of the teacher and the untrained students: the ceiling and the floor of every comparison."""
+    results_dir = Path(results_dir)
     rows = []
     for model_id, dataset in plan["eval_units"]:
         if model_id in plan["experiments"]:
             continue
-        result = _eval_result(evals, model_id, dataset)
+        result = _eval_result(results_dir, model_id, dataset)
         strict, flexible = _metric(result, "strict_match"), _metric(result, "flexible_extract")
         rows.append({"model": model_id, "dataset": dataset, "strict_acc": strict[0], "strict_ci_low": strict[1],
                      "strict_ci_high": strict[2], "strict_stderr": strict[3], "flexible_acc": flexible[0],
@@ -360,62 +351,49 @@ def markdown_table(comparison: pd.DataFrame, references: pd.DataFrame, stages: p
     return "\n".join(lines) + "\n"
 
 
-SUMMARY_FILES = {"csv": "comparison.csv", "md": "comparison.md", "html": "report.html",
-                 "references": "references.csv", "stages": "stages.csv", "pareto": "pareto.png",
-                 "by_role": "energy_by_role.png", "timelines": "power_timelines.png"}
-
-
-def rollup_files(results_dir: str | Path) -> dict[str, Any]:
-    """The roll-up's inputs and outputs inside a results directory (what the rollup rule declares), for callers
-    without Snakemake (``distill-bench rollup``, tests)."""
-    results_dir = Path(results_dir)
-    plan = json.loads((results_dir / "config" / "plan.json").read_text())
-    return {"plan": results_dir / "config" / "plan.json", "config": results_dir / "config" / "merged_config.yaml",
-            "stages": [results_dir / "energy" / f"{s}.json" for s in plan["stage_ids"]],
-            "evals": [eval_json_path(results_dir, m, d) for m, d in plan["eval_units"]],
-            "outputs": {k: results_dir / "summary" / name for k, name in SUMMARY_FILES.items()}}
-
-
-def rollup_run(results_dir: str | Path | None = None, print_table: bool = False, plots: bool = True, *,
-               files: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Roll the stage JSONs and eval results up into the summary files. ``files`` (the rollup rule's declared
-    inputs and outputs: plan, config, stages, evals, outputs) or ``results_dir`` (its standard layout)."""
+def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool = True,
+               in_workflow: bool = False) -> pd.DataFrame:
     import yaml
 
     from distill_bench.energy import atomic_write_text
+    from distill_bench.report import reconcile
 
-    files = dict(files) if files is not None else rollup_files(results_dir)
-    outputs = {k: Path(v) for k, v in files["outputs"].items()}
-    names = {k: p.name for k, p in outputs.items()}
-    if names != SUMMARY_FILES or len({p.parent for p in outputs.values()}) != 1:
-        raise ValueError(f"roll-up outputs must be one directory's {SUMMARY_FILES}, got {files['outputs']}")
-    plan = json.loads(Path(files["plan"]).read_text())
-    config_path = Path(files["config"])
+    results_dir = Path(results_dir)
+    with open(results_dir / "config" / "plan.json") as fh:
+        plan = json.load(fh)
+    config_path = results_dir / "config" / "merged_config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    stages = load_stages(None, plan["stage_ids"], paths={stage_id_from_path(p): p for p in files["stages"]})
-    evals = {(Path(p).parent.name, Path(p).stem): Path(p) for p in files["evals"]}
+    accept_shared = bool(((config or {}).get("energy") or {}).get("accept_shared_devices", False))
+    stages = load_stages(results_dir, plan["stage_ids"])
+    # the run's own counters against the stages' sum; fails (after writing reconciliation.md) on double counting
+    record = reconcile.reconcile_run(results_dir, stages, in_workflow=in_workflow)
+    reconcile.enforce(record, accept_shared)
     stage_frame = stages_frame(stages)
-    comparison = comparison_frame(plan, stages, evals)
-    references = reference_rows(plan, evals)
-    out = outputs["csv"].parent
+    charged = {exp: [s for ids in charged_units(plan, exp).values() for s in ids] for exp in plan["experiments"]}
+    comparison = comparison_frame(plan, stages, results_dir)
+    comparison = reconcile.mark_shared_rows(comparison, charged, reconcile.shared_stage_ids(stages, record),
+                                            accept_shared)
+    references = reference_rows(plan, results_dir)
+    out = results_dir / "summary"
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(outputs["stages"], stage_frame.to_csv(index=False))
-    atomic_write_text(outputs["csv"], comparison.to_csv(index=False))
-    atomic_write_text(outputs["references"], references.to_csv(index=False))
-    md = markdown_table(comparison, references, stage_frame)
-    atomic_write_text(outputs["md"], md)
+    atomic_write_text(out / "stages.csv", stage_frame.to_csv(index=False))
+    atomic_write_text(out / "comparison.csv", comparison.to_csv(index=False))
+    atomic_write_text(out / "references.csv", references.to_csv(index=False))
+    md = markdown_table(comparison, references, stage_frame) + reconcile.comparison_notes(comparison, record,
+                                                                                          accept_shared)
+    atomic_write_text(out / "comparison.md", md)
     if plots:
-        from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_power_timelines
+        from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_run_timeline
 
         sizes = {name: spec.get("size_label") for name, spec in (config or {}).get("students", {}).items()}
         if not comparison.empty:
-            plot_pareto(comparison, outputs["pareto"], size_labels=sizes)
-            plot_energy_by_role(comparison, outputs["by_role"])
-        plot_power_timelines(stage_frame, outputs["timelines"])
+            plot_pareto(comparison, out / "pareto.png", size_labels=sizes)
+            plot_energy_by_role(comparison, out / "energy_by_role.png")
+        plot_run_timeline(stage_frame, out / "run_timeline.png", record)
     from distill_bench.report.html import write_html_summary
 
-    notes = [line for line in md.splitlines() if line.startswith(("Note:", "Estimated"))]
-    write_html_summary(out, (config or {}).get("run_name", out.parent.name), comparison, references, stage_frame,
+    notes = [line for line in md.splitlines() if line.startswith(("Note:", "Estimated", "Reconciliation"))]
+    write_html_summary(out, (config or {}).get("run_name", results_dir.name), comparison, references, stage_frame,
                        notes)
     if print_table:
         print(md)
