@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from distill_bench.artifacts import replace_dir
-from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.energy.atomic import atomic_write_json, make_temp_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -240,7 +239,7 @@ class CacheWriter:
         self.temperatures = temps
         self.id_encoding = id_encoding_for(vocab_size)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = make_temp_dir(f".{self.out.name}.tmp-", self.out.parent)
         self.shards: list[dict[str, Any]] = []
         self.next_example = 0
 
