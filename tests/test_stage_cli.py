@@ -1,0 +1,30 @@
+"""`distill-bench stage`: a stage runs without Snakemake, with the arguments in the README's order."""
+from __future__ import annotations
+
+import json
+
+from distill_bench.cli import main
+
+ENERGY = json.dumps({"policy": "measured", "sample_interval_s": 0.2, "codecarbon": False})
+SPEC = json.dumps({"source": "embedded", "n_train": 12, "n_eval": 4, "max_length": 96,
+                   "task": {"min_steps": 2, "max_steps": 2, "max_operand": 9}})
+
+
+def _run(tmp_path, argv_tail):
+    out = tmp_path / "data"
+    energy_json = tmp_path / "energy" / "data.prepare.arith.json"
+    rc = main(["stage", "prepare_data", *argv_tail(str(energy_json), str(out))])
+    assert rc == 0
+    record = json.loads(energy_json.read_text())
+    assert record["status"] == "complete" and record["stage_id"] == "data.prepare.arith"
+    assert (out / "dataset_dict.json").exists() or any(out.iterdir())
+
+
+def test_readme_order_options_first_then_key_value(tmp_path):
+    _run(tmp_path, lambda ej, out: ["--energy-json", ej, "--stage-id", "data.prepare.arith", "--energy", ENERGY,
+                                    "dataset_name=arith", f"spec={SPEC}", "seed=3", f"out_dir={out}"])
+
+
+def test_key_value_pairs_between_options(tmp_path):
+    _run(tmp_path, lambda ej, out: ["dataset_name=arith", "--energy-json", ej, f"spec={SPEC}", "--stage-id",
+                                    "data.prepare.arith", "seed=3", "--energy", ENERGY, f"out_dir={out}"])
