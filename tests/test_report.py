@@ -202,3 +202,57 @@ def test_compare_joins_two_runs(run_dir, tmp_path_factory):
     assert set(table.run) == {"a", "b"}
     assert (out / "comparison_of_runs.png").stat().st_size > 0
     assert (out / "comparison_of_runs.csv").exists()
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("{not json", "unreadable"),
+    ("{}", "no metrics"),
+    ('{"metrics": {"strict_match": {"value": 0.5}}, "status": "running"}', "status 'running'"),
+])
+def test_broken_eval_result_fails_the_rollup_naming_file_and_reason(run_dir, content, reason):
+    results, _ = run_dir
+    victim = results / "eval" / "kd.tiny.arith.temperature-1" / "arith.json"
+    victim.write_text(content)
+    with pytest.raises(RollupError, match=f"{victim}.*{reason}"):
+        rollup_run(results, plots=False)
+
+
+def test_missing_eval_result_fails_the_rollup_naming_it(run_dir):
+    results, _ = run_dir
+    victim = results / "eval" / "teacher" / "arith.json"
+    victim.unlink()
+    with pytest.raises(RollupError, match=f"{victim}.*missing"):
+        rollup_run(results, plots=False)
+
+
+@pytest.mark.parametrize("status", ["running", "failed", "interrupted"])
+def test_non_final_stage_json_fails_the_rollup_naming_file_and_status(run_dir, status):
+    results, _ = run_dir
+    victim = results / "energy" / "student.train.sft_gt.tiny.arith.json"
+    record = json.loads(victim.read_text())
+    record["status"] = status
+    victim.write_text(json.dumps(record))
+    with pytest.raises(RollupError, match=f"{victim}.*status '{status}'"):
+        rollup_run(results, plots=False)
+
+
+@pytest.mark.parametrize("content", ["{}", "", "{trunc"])
+def test_empty_or_unreadable_stage_json_fails_the_rollup_naming_it(run_dir, content):
+    results, _ = run_dir
+    victim = results / "energy" / "setup.tokenizer.json"
+    victim.write_text(content)
+    with pytest.raises(RollupError, match=str(victim)):
+        rollup_run(results, plots=False)
+
+
+def test_rollup_command_names_the_broken_eval_file(run_dir, capsys):
+    from distill_bench.cli import main
+
+    results, _ = run_dir
+    victim = results / "eval" / "sft.tiny.arith" / "arith.json"
+    victim.write_text("{oops")
+    with pytest.raises(SystemExit) as exc:
+        main(["rollup", str(results)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and "unreadable" in err and "Traceback" not in err
