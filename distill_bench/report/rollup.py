@@ -179,7 +179,8 @@ def _other_evals(results_dir: Path, plan: dict, model_id: str, primary: str) -> 
 def charged_units(plan: dict, exp_id: str) -> dict[str, list[str]]:
     """The stages an experiment's bill is made of, by bucket.
 
-    teacher: the stages of the shared teacher artifact it consumes, and of those its upstream checkpoints consumed;
+    teacher: the stages of the shared teacher artifacts it consumes (a KD student: the cache and its tau's tail), and
+    of those its upstream checkpoints consumed;
     upstream: the training stages of the earlier experiments it builds on (DPO's SFT start, self-distillation's
     teacher, the checkpoint continued training continues); student: its own training; eval: its own evaluations.
     """
@@ -188,9 +189,9 @@ def charged_units(plan: dict, exp_id: str) -> dict[str, list[str]]:
     teacher: list[str] = []
     upstream: list[str] = []
     for owner in [exp_id] + list(exp.get("lineage") or []):
-        art_id = exps[owner].get("artifact")
-        if art_id:
-            teacher += [s for s in arts[art_id]["stage_ids"] if s not in teacher]
+        for art_id in (exps[owner].get("artifact"), exps[owner].get("tail_artifact")):
+            if art_id:
+                teacher += [s for s in arts[art_id]["stage_ids"] if s not in teacher]
         if owner != exp_id:
             upstream.append(f"student.train.{owner}")
     evals = [f"eval.{m}.{d}" for m, d in plan["eval_units"] if m == exp_id]
