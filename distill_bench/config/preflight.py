@@ -31,6 +31,11 @@ def _coerce(value: Any, schema: dict, root: dict) -> Any:
                 parsed = yaml.safe_load(value)
             except yaml.YAMLError:
                 return value
+            if isinstance(parsed, str) and "number" in wanted:   # YAML 1.1 reads '1e-3' as a string
+                try:
+                    parsed = float(parsed)
+                except ValueError:
+                    pass
             kinds = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None), "array": list,
                      "object": dict}
             if any(isinstance(parsed, kinds[w]) and not (w in ("integer", "number") and isinstance(parsed, bool))
