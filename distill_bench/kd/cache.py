@@ -469,9 +469,10 @@ def write_tail_dir(out_dir: str | os.PathLike, cache_manifest: Mapping[str, Any]
             name = f"shard-{i:05d}.tail.npy"
             np.save(tmp / name, tail, allow_pickle=False)
             shards.append({"index": i, "file": name, "n_positions": n_pos, "sha256": _sha256_file(tmp / name)})
-        manifest = {"format_version": FORMAT_VERSION, "kind": TAIL_KIND, "temperature": float(temperature),
+        manifest = {**dict(meta or {}), "format_version": FORMAT_VERSION, "kind": TAIL_KIND,
+                    "temperature": float(temperature),
                     "tail": "float32 [P]: log sum_{j not in the cache's top-k} exp(l_j / tau)",
-                    "cache": identity, **dict(meta or {}), "shards": shards}
+                    "cache": identity, "shards": shards}
         atomic_write_json(tmp / MANIFEST, manifest, allow_nan=True)
         replace_dir(tmp, out)
     except BaseException:

@@ -356,7 +356,7 @@ def cache_tail(*, meter, teacher: str, tokenizer: str, dataset: str, kd_cache: s
     encoded = [encode_prompt_response(tok, p, r, max_length) for p, r in zip(train["prompt"], train["response"])]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _load_teacher(teacher, device)
-    meta = {"teacher": str(teacher), "tokenizer": str(tokenizer), "dataset": str(dataset), "cache": str(kd_cache),
+    meta = {"teacher": str(teacher), "tokenizer": str(tokenizer), "dataset": str(dataset), "cache_dir": str(kd_cache),
             "max_length": int(max_length)}
     manifest, stats = build_tail(model, encoded, kd_cache, out_dir, temperature=temperature,
                                  batch_size=int(kd.get("batch_size", 32)), pad_token_id=int(tok.pad_token_id),
