@@ -31,5 +31,6 @@ def validate_main(argv: list[str]) -> int:
           f"artifacts, {len(plan.eval_units)} evaluations, {len(plan.all_stage_ids())} metered stages")
     for exp in plan.experiments.values():
         art = f" <- {exp.artifact}" if exp.artifact else ""
+        art += f" + {exp.tail_artifact}" if exp.tail_artifact else ""
         print(f"  {exp.id}{art}")
     return 0
