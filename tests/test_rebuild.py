@@ -159,7 +159,7 @@ def test_row_new_student_builds_only_its_own_jobs(completed, tmp_path):
 
 def test_row_new_dataset_retrains_the_trained_tokenizer_and_so_everything(completed, tmp_path):
     """The embedded tokenizer is trained on every configured dataset, so a new dataset changes it, and every model
-    built on it; with a pretrained tokenizer only the new dataset's jobs would run."""
+    built on it; the existing dataset is not prepared again."""
     def mutate(cfg):
         cfg["datasets"]["arith2"] = {**cfg["datasets"]["arith"], "n_train": 200}
         _exp(cfg, "sft_gt")["datasets"].append("arith2")
