@@ -22,16 +22,46 @@ from test_workflow import TINY, planned_jobs, snakemake
 
 # local bookkeeping every config change reruns (cheap: config snapshot, roll-up, W&B log, the target)
 ALWAYS = {"all", "config_snapshot", "rollup", "wandb_log"}
-KD = ["kd.tiny.arith.temperature-1", "kd.tiny.arith.temperature-2"]
-STUDENTS = ["continued.tiny.arith", "dpo.tiny.arith", *KD, "selfdistill.tiny.arith", "sft.tiny.arith",
-            "sft_gt.tiny.arith"]
+
+
+def _plan(mutate=None):
+    from distill_bench.config.preflight import preflight
+
+    cfg = yaml.safe_load(TINY.read_text())
+    if mutate is not None:
+        mutate(cfg)
+    return preflight(cfg)[1]
+
+
+BASE = _plan()
+STUDENTS = sorted(BASE.experiments)                     # experiment ids as the plan spells them
+
+
+def _ids(*pipelines: str) -> list[str]:
+    return sorted(e.id for e in BASE.experiments.values() if e.pipeline in pipelines)
+
+
+def _new_ids(mutate) -> list[str]:
+    return sorted(set(_plan(mutate).experiments) - set(BASE.experiments))
+
+
+KD = _ids("kd")
 CACHE = r"arith-k8-float16-\w+"
-SELF_CACHE = r"arith-from-sft_gt-k8-float16-\w+"
+SELF_CACHE = r"arith-from-sft_gt-[\w-]+"
 SYNTH = r"arith-t0-p1-n24-s1-\w+"
-PAIRS = r"arith-teacher_logprob-n3-\w+"
+PAIRS = r"arith-teacher_logprob-n3-[\w-]+"
+
+
+def _exact(ids):
+    return [re.escape(i) for i in ids]
+
+
+def _evals(models):
+    return [f"{re.escape(m)},arith" for m in models]
+
+
 SFT_CHAIN = {   # a new synthetic set: the sft student and the DPO run that starts from it (new preference pairs)
-    "merge_synthetic": [SYNTH], "train_student": ["dpo.tiny.arith", "sft.tiny.arith"],
-    "evaluate": ["dpo.tiny.arith,arith", "sft.tiny.arith,arith"],
+    "merge_synthetic": [SYNTH], "train_student": _exact(_ids("sft", "dpo")), "evaluate": _evals(_ids("sft", "dpo")),
     "sample_preferences": [PAIRS], "judge_preferences": [PAIRS],
 }
 
@@ -87,29 +117,29 @@ def _exp(cfg: dict, pipeline: str) -> dict:
     return next(e for e in cfg["experiments"] if e["pipeline"] == pipeline)
 
 
-def _evals(models):
-    return [f"{re.escape(m)},arith" for m in models]
-
-
 # ------------------------------------------------------------------------------------------ one test per row
 def test_row_training_hyperparameter_retrains_every_student_and_what_is_built_from_them(completed, tmp_path):
     plan = replan(completed, tmp_path, lambda c: c["training"].update(lr=1e-3))
-    assert_plan(plan, {"train_student": [re.escape(s) for s in STUDENTS], "evaluate": _evals(STUDENTS),
+    assert_plan(plan, {"train_student": _exact(STUDENTS), "evaluate": _evals(STUDENTS),
                        "cache_logits": [SELF_CACHE], "sample_preferences": [PAIRS], "judge_preferences": [PAIRS]})
 
 
 def test_row_training_setting_the_teacher_uses_also_rebuilds_the_teacher_side(completed, tmp_path):
     plan = replan(completed, tmp_path, lambda c: c["training"].update(max_length=90))
-    assert_plan(plan, {"train_student": [re.escape(s) for s in STUDENTS], "evaluate": _evals(STUDENTS + ["teacher"]),
+    assert_plan(plan, {"train_student": _exact(STUDENTS), "evaluate": _evals(STUDENTS + ["teacher"]),
                        "prepare_teacher": [""], "cache_logits": [CACHE, SELF_CACHE], "cache_tail": [CACHE + "-tau2"],
                        "generate_synthetic": [SYNTH + ",0,2", SYNTH + ",1,2"], "merge_synthetic": [SYNTH],
                        "sample_preferences": [PAIRS], "judge_preferences": [PAIRS]})
 
 
 def test_row_kd_temperature_added_computes_only_its_tail_and_its_student(completed, tmp_path):
-    plan = replan(completed, tmp_path, lambda c: _exp(c, "kd").update(grid={"kd.temperature": [1.0, 2.0, 4.0]}))
-    assert_plan(plan, {"cache_tail": [CACHE + "-tau4"], "train_student": [r"kd\.tiny\.arith\.temperature-4"],
-                       "evaluate": _evals(["kd.tiny.arith.temperature-4"])})
+    def mutate(c):
+        _exp(c, "kd").update(grid={"kd.temperature": [1.0, 2.0, 4.0]})
+
+    plan = replan(completed, tmp_path, mutate)
+    new = _new_ids(mutate)
+    assert new and all("temperature-4" in e for e in new)
+    assert_plan(plan, {"cache_tail": [CACHE + "-tau4"], "train_student": _exact(new), "evaluate": _evals(new)})
 
 
 def test_row_kd_temperature_removed_reruns_no_stage(completed, tmp_path):
@@ -119,14 +149,17 @@ def test_row_kd_temperature_removed_reruns_no_stage(completed, tmp_path):
 
 def test_row_kd_temperature_swapped_keeps_the_cache_and_the_unchanged_student(completed, tmp_path):
     """The issue's case: {1, 2} -> {1, 4} once rebuilt the cache and retrained the tau = 1 student."""
-    plan = replan(completed, tmp_path, lambda c: _exp(c, "kd").update(grid={"kd.temperature": [1.0, 4.0]}))
-    assert_plan(plan, {"cache_tail": [CACHE + "-tau4"], "train_student": [r"kd\.tiny\.arith\.temperature-4"],
-                       "evaluate": _evals(["kd.tiny.arith.temperature-4"])})
+    def mutate(c):
+        _exp(c, "kd").update(grid={"kd.temperature": [1.0, 4.0]})
+
+    plan = replan(completed, tmp_path, mutate)
+    new = _new_ids(mutate)
+    assert_plan(plan, {"cache_tail": [CACHE + "-tau4"], "train_student": _exact(new), "evaluate": _evals(new)})
 
 
 def test_row_kd_alpha_retrains_the_kd_students_only(completed, tmp_path):
     plan = replan(completed, tmp_path, lambda c: _exp(c, "kd").update(overrides={"kd": {"alpha": 0.3}}))
-    assert_plan(plan, {"train_student": [re.escape(s) for s in KD], "evaluate": _evals(KD)})
+    assert_plan(plan, {"train_student": _exact(KD), "evaluate": _evals(KD)})
 
 
 def test_row_synthetic_filter_reuses_the_generated_shards(completed, tmp_path):
@@ -153,8 +186,10 @@ def test_row_new_student_builds_only_its_own_jobs(completed, tmp_path):
         _exp(cfg, "sft_gt")["students"].append("small")
 
     plan = replan(completed, tmp_path, mutate)
-    assert_plan(plan, {"init_student": ["small"], "train_student": [r"sft_gt\.small\.arith"],
-                       "evaluate": [r"init\.small,arith", r"sft_gt\.small\.arith,arith"]})
+    new = _new_ids(mutate)
+    assert new and all(e.startswith("sft_gt.small.arith") for e in new)
+    assert_plan(plan, {"init_student": ["small"], "train_student": _exact(new),
+                       "evaluate": _evals(["init.small"] + new)})
 
 
 def test_row_new_dataset_retrains_the_trained_tokenizer_and_so_everything(completed, tmp_path):
@@ -167,8 +202,9 @@ def test_row_new_dataset_retrains_the_trained_tokenizer_and_so_everything(comple
     plan = replan(completed, tmp_path, mutate)
     assert plan["prepare_data"] == ["arith2"], "the existing dataset is not rebuilt"
     assert plan["prepare_tokenizer"] == [""] and plan["prepare_teacher"] == [""]
-    assert sorted(plan["train_student"]) == sorted(STUDENTS + ["sft_gt.tiny.arith2"])
-    assert {"teacher,arith2", "init.tiny,arith2", "sft_gt.tiny.arith2,arith2"} <= set(plan["evaluate"])
+    new = _new_ids(mutate)
+    assert sorted(plan["train_student"]) == sorted(STUDENTS + new)
+    assert {"teacher,arith2", "init.tiny,arith2", *(f"{e},arith2" for e in new)} <= set(plan["evaluate"])
 
 
 def test_row_new_seed_trains_only_the_new_seeds_students(completed, tmp_path):
@@ -189,7 +225,7 @@ def test_row_energy_settings_rerun_only_the_hardware_check_and_idle_baseline(com
 
 def test_row_changed_teacher_rebuilds_its_artifacts_and_their_students_only(completed, tmp_path):
     plan = replan(completed, tmp_path, lambda c: c["teacher"]["train"].update(tokens=5000))
-    distilled = ["dpo.tiny.arith", *KD, "sft.tiny.arith"]
+    distilled = _ids("dpo", "kd", "sft")
     assert_plan(plan, {"prepare_teacher": [""], "cache_logits": [CACHE], "cache_tail": [CACHE + "-tau2"],
                        "generate_synthetic": [SYNTH + ",0,2", SYNTH + ",1,2"], "merge_synthetic": [SYNTH],
                        "sample_preferences": [PAIRS], "judge_preferences": [PAIRS],
@@ -199,7 +235,7 @@ def test_row_changed_teacher_rebuilds_its_artifacts_and_their_students_only(comp
 
 # ------------------------------------------------------------------------------------------ missing outputs
 @pytest.mark.parametrize("stage_id, rule", [
-    ("student.train.sft_gt.tiny.arith", "train_student"),
+    (f"student.train.{_ids('sft_gt')[0]}", "train_student"),
     ("eval.teacher.arith", "evaluate"),
     ("setup.tokenizer", "prepare_tokenizer"),
 ])
@@ -215,6 +251,7 @@ def test_deleted_stage_json_reruns_its_stage(completed, tmp_path, stage_id, rule
 def test_deleted_eval_result_reruns_its_evaluation(completed, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(completed, run, symlinks=True)
-    (run / "results" / "eval" / "sft.tiny.arith" / "arith.json").unlink()
+    sft = _ids("sft")[0]
+    (run / "results" / "eval" / sft / "arith.json").unlink()
     jobs = planned_jobs(snakemake("-n", "--configfile", str(TINY), cwd=run).stdout)
-    assert ("evaluate", {"model_id": "sft.tiny.arith", "eval_name": "arith"}) in jobs
+    assert ("evaluate", {"model_id": sft, "eval_name": "arith"}) in jobs
