@@ -14,7 +14,8 @@ sys.path.insert(0, workflow.basedir)
 from distill_bench.config import ConfigError
 from distill_bench.config.plan import teacher_training
 from distill_bench.config.preflight import preflight
-from distill_bench.hardware import HardwareError, rule_resources
+from distill_bench.energy.lease import visible_gpu_count
+from distill_bench.hardware import GPU_CAPABLE_RULES, HardwareError, local_gpu_request, rule_resources
 from distill_bench.stages import METER_SETTINGS_KEY
 
 # The embedded default comes from profiles/default (`configfile:`), which a --configfile on the command line
@@ -26,8 +27,28 @@ except (ConfigError, HardwareError) as _err:
 
 R = CFG["results_dir"]
 
+# Exclusive GPUs for local runs: a device's energy counter is the whole device's, so two stages on one GPU would each
+# bill the other's work. GPU-capable rules declare the resource `gpu` and the global `gpu` is the number of visible
+# GPUs (no flag to remember; `--resources gpu=N` still wins). Cluster submission (--jobs, a remote executor) is left
+# alone: the scheduler grants GPUs there. Without a visible GPU nothing changes and every rule runs on the CPU.
+LOCAL_GPUS = 0
+if workflow.is_main_process and workflow.global_resources["_nodes"].value is None:
+    LOCAL_GPUS = visible_gpu_count()
+    if LOCAL_GPUS and "gpu" not in workflow.global_resources:
+        workflow.register_resource("gpu", LOCAL_GPUS)
+
 
 report: "report/workflow.rst"
+
+
+# Run-level reconciliation: read every visible device's energy counter (NVML, RAPL) as the run starts; the roll-up,
+# the run's last job, reads them again as its end. Snakemake calls onstart only when jobs will run (never on a
+# dry-run, never inside a job's own Snakemake process); the run id reaches the jobs through the environment.
+onstart:
+    from distill_bench.energy.run_counters import start_run
+
+    _run_id, _start = start_run(R)
+    print(f"distill-bench: run {_run_id}: device energy counters read -> {_start}")
 
 
 include: "rules/common.smk"
