@@ -142,8 +142,11 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
     from distill_bench.hardware import GPU_CAPABLE_RULES
 
     params = dict(snakemake.params.items())
+    # the meter's settings: a rule's own params (prerun, idle baseline), else what the Snakefile left in the config
+    energy = dict(params.pop("energy", None) or (getattr(snakemake, "config", None) or {}).get(METER_SETTINGS_KEY)
+                  or {})
     lease = lease_for_job(job_gpus(snakemake.resources), stage_id=params.get("stage_id"), rule=snakemake.rule,
-                          lock_dir=(params.get("energy") or {}).get("lock_dir"))
+                          lock_dir=energy.get("lock_dir"))
     if lease is None and snakemake.rule not in GPU_CAPABLE_RULES:
         # a CPU stage neither uses a GPU nor bills one: metering the device would charge it the power of whatever
         # GPU stage runs beside it
@@ -154,9 +157,7 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
             if key in ADAPTER_ONLY_INPUTS:
                 continue
             kwargs[key] = value if isinstance(value, str) else list(map(str, value))
-    meter_args = {k: params.pop(k) for k in METER_KEYS if k in params}
-    if "energy" not in meter_args:
-        meter_args["energy"] = dict((getattr(snakemake, "config", None) or {}).get(METER_SETTINGS_KEY) or {})
+    meter_args = {**{k: params.pop(k) for k in METER_KEYS if k in params}, "energy": energy}
     out_json = kwargs.pop("energy_json")
     kwargs.update(params)
     os.environ.setdefault("OMP_NUM_THREADS", str(snakemake.threads))

@@ -28,3 +28,30 @@ def test_readme_order_options_first_then_key_value(tmp_path):
 def test_key_value_pairs_between_options(tmp_path):
     _run(tmp_path, lambda ej, out: ["dataset_name=arith", "--energy-json", ej, f"spec={SPEC}", "--stage-id",
                                     "data.prepare.arith", "seed=3", "--energy", ENERGY, f"out_dir={out}"])
+
+
+def test_workflow_adapter_takes_the_meter_settings_from_the_config_not_the_params(monkeypatch, tmp_path):
+    """Energy settings are not rule params (changing them must rerun no stage): the adapter reads them from the
+    config the Snakefile annotated, lease lock directory included."""
+    from types import SimpleNamespace
+
+    import distill_bench.energy.lease as lease_mod
+    import distill_bench.stages as stages
+
+    seen = {}
+    monkeypatch.setattr(lease_mod, "lease_for_job", lambda gpus, **kw: seen.setdefault("lock_dir", kw["lock_dir"]))
+    monkeypatch.setattr(stages, "run_named_stage", lambda name, **kw: seen.update(kw))
+
+    class Named(dict):
+        def items(self):
+            return super().items()
+
+    settings = {"policy": "measured", "sample_interval_s": 0.3, "lock_dir": str(tmp_path / "locks")}
+    smk = SimpleNamespace(log=[], rule="prepare_data", threads=1, resources={},
+                          input=Named(), output=Named(out_dir=str(tmp_path / "d"), energy_json=str(tmp_path / "e.json")),
+                          params=Named(stage_id="data.prepare.arith", role="data", dataset_name="arith"),
+                          config={stages.METER_SETTINGS_KEY: settings})
+    stages.run_from_snakemake(smk, "prepare_data")
+    assert seen["lock_dir"] == str(tmp_path / "locks")
+    assert seen["meter_args"]["energy"] == settings and seen["meter_args"]["stage_id"] == "data.prepare.arith"
+    assert "energy" not in seen["kwargs"]
