@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "init_student": ("distill_bench.models.stage:init_student", "setup"),
     "train_student": ("distill_bench.train.stage:train_student", "student"),
     "cache_logits": ("distill_bench.kd.stage:cache_logits", "teacher"),
+    "cache_tail": ("distill_bench.kd.stage:cache_tail", "teacher"),
     "generate_synthetic": ("distill_bench.synthetic.stage:generate_shard", "teacher"),
     "merge_synthetic": ("distill_bench.synthetic.stage:merge_shards", "teacher"),
     "sample_preferences": ("distill_bench.dpo.stage:sample_candidates", "teacher"),
@@ -43,6 +44,9 @@ METER_INPUT_SETTINGS = {"idle": "idle_json", "environment": "environment_json"}
 
 # keys of a rule's params that configure the meter rather than the stage function
 METER_KEYS = ("stage_id", "role", "pipeline", "experiment", "artifact", "energy")
+# where the Snakefile puts the meter's settings for the adapter (config, not params: changing how a stage is
+# measured must not rerun it)
+METER_SETTINGS_KEY = "_meter_settings"
 
 
 def resolve(name: str) -> Callable[..., Any]:
@@ -148,8 +152,11 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
     sid = stage_id_from_energy_json(out_json)
     # lease the job's GPUs before the stage module (and torch, CUDA) is imported: one stage per device
     params = dict(snakemake.params.items())
+    # the meter's settings: a rule's own params (prerun, idle baseline), else what the Snakefile left in the config
+    energy = dict(params.pop("energy", None) or (getattr(snakemake, "config", None) or {}).get(METER_SETTINGS_KEY)
+                  or {})
     lease = lease_for_job(job_gpus(snakemake.resources), stage_id=params.get("stage_id", sid), rule=snakemake.rule,
-                          lock_dir=(params.get("energy") or {}).get("lock_dir"))
+                          lock_dir=energy.get("lock_dir"))
     if lease is None and snakemake.rule not in GPU_CAPABLE_RULES:
         # a CPU stage neither uses a GPU nor bills one: metering the device would charge it the power of whatever
         # GPU stage runs beside it
@@ -163,7 +170,6 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
     meter_args = {k: params.pop(k) for k in METER_KEYS if k in params}
     kwargs.pop("energy_json")
     meter_args.setdefault("stage_id", sid)
-    energy = dict(meter_args.get("energy") or {})
     for key, setting in METER_INPUT_SETTINGS.items():
         if key in snakemake.input.keys():
             energy[setting] = str(snakemake.input[key])

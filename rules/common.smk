@@ -16,13 +16,16 @@ wildcard_constraints:
     nshards="[0-9]+",
 
 
-# energy settings handed to every stage's meter (not the roll-up's own keys: changing them must not rerun stages)
+# energy settings handed to every stage's meter. They reach the stages through the config the adapter sees, not
+# through the params of a rule; they change how a stage is measured, not what it makes, so changing them reruns no stage
+# (only the prerun check and the idle baseline, which take them as params). Re-measure with --forcerun.
 # (the idle baseline and environment snapshot reach each stage's meter through its METER_INPUTS, not here)
 ENERGY = {
     k: v
     for k, v in CFG["energy"].items()
     if k not in ("idle_seconds", "accept_shared_devices")
 }
+config[METER_SETTINGS_KEY] = ENERGY
 # idle baseline and environment snapshot: needed before any stage, but their mtime must not rerun the DAG
 METER_INPUTS = {
     "idle": ancient(f"{R}/energy/idle.json"),
@@ -117,6 +120,12 @@ def synthetic_artifact_by_shard_key(shard_key):
     raise ValueError(f"unknown synthetic shard key {shard_key!r}")
 
 
+def generation_settings(artifact):
+    """What a generation shard is made from: the synthetic settings without the filters (applied at merge time) and
+    the shard count (a wildcard), so a filter change reruns only the merge."""
+    return {k: v for k, v in artifact.params.items() if k not in ("filters", "shards")}
+
+
 # A stage's identity comes from one place, distill_bench.config.plan.STAGE_IDS (rule -> stage id over the rule's
 # wildcards): the plan lists stages by it, the roll-up charges by it, and each stage rule's energy JSON, log and
 # benchmark are named after it here. The stage adapter reads the id back from the energy JSON's name and the role
@@ -194,4 +203,6 @@ def train_inputs(wildcards):
         inputs["dataset"] = f"{R}/data/{exp.dataset}"
     if exp.trainer == "kd":
         inputs["kd_cache"] = artifact_dir(exp.artifact)
+        if exp.tail_artifact:
+            inputs["kd_tail"] = artifact_dir(exp.tail_artifact)
     return inputs

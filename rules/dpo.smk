@@ -31,7 +31,6 @@ rule sample_preferences:
         seed=CFG["seed"],
         pipeline="dpo",
         artifact=lambda w: w.artifact,
-        energy=ENERGY,
     script:
         "../scripts/stage.py"
 
@@ -64,7 +63,6 @@ rule judge_preferences:
         seed=CFG["seed"],
         pipeline="dpo",
         artifact=lambda w: w.artifact,
-        energy=ENERGY,
     script:
         "../scripts/stage.py"
 
@@ -96,6 +94,5 @@ rule precompute_reference:
         seed=CFG["seed"],
         pipeline="dpo",
         experiment=lambda w: w.exp,
-        energy=ENERGY,
     script:
         "../scripts/stage.py"

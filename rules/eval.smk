@@ -28,6 +28,5 @@ rule evaluate:
             if w.model_id in PLAN.experiments
             else "shared"
         ),
-        energy=ENERGY,
     script:
         "../scripts/stage.py"

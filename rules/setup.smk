@@ -79,7 +79,6 @@ rule prepare_data:
             if CFG["tokenizer"]["source"] != "train"
             else None
         ),
-        energy=ENERGY,
     script:
         "../scripts/stage.py"
 
@@ -104,7 +103,6 @@ rule prepare_tokenizer:
         source=CFG["tokenizer"]["source"],
         vocab_size=CFG["tokenizer"]["vocab_size"],
         seed=CFG["seed"],
-        energy=ENERGY,
     script:
         "../scripts/stage.py"
 
@@ -132,9 +130,8 @@ rule prepare_teacher:
         **resources_for("prepare_teacher"),
     params:
         teacher=CFG["teacher"],
-        training=CFG["training"],
+        training=teacher_training(CFG),
         seed=CFG["seed"],
-        energy=ENERGY,
     script:
         "../scripts/stage.py"
 
@@ -158,6 +155,5 @@ rule init_student:
     params:
         student=lambda w: CFG["students"][w.student],
         seed=CFG["seed"],
-        energy=ENERGY,
     script:
         "../scripts/stage.py"

@@ -25,12 +25,13 @@ rule generate_synthetic:
     resources:
         **resources_for("generate_synthetic"),
     params:
-        synthetic=lambda w: synthetic_artifact_by_shard_key(w.shard_key).params,
+        synthetic=lambda w: generation_settings(
+            synthetic_artifact_by_shard_key(w.shard_key)
+        ),
         shard=lambda w: int(w.shard),
         num_shards=lambda w: int(w.nshards),
         seed=CFG["seed"],
         artifact=lambda w: w.shard_key,
-        energy=ENERGY,
     script:
         "../scripts/stage.py"
 
@@ -55,6 +56,5 @@ rule merge_synthetic:
     params:
         synthetic=lambda w: PLAN.artifacts[w.artifact].params,
         artifact=lambda w: w.artifact,
-        energy=ENERGY,
     script:
         "../scripts/stage.py"

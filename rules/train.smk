@@ -30,6 +30,5 @@ rule train_student:
         ),
         seed=CFG["seed"],
         experiment=lambda w: w.exp,
-        energy=ENERGY,
     script:
         "../scripts/stage.py"

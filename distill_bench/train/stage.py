@@ -20,7 +20,7 @@ PLAIN_PIPELINES = ("sft_gt", "sft", "continued")  # SFT on a dataset dir's promp
 
 def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_model: str, out_dir: str,
                   training: Mapping[str, Any], seed: int, kd_cache: str | None = None,
-                  kd: Mapping[str, Any] | None = None, method: str | None = None,
+                  kd_tail: str | None = None, kd: Mapping[str, Any] | None = None, method: str | None = None,
                   dpo: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Encode the dataset's train split, train ``init_model`` on the exact budget, write ``out_dir/final``.
 
@@ -38,7 +38,8 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
     if wants_launch(settings):  # gpus/nodes > 1: this process keeps the meter, torchrun workers train
         return launch_train(meter=meter, settings=settings, target=f"{__name__}:train_student", stage_kwargs=dict(
             pipeline=pipeline, dataset=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir,
-            training=dict(training), seed=seed, kd_cache=kd_cache, kd=dict(kd) if kd is not None else None))
+            training=dict(training), seed=seed, kd_cache=kd_cache, kd_tail=kd_tail,
+            kd=dict(kd) if kd is not None else None))
     tok = load_tokenizer(tokenizer)
     h = check_model_tokenizer(init_model, tokenizer, tok)  # before any expensive work
     ds = load_split(dataset, "train")
@@ -56,10 +57,10 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
         if not kd_cache:
             raise ValueError("pipeline 'kd' needs kd_cache (the teacher logit cache dir)")
         trainer_cls, collator, extra = kd_trainer_parts(cache_dir=kd_cache, kd=dict(kd or {}), tokenizer=tok,
-                                                        examples=examples)
+                                                        examples=examples, tail_dirs=[kd_tail] if kd_tail else [])
         for key, value in dict(extra or {}).items():  # KD facts (cache k, tau, alpha...) for the stage JSON
             meter.record(key, value)
-        fingerprint_extra.update({"kd": dict(kd or {}), "kd_cache": str(kd_cache)})
+        fingerprint_extra.update({"kd": dict(kd or {}), "kd_cache": str(kd_cache), "kd_tail": kd_tail})
 
     model = load_model(init_model)
     return run_trainer(model=model, tokenizer=tok, examples=examples, settings=settings, seed=seed,
