@@ -21,7 +21,7 @@ from distill_bench.hardware import (
     local_gpu_request,
     rule_resources,
 )
-from distill_bench.stages import METER_SETTINGS_KEY
+from distill_bench.config.preflight import METER_SETTINGS_KEY
 
 # The embedded default comes from profiles/default (`configfile:`), which a --configfile on the command line
 # replaces rather than merges into: a cluster config never inherits the embedded datasets and students.

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from distill_bench.config.plan import stage_id_from_energy_json
+from distill_bench.config.preflight import METER_SETTINGS_KEY
 from distill_bench.energy import EnergySettings, run_stage
-from distill_bench.energy.lease import job_gpus, lease_for_job
-from distill_bench.hardware import GPU_CAPABLE_RULES
 
 # stage name -> ("module:function", role)
 STAGES: dict[str, tuple[str, str]] = {
@@ -44,9 +43,6 @@ METER_INPUT_SETTINGS = {"idle": "idle_json", "environment": "environment_json"}
 
 # keys of a rule's params that configure the meter rather than the stage function
 METER_KEYS = ("stage_id", "role", "pipeline", "experiment", "artifact", "energy")
-# where the Snakefile puts the meter's settings for the adapter (config, not params: changing how a stage is
-# measured must not rerun it)
-METER_SETTINGS_KEY = "_meter_settings"
 
 
 def resolve(name: str) -> Callable[..., Any]:
@@ -148,9 +144,12 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
     """Adapter used by scripts/*.py: named inputs/outputs/params -> keyword arguments; the stage id is the energy
     JSON's name and the role the registry's."""
     log_to_rule_log(snakemake)
-    out_json = str(snakemake.output.energy_json)
+    out_json = str(dict(snakemake.output.items())["energy_json"])
     sid = stage_id_from_energy_json(out_json)
     # lease the job's GPUs before the stage module (and torch, CUDA) is imported: one stage per device
+    from distill_bench.energy.lease import job_gpus, lease_for_job
+    from distill_bench.hardware import GPU_CAPABLE_RULES
+
     params = dict(snakemake.params.items())
     # the meter's settings: a rule's own params (prerun, idle baseline), else what the Snakefile left in the config
     energy = dict(params.pop("energy", None) or (getattr(snakemake, "config", None) or {}).get(METER_SETTINGS_KEY)

@@ -17,9 +17,10 @@ PACKAGE = "distill_bench"
 
 # lowest first; a module belongs to the first layer with a matching pattern (fnmatch over the dotted name)
 LAYERS: list[tuple[str, list[str]]] = [
-    ("leaf", ["distill_bench", "distill_bench.atomic", "distill_bench.defaults"]),
+    ("leaf", ["distill_bench", "distill_bench.atomic", "distill_bench.defaults", "distill_bench.refs"]),
     ("energy", ["distill_bench.energy", "distill_bench.energy.*"]),
     ("planning", ["distill_bench.config", "distill_bench.config.load", "distill_bench.config.plan",
+                  "distill_bench.config.preflight",
                   "distill_bench.config.snapshot", "distill_bench.hardware", "distill_bench.synthetic.ids",
                   "distill_bench.dpo.config"]),
     ("data", ["distill_bench.data", "distill_bench.data.io", "distill_bench.data.task", "distill_bench.data.preprocess",

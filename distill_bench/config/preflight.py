@@ -11,6 +11,9 @@ import yaml
 from distill_bench.config.load import ConfigError, _schema, validate_config
 from distill_bench.config.plan import Plan, build_plan
 
+# where the Snakefile leaves the meter settings in the config the stage adapter sees (distill_bench.stages)
+METER_SETTINGS_KEY = "_meter_settings"
+
 
 def _coerce(value: Any, schema: dict, root: dict) -> Any:
     """Parse a string the schema wants as a number, boolean, null, list or mapping (what ``--config`` hands over for
@@ -76,7 +79,6 @@ def preflight(config: Mapping[str, Any], source: str = "the workflow config") ->
     its plan; raise ConfigError (or HardwareError) naming the key, before any job runs."""
     from distill_bench.hardware import apply_preset, check_partitions
 
-    from distill_bench.stages import METER_SETTINGS_KEY
 
     if isinstance(config, Mapping):   # the Snakefile's own note to the stage adapter, never user input
         config = {k: v for k, v in config.items() if k != METER_SETTINGS_KEY}
