@@ -15,7 +15,7 @@ from typing import Any
 from distill_bench.config.load import SECTIONS, ConfigError
 
 # datasets whose eval split has a verifiable final answer, scored by exact match on their own held-out split
-VERIFIABLE_SOURCES = {"embedded", "openr1_math"}
+VERIFIABLE_SOURCES = {"embedded", "openr1_math", "gsm8k"}
 # pipelines that start from an earlier experiment's model, and the section naming it
 LINEAGE_KEY = {"dpo": ("dpo", "start_from"), "selfdistill": ("selfdistill", "from"),
                "continued": ("selfdistill", "from")}
