@@ -67,6 +67,20 @@ def model_dir_for(model_id):
     return f"{R}/models/students/{model_id}/final"
 
 
+def tokenizer_dir_for(model_id):
+    """The tokenizer a stage uses with a model: the run's (results/tokenizer) for models built from an arch, else
+    the model's own, read from its directory (a pretrained model's model_ref.json names it; trained ones carry it).
+    A student in training uses its init's."""
+    if PLAN.tokenizer_of(model_id) is None:
+        return f"{R}/tokenizer"
+    return model_dir_for(model_id)
+
+
+def run_tokenizer_input(model_id):
+    """{"tokenizer": results/tokenizer} for a model that uses the run's tokenizer, else nothing (its own)."""
+    return {"tokenizer": f"{R}/tokenizer"} if PLAN.tokenizer_of(model_id) is None else {}
+
+
 def artifact_dir(artifact_id):
     """Where a shared teacher artifact lives: a logit cache, a synthetic set, or a preference-pair set."""
     art = PLAN.artifacts[artifact_id]

@@ -6,12 +6,19 @@ def preference_artifact(wildcards):
     return PLAN.artifacts[wildcards.artifact]
 
 
+def sample_inputs(wildcards):
+    """Sources that all use the run's tokenizer share it; otherwise each source reads its own from its model dir."""
+    art = preference_artifact(wildcards)
+    inputs = {**METER_INPUTS, "model_dirs": [model_dir_for(m) for m in art.sources.values()]}
+    if all(PLAN.tokenizer_of(m) is None for m in art.sources.values()):
+        inputs["tokenizer"] = f"{R}/tokenizer"
+    inputs["dataset"] = f"{R}/data/{art.dataset}"
+    return inputs
+
+
 rule sample_preferences:
     input:
-        **METER_INPUTS,
-        model_dirs=lambda w: [model_dir_for(m) for m in preference_artifact(w).sources.values()],
-        tokenizer=f"{R}/tokenizer",
-        dataset=lambda w: f"{R}/data/{preference_artifact(w).dataset}",
+        unpack(sample_inputs),
     output:
         out_dir=directory(f"{R}/teacher/preferences/{{artifact}}/candidates"),
         energy_json=energy_json("teacher.sample.{artifact}"),
@@ -46,7 +53,8 @@ rule judge_preferences:
     input:
         **METER_INPUTS,
         candidates=f"{R}/teacher/preferences/{{artifact}}/candidates",
-        tokenizer=f"{R}/tokenizer",
+        # the judge reads candidates with its own tokenizer; the run's is the fallback of a judge dir without one
+        **run_tokenizer_input("teacher"),
         judge_inputs=lambda w: [model_dir_for("teacher")] if preference_artifact(w).judge_model == "teacher" else [],
     output:
         out_dir=directory(f"{R}/teacher/preferences/{{artifact}}/pairs"),
@@ -77,7 +85,7 @@ rule precompute_reference:
     input:
         **METER_INPUTS,
         pairs=lambda w: artifact_dir(experiment(w).artifact),
-        tokenizer=f"{R}/tokenizer",
+        tokenizer=lambda w: tokenizer_dir_for(f"init.{experiment(w).student}"),
         init_model=lambda w: model_dir_for(experiment(w).init_from),
     output:
         out_dir=directory(f"{R}/models/students/{{exp}}/reference_pairs"),

@@ -3,7 +3,8 @@
 
 
 def eval_inputs(wildcards):
-    inputs = {**METER_INPUTS, "model": model_dir_for(wildcards.model_id), "tokenizer": f"{R}/tokenizer"}
+    inputs = {**METER_INPUTS, "model": model_dir_for(wildcards.model_id),
+              "tokenizer": tokenizer_dir_for(wildcards.model_id)}
     if wildcards.eval_name in CFG["datasets"]:
         inputs["dataset"] = f"{R}/data/{wildcards.eval_name}"
     return inputs

@@ -106,7 +106,7 @@ rule prepare_teacher:
     """Embedded: train the teacher here (role setup). Cluster: point at the HF id / path (tokenizer checked)."""
     input:
         **METER_INPUTS,
-        tokenizer=f"{R}/tokenizer",
+        **run_tokenizer_input("teacher"),
         dataset=f"{R}/data/{TEACHER_DATASET}",
     output:
         out_dir=directory(f"{R}/models/teacher"),
@@ -131,8 +131,7 @@ rule prepare_teacher:
 
 rule init_student:
     input:
-        **METER_INPUTS,
-        tokenizer=f"{R}/tokenizer",
+        unpack(lambda w: {**METER_INPUTS, **run_tokenizer_input(f"init.{w.student}")}),
     output:
         out_dir=directory(f"{R}/models/init/{{student}}"),
         energy_json=energy_json("setup.init.{student}"),

@@ -6,7 +6,7 @@ rule generate_synthetic:
     input:
         **METER_INPUTS,
         teacher=lambda w: model_dir_for(synthetic_artifact_by_shard_key(w.shard_key).teacher),
-        tokenizer=f"{R}/tokenizer",
+        tokenizer=lambda w: tokenizer_dir_for(synthetic_artifact_by_shard_key(w.shard_key).teacher),
         dataset=lambda w: f"{R}/data/{synthetic_artifact_by_shard_key(w.shard_key).dataset}",
     output:
         out_dir=directory(f"{R}/teacher/synthetic_shards/{{shard_key}}/shard{{shard}}of{{nshards}}"),

@@ -7,7 +7,7 @@ def train_inputs(wildcards):
     continued training); it reads ground truth, a synthetic set or preference pairs, plus a logit cache for KD."""
     exp = experiment(wildcards)
     init = model_dir_for(exp.init_from) if exp.init_from else init_dir(exp.student)
-    inputs = {**METER_INPUTS, "tokenizer": f"{R}/tokenizer", "init_model": init}
+    inputs = {**METER_INPUTS, "tokenizer": tokenizer_dir_for(f"init.{exp.student}"), "init_model": init}
     if exp.trainer == "dpo" and exp.sections["dpo"]["precompute_ref_logprobs"]:
         inputs["dataset"] = f"{R}/models/students/{exp.id}/reference_pairs"
     elif exp.trainer in ("sft", "dpo"):

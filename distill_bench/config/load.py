@@ -181,15 +181,14 @@ def _semantic_checks(cfg: dict) -> None:
             problems.append(f"config key 'teacher.train.dataset': unknown dataset {tds!r}; known: {sorted(datasets)}")
     else:
         problems += _model_ref_problems("teacher.name_or_path", teacher.get("name_or_path"))
-        if cfg["tokenizer"]["source"] == "train":
-            problems.append("config key 'tokenizer.source': a pretrained teacher brings its own tokenizer; set "
-                            "tokenizer.source to the teacher's id or path, not 'train'")
+    problems += _model_tokenizer_problems("teacher", teacher, teacher["source"] == "pretrained")
     for name, spec in students.items():
         key = f"students.{name}"
         if spec["init"] == "scratch" and "arch" not in spec:
             problems.append(f"config key '{key}.arch': needed when init is 'scratch'")
         if spec["init"] == "pretrained":
             problems += _model_ref_problems(f"{key}.name_or_path", spec.get("name_or_path"))
+        problems += _model_tokenizer_problems(key, spec, spec["init"] == "pretrained")
     tok = cfg["tokenizer"]["source"]
     if tok != "train" and _looks_local(tok) and not Path(os.path.expanduser(tok)).exists():
         problems.append(f"config key 'tokenizer.source': tokenizer path {tok!r} does not exist")
@@ -206,6 +205,19 @@ def _semantic_checks(cfg: dict) -> None:
                         f"{cfg['tokenizer']['vocab_size']}")
     if problems:
         raise ConfigError("invalid workflow config:\n  " + "\n  ".join(problems))
+
+
+def _model_tokenizer_problems(key: str, spec: Mapping[str, Any], pretrained: bool) -> list[str]:
+    """A per-model tokenizer belongs to a pretrained model; one built from an arch uses tokenizer.source."""
+    tok = spec.get("tokenizer")
+    if not tok:
+        return []
+    if not pretrained:
+        return [f"config key '{key}.tokenizer': only a pretrained model takes its own tokenizer; a model built "
+                f"from an arch uses tokenizer.source"]
+    if _looks_local(tok) and not Path(os.path.expanduser(tok)).exists():
+        return [f"config key '{key}.tokenizer': tokenizer path {tok!r} does not exist"]
+    return []
 
 
 def _model_ref_problems(key: str, ref: str | None) -> list[str]:

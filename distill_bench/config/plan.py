@@ -90,7 +90,8 @@ class Plan:
 
     def setup_stage_ids(self) -> list[str]:
         ids = [f"data.prepare.{d}" for d in self.config["datasets"]]
-        ids += ["setup.tokenizer", "setup.teacher"]
+        ids += ["setup.tokenizer"] if self.uses_run_tokenizer() else []
+        ids += ["setup.teacher"]
         ids += [f"setup.init.{s}" for s in self.used_students()]
         return ids
 
@@ -105,6 +106,15 @@ class Plan:
         ids += [reference_stage_id(e) for e in self.experiments.values() if reference_stage_id(e)]
         ids += [eval_stage_id(m, d) for m, d in self.eval_units]
         return ids
+
+    def tokenizer_of(self, model_id: str) -> str | None:
+        """None when ``model_id`` uses the run's tokenizer (results/tokenizer), else its own tokenizer's id/path."""
+        return model_tokenizer(self.config, self.experiments, model_id)
+
+    def uses_run_tokenizer(self) -> bool:
+        """Whether any model of the run needs results/tokenizer (trained, or copied from tokenizer.source)."""
+        models = ["teacher"] + [f"init.{s}" for s in self.used_students()]
+        return any(self.tokenizer_of(m) is None for m in models)
 
     def checkpoint_consumers(self) -> dict[str, list[str]]:
         """Experiment id -> the experiments that build on its model (directly or further down the lineage)."""
@@ -136,10 +146,65 @@ def eval_stage_id(model_id: str, dataset: str) -> str:
     return f"eval.{model_id}.{dataset}"
 
 
+def model_tokenizer(cfg: dict, experiments: dict[str, Experiment], model_id: str) -> str | None:
+    """The tokenizer a model reads and writes text with: None = the run's tokenizer (``tokenizer.source``, the one
+    trained for the embedded task), which every model built from an ``arch`` uses; a pretrained model uses its own
+    (``name_or_path``) unless its ``tokenizer`` key names another (e.g. the instruct variant's, for a base model
+    without a chat template). A trained experiment keeps its student's."""
+    if model_id == "teacher":
+        spec = cfg["teacher"]
+        pretrained = spec.get("source") == "pretrained"
+    else:
+        student = model_id[len("init."):] if model_id.startswith("init.") else experiments[model_id].student
+        spec = cfg["students"][student]
+        pretrained = spec.get("init") == "pretrained"
+    if spec.get("tokenizer"):
+        return spec["tokenizer"]
+    return spec.get("name_or_path") if pretrained else None
+
+
+def _tokenizer_label(cfg: dict, experiments: dict[str, Experiment], model_id: str) -> str:
+    ref = model_tokenizer(cfg, experiments, model_id)
+    if ref is not None:
+        return ref
+    source = cfg["tokenizer"]["source"]
+    return "the run's trained tokenizer" if source == "train" else source
+
+
+def check_kd_vocabularies(cfg: dict, experiments: dict[str, Experiment], artifacts: dict[str, Artifact]) -> None:
+    """Refuse a KD experiment whose teacher and student vocabularies differ, where both are readable locally
+    (a directory or the HF cache); otherwise the train stage compares them before it trains (kd/trainer.py)."""
+    from distill_bench.models.vocab import vocabulary_hash_from_files
+
+    run_source = cfg["tokenizer"]["source"]
+    for art in artifacts.values():
+        if art.kind != "logits":
+            continue
+        for consumer in art.consumers:
+            student = f"init.{experiments[consumer].student}"
+            refs = []
+            for model_id in (art.teacher, student):
+                ref = model_tokenizer(cfg, experiments, model_id)
+                refs.append(ref if ref is not None else (None if run_source == "train" else run_source))
+            if refs[0] == refs[1] and refs[0] is not None or refs == [None, None]:
+                continue  # one tokenizer: the same id/path, or both the run's
+            hashes = [vocabulary_hash_from_files(r) for r in refs]
+            if None in hashes or hashes[0] == hashes[1]:
+                continue
+            names = [_tokenizer_label(cfg, experiments, m) for m in (art.teacher, student)]
+            raise ConfigError(
+                f"experiment {consumer!r} (pipeline kd): logit distillation needs one vocabulary, but the teacher "
+                f"{art.teacher!r} uses tokenizer {names[0]!r} (vocabulary hash {hashes[0][:12]}) and student "
+                f"{experiments[consumer].student!r} uses {names[1]!r} (vocabulary hash {hashes[1][:12]}); "
+                f"distil across vocabularies with the text pipelines (sft, dpo) instead, or pick a student of the "
+                f"teacher's family")
+
+
 def _base_teacher_identity(cfg: dict) -> dict:
     t = cfg["teacher"]
     if t["source"] == "pretrained":
-        return {"source": "pretrained", "name_or_path": t["name_or_path"], "tokenizer": cfg["tokenizer"]}
+        own = {"own_tokenizer": t["tokenizer"]} if t.get("tokenizer") else {}
+        return {"source": "pretrained", "name_or_path": t["name_or_path"], "tokenizer": cfg["tokenizer"], **own}
     return {"source": "train", "arch": t.get("arch"), "train": t["train"], "tokenizer": cfg["tokenizer"],
             "seed": cfg["seed"]}
 
@@ -305,4 +370,5 @@ def build_plan(cfg: dict) -> Plan:
     eval_units += [(f"init.{s}", d) for s in students for d in scored + tasks]
     eval_units += [(e.id, d) for e in experiments.values()
                    for d in ([e.dataset] if e.dataset in scored else []) + tasks]
+    check_kd_vocabularies(cfg, experiments, artifacts)
     return Plan(config=cfg, experiments=experiments, artifacts=artifacts, eval_units=eval_units)

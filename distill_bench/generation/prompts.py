@@ -17,15 +17,12 @@ class PreparedPrompt:
 def load_tokenizer(tokenizer):
     """Accept a tokenizer object or a directory / HF id; the tokenizer must carry a chat template."""
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
-        from transformers import AutoTokenizer
+        from distill_bench.models.tokenizer import load_tokenizer as load_from_path
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-        except OSError as e:
-            raise FileNotFoundError(f"cannot load tokenizer from {str(tokenizer)!r}: {e}") from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
-                         "generation applies it to every prompt")
+        tokenizer = load_from_path(tokenizer)
+    from distill_bench.models.tokenizer import require_chat_template
+
+    require_chat_template(tokenizer, "the generating model")
     return tokenizer
 
 

@@ -45,6 +45,24 @@ def _vocab_size(model) -> int:
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
+def id_space(tokenizer) -> int:
+    """1 + the largest id the tokenizer can produce (its length, unless its ids have gaps)."""
+    return max(len(tokenizer), 1 + max(tokenizer.get_vocab().values()))
+
+
+def real_vocab_size(model, tokenizer_size: int | None) -> int:
+    """Ids the cache may hold: the tokenizer's, when the embedding matrix is padded beyond it (Qwen2.5-7B: 152064
+    rows, 151665 tokens). Pad rows are no token: they are cut from the softmax, so no id past the tokenizer is ever
+    cached and the student, whose matrix may be padded differently, is compared over real tokens only."""
+    rows = _vocab_size(model)
+    if tokenizer_size is None:
+        return rows
+    if int(tokenizer_size) > rows:
+        raise ValueError(f"the teacher has {rows} output rows but its tokenizer {int(tokenizer_size)} tokens: "
+                         f"they were not built together")
+    return int(tokenizer_size)
+
+
 def _head_only_ok(model) -> bool:
     """True when logits == lm_head(last hidden state), so the head can be applied to chosen positions only."""
     cfg = model.config
@@ -71,8 +89,8 @@ def _topk_rows(z: torch.Tensor, k: int, temperatures: Sequence[float]) -> tuple[
 
 @torch.no_grad()
 def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatures: Sequence[float],
-                 pad_token_id: int, device: torch.device, head_only: bool | None = None
-                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                 pad_token_id: int, device: torch.device, head_only: bool | None = None,
+                 vocab_size: int | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Teacher forward on one right-padded batch; per example (ids, log-probs, tail) at its loss positions only."""
     lengths = [len(ex["input_ids"]) for ex in batch]
     width = max(lengths)
@@ -100,12 +118,14 @@ def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatu
         logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
         source = lambda s, e: logits[rows_t[s:e], cols_t[s:e]]   # noqa: E731
     n = int(rows_t.numel())
-    vocab = _vocab_size(model)
+    rows_out = _vocab_size(model)
+    vocab = rows_out if vocab_size is None else int(vocab_size)
     chunk = max(1, CHUNK_ELEMENTS // vocab)
     out_ids, out_vals, out_tail = [], [], []
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        ids, vals, tail = _topk_rows(source(s, e), k, temperatures)
+        z = source(s, e)
+        ids, vals, tail = _topk_rows(z[:, :vocab] if vocab < z.shape[-1] else z, k, temperatures)
         out_ids.append(ids.to("cpu", torch.int32))
         out_vals.append(vals.cpu())
         out_tail.append(tail.cpu())
@@ -122,13 +142,14 @@ def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatu
 def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str | os.PathLike, *, k: int,
                 value_dtype: str, temperatures: Sequence[float], batch_size: int, pad_token_id: int,
                 n_shards: int = 1, meta: Mapping[str, Any] | None = None, device: torch.device | str | None = None,
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+                tokenizer_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Teacher pass over ``encoded`` (None = example dropped) and atomic cache write; returns (manifest, stats).
 
-    The disk-space check runs before the first forward pass.
+    The disk-space check runs before the first forward pass. ``tokenizer_size``: the teacher tokenizer's length;
+    output rows beyond it (a padded embedding matrix) are excluded from the distribution (``real_vocab_size``).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    vocab = _vocab_size(model)
+    vocab = real_vocab_size(model, tokenizer_size)
     k = int(k)
     if not 1 <= k <= vocab:
         raise ValueError(f"kd.top_k={k} must be between 1 and the teacher vocabulary size {vocab}")
@@ -163,7 +184,7 @@ def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str
                 idx = order[bs:bs + int(batch_size)]
                 batch = [encoded[i] for i in idx]
                 for i, res in zip(idx, teacher_topk(model, batch, k=k, temperatures=temps, pad_token_id=pad_token_id,
-                                                    device=device, head_only=head_only)):
+                                                    device=device, head_only=head_only, vocab_size=vocab)):
                     ex = encoded[i]
                     rows[i - lo] = (example_hash(ex["input_ids"], ex["completion_mask"]), *res)
                 lens = [len(ex["input_ids"]) for ex in batch]
@@ -207,6 +228,7 @@ def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: 
     """Stage: teacher top-k logit cache for the train split of ``dataset`` (see module docstring)."""
     from distill_bench.data.io import load_dataset_dir
     from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
+    from distill_bench.models.vocab import vocabulary_hash
 
     torch.manual_seed(int(seed))
     max_length = training.get("max_length")
@@ -229,11 +251,13 @@ def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: 
     value_dtype = str(kd.get("value_dtype", "float16"))
     temps = cache_temperatures(kd)
     meta = {"teacher": str(teacher), "tokenizer": str(tokenizer), "tokenizer_vocab_hash": vocab_hash(tok),
+            "tokenizer_vocabulary_hash": vocabulary_hash(tok), "tokenizer_size": id_space(tok),
             "dataset": str(dataset), "dataset_content_hash": data_hash, "max_length": int(max_length),
             "teacher_dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     manifest, stats = build_cache(model, encoded, out_dir, k=k, value_dtype=value_dtype, temperatures=temps,
                                   batch_size=int(kd.get("batch_size", 32)), pad_token_id=int(tok.pad_token_id),
-                                  n_shards=int(kd.get("cache_shards", 1)), meta=meta, device=device)
+                                  n_shards=int(kd.get("cache_shards", 1)), meta=meta, device=device,
+                                  tokenizer_size=id_space(tok))
     meter.add_tokens("input_tokens", stats["input_tokens"])
     meter.add_tokens("cached_positions", stats["cached_positions"])
     meter.set_primary_tokens("input_tokens")

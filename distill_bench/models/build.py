@@ -107,6 +107,26 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1
 
 
+def _offline_mode() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_error(target: str, what: str, exc: BaseException, config_key: str | None = None) -> FileNotFoundError:
+    """The error for a model/tokenizer that would not load; for a hub id it says to point the config at a local
+    copy, since the usual cause is an offline node (HF_HUB_OFFLINE=1 or no network) without the id in its cache."""
+    target = str(target)
+    if Path(target).expanduser().exists() or _looks_local(target):
+        return FileNotFoundError(f"could not load a {what} from {target!r}: {exc}")
+    mode = "HF_HUB_OFFLINE is set" if _offline_mode() else "the hub could not be reached or refused it"
+    key = f" ({config_key})" if config_key else ""
+    name = target.rsplit("/", 1)[-1]
+    return FileNotFoundError(
+        f"could not load a {what} from hub id {target!r}{key}: it is not in the local Hugging Face cache and {mode}. "
+        f"On a machine with network run `huggingface-cli download {target} --local-dir /models/{name}`, copy that "
+        f"directory here and point the config at the local copy (name_or_path: /models/{name}). [{exc}]")
+
+
 def _dtype(dtype):
     import torch
 
@@ -131,15 +151,21 @@ def load_model(ref: str | os.PathLike, dtype=None, device=None):
     try:
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except (OSError, ValueError) as exc:
-        via = f" (via {Path(ref) / MODEL_REF})" if target != str(ref) else ""
-        raise FileNotFoundError(f"could not load a causal LM from {target!r}{via}: {exc}") from exc
+        via = f"via {Path(ref) / MODEL_REF}" if target != str(ref) else None
+        raise load_error(target, "causal LM", exc, via) from exc
     if device is not None:
         model.to(device)
     return model
 
 
 def tokenizer_source_for_model(ref: str | os.PathLike) -> str | None:
-    """Where the tokenizer belonging to model ``ref`` lives, or None if the model dir carries none."""
+    """Where the tokenizer belonging to model ``ref`` lives (a pointer's configured ``tokenizer`` first), or None if
+    the model dir carries none."""
+    pointer = Path(ref).expanduser() / MODEL_REF
+    if pointer.is_file():
+        configured = json.loads(pointer.read_text()).get("tokenizer")
+        if configured:
+            return str(configured)
     target = resolve_model_ref(ref)
     p = Path(target)
     if p.is_dir():
