@@ -29,10 +29,10 @@ if "experiments" not in config:
 try:
     CFG = apply_preset(load_config(dict(config)))
     check_partitions(CFG)
+    PLAN = build_plan(CFG)   # refuses, e.g., a KD pair whose vocabularies differ (both named)
 except (ConfigError, HardwareError) as _err:
     raise WorkflowError(str(_err)) from None
 
-PLAN = build_plan(CFG)
 R = CFG["results_dir"]
 
 

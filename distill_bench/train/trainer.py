@@ -22,10 +22,9 @@ from distill_bench.artifacts import short_hash
 from distill_bench.energy.atomic import atomic_write_json
 from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_in
-from distill_bench.train.speed import (compile_decoder_layers, resolve_compile, resolve_pad_multiple,
-                                       resolve_padding_free)
+from distill_bench.train.speed import (compile_decoder_layers, resolve_attention, resolve_compile,
+                                       resolve_pad_multiple, resolve_padding_free)
 from distill_bench.train.varlen import CONFIG_NAME as VARLEN
-from distill_bench.train.varlen import auto_applies as varlen_auto_applies
 from distill_bench.train.varlen import register as register_varlen
 
 log = logging.getLogger(__name__)
@@ -569,8 +568,9 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
             raise ValueError(f"training.padding_free / pad_to_multiple_of: the custom collator "
                              f"{type(collator).__name__} is not an LMCollator and lays batches out itself")
         padding_free, multiple = False, None
-    if settings.attn_implementation == "auto" and padding_free and not use_cpu and varlen_auto_applies(model.config):
-        attn = VARLEN   # +42 % tok/s over SDPA's masked padding-free rows on an H100 (docs/BENCHMARKS.md)
+    # auto: varlen, +42 % tok/s over SDPA's masked padding-free rows on an H100 (docs/BENCHMARKS.md)
+    attn = resolve_attention(settings.attn_implementation, model.config, padding_free=padding_free,
+                             on_gpu=not use_cpu)
     if attn == VARLEN:
         if not padding_free:
             raise ValueError("training.attn_implementation=varlen needs padding-free batches: training.padding_free "

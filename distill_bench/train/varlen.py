@@ -17,7 +17,7 @@ import torch
 CONFIG_NAME = "varlen"                 # the training.attn_implementation value
 NAME = "distill_bench_varlen"          # the transformers AttentionInterface key
 # model types whose attention is plain causal (no sliding window, soft-capping or sinks): what "auto" switches
-AUTO_MODEL_TYPES = ("llama", "olmo", "olmo2")
+AUTO_MODEL_TYPES = ("llama", "olmo", "olmo2", "qwen2")
 
 
 def available() -> bool:
@@ -29,10 +29,13 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-def auto_applies(config) -> bool:
-    """``training.attn_implementation: auto`` uses varlen for padding-free GPU training of these models only."""
+def auto_applies(config, kernel_available: bool | None = None) -> bool:
+    """``training.attn_implementation: auto`` uses varlen for padding-free GPU training of these models only
+    (a Qwen2 config with use_sliding_window false carries sliding_window None: plain causal attention)."""
+    if kernel_available is None:
+        kernel_available = available()
     return (config.model_type in AUTO_MODEL_TYPES and config._attn_implementation == "sdpa"
-            and not getattr(config, "sliding_window", None) and available())
+            and not getattr(config, "sliding_window", None) and kernel_available)
 
 
 def _kernel():
