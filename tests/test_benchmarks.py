@@ -57,3 +57,27 @@ def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_pa
     prof = json.loads((tmp_path / "profile" / "sft_pad_eager_profile.json").read_text())
     assert prof["steps"] == 3 and prof["wall_s"] > 0
     assert "per variant, over its repeats" in out
+
+
+def test_workstation_benchmark_runs_every_stage_of_the_config_and_scales_it(tmp_path):
+    out = run("gpu_workstation.py", tmp_path)
+    res = json.loads((tmp_path / "gpu_workstation.json").read_text())
+    stages = res["stages"]
+    assert [k for k, r in stages.items() if r.get("error") or r.get("skipped")] == []
+    for label in ("teacher.generate", "teacher.logits", "student.train.sft.qwen05", "student.train.kd.qwen05",
+                  "student.train.sft.smol360", "student.train.dpo.qwen05", "teacher.sample.qwen05",
+                  "eval.kd.qwen05", "eval.teacher", "student.logits.qwen05"):
+        assert stages[label]["tokens"] > 0 and stages[label]["steady_tok_per_s"] > 0, label
+    budget = res["sections"]["training"]["token_budget"]
+    for label in ("student.train.sft.qwen05", "student.train.kd.qwen05", "student.train.sft.smol360"):
+        assert stages[label]["tokens"] == budget                              # counted exactly
+        assert stages[label]["loss_last"] < stages[label]["loss_first"], label  # it learns
+    assert stages["student.train.dpo.qwen05"]["loss_last"] != stages["student.train.dpo.qwen05"]["loss_first"]
+    # random weights never stop: every teacher prompt generates max_new_tokens, counted with the teacher's tokenizer
+    syn = res["sections"]["synthetic"]
+    assert stages["teacher.generate"]["tokens"] == syn["n_prompts"] * syn["max_new_tokens"]
+    scaled = res["scaled"]
+    assert not [r for r in scaled["rows"] if r.get("missing")]
+    assert {r["jobs"] for r in scaled["rows"] if r["stage"] == "eval students"} == {13}
+    assert scaled["per_seed_s"] > 0 and scaled["three_seeds_s"] == 3 * scaled["per_seed_s"]
+    assert "Scaled to configs/workstation.yaml" in out and "| teacher.logits |" in out

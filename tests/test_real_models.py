@@ -375,3 +375,14 @@ def test_workstation_config_refuses_kd_for_the_cross_family_student(tmp_path, ch
     cfg["experiments"][1]["students"] = ["qwen05", "smol360"]
     with pytest.raises(ConfigError, match=r"kd\.smol360\.gsm8k.*teacher.*llama_tied_nopad"):
         build_plan(load_config(cfg))
+
+
+def test_training_opens_the_steady_state_window_after_the_warm_up_steps(checkpoints, tmp_path):
+    from distill_bench.train.stage import train_student
+    from distill_bench.train.trainer import STEADY_AFTER_STEPS
+
+    meter = FakeMeter()
+    summary = train_student(meter=meter, pipeline="sft_gt", dataset=checkpoints["data"],
+                            tokenizer=checkpoints["qwen2_tied"], init_model=checkpoints["qwen2_tied"],
+                            out_dir=str(tmp_path / "run"), training={**TRAINING, "token_budget": 400}, seed=0)
+    assert summary["steps"] > STEADY_AFTER_STEPS and meter.steady_marks == 1

@@ -177,8 +177,10 @@ def evaluate_lm_eval(*, meter, model: str, tokenizer: str | None, dataset: str |
     check_task_names(tasks + [t for t in cfg["tasks"] or [] if t not in tasks], manager)
     if any(t in EMBEDDED_TASKS for t in tasks) and not dataset:
         raise ValueError(f"lm-eval task {tasks[0]!r} is our embedded task and needs the dataset directory")
+    from distill_bench.models.tokenizer import tokenizer_ref
+
     target = check_model_dir(model, tokenizer)
-    tokenizer = tokenizer or target
+    tokenizer = tokenizer_ref(tokenizer or model)   # HFLM loads a path/id: a pointer dir names the tokenizer
     model = target
     import lm_eval
 

@@ -247,6 +247,8 @@ def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: 
         data_hash = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _load_teacher(teacher, device)
+    meter.set_primary_tokens("input_tokens")
+    meter.mark_steady_state()   # the teacher is loaded: from here on the stage's tokens/s is the forward pass's
     k = int(kd.get("top_k", 64))
     value_dtype = str(kd.get("value_dtype", "float16"))
     temps = cache_temperatures(kd)

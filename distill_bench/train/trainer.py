@@ -292,6 +292,11 @@ def _counting_trainer_class(base: type) -> type:
     return _Counting
 
 
+# optimizer steps of an attempt before the stage JSON's steady-state window opens: the first ones carry compilation
+# (per-layer compile, then the recompile at the first new length) and allocator growth
+STEADY_AFTER_STEPS = 3
+
+
 def training_callbacks():
     """(StopOnSignal, SaveCounts) callback classes shared by every trainer (transformers imported lazily)."""
     from transformers import TrainerCallback
@@ -323,6 +328,7 @@ def training_callbacks():
             self.meter = meter
             self.base = (0, 0)       # totals restored from the checkpoint we resumed from
             self.reported = (0, 0)   # this attempt's counts already given to the meter
+            self.steps_this_attempt = 0
 
         def attempt_counts(self) -> tuple[int, int]:
             """This attempt's counts summed over all ranks (a collective under DDP: call it on every rank)."""
@@ -357,6 +363,10 @@ def training_callbacks():
 
         def on_step_end(self, args, state, control, **kwargs):
             self.flush()
+            self.steps_this_attempt += 1
+            if self.steps_this_attempt == STEADY_AFTER_STEPS and self.meter is not None \
+                    and args.process_index == 0 and hasattr(self.meter, "mark_steady_state"):
+                self.meter.mark_steady_state()   # compilation and the first batch shapes are behind us
             return control
 
         def on_save(self, args, state, control, **kwargs):
