@@ -27,7 +27,8 @@ GPU power x that time. Token counts of the full config: the plan of configs/work
 problems, max_new_tokens per generation (upper bound) and an assumed 230 tokens per chat-templated GSM8K record
 (labelled in the output). JSON (stage records, scaled table) goes to --out.
 
-    python benchmarks/gpu_workstation.py --out $OUT           # one H100/H200, ~6 minutes
+    python benchmarks/gpu_workstation.py --out $OUT           # one H100/H200, ~6 minutes (--budget-s: when to
+                                                              # stop starting stages; --teacher qwen2.5-1.5b-instruct)
     python benchmarks/gpu_workstation.py --out DIR --quick    # tiny shapes on CPU (every code path, seconds)
 """
 from __future__ import annotations
@@ -57,8 +58,8 @@ PROBLEMS_PER_RECORD = 3
 T0 = time.monotonic()
 
 SIZES = {  # what each mode runs: records in the train split, prompts generated, loss tokens trained, ...
-    "gpu": dict(problems_per_record=PROBLEMS_PER_RECORD, records=1024, gen_prompts=256, budget=200_000, dpo_prompts=64, eval_limit=256, max_new_tokens=None,
-                max_length=None, tiny=False, dtype="bfloat16", budget_s=330.0),
+    "gpu": dict(problems_per_record=PROBLEMS_PER_RECORD, records=1024, gen_prompts=256, budget=120_000, dpo_prompts=64, eval_limit=256, max_new_tokens=None,
+                max_length=None, tiny=False, dtype="bfloat16", budget_s=300.0),
     # quick: tiny models learn visibly only at a larger learning rate than the config's 2e-5 for 0.5B
     "quick": dict(problems_per_record=1, records=96, gen_prompts=8, budget=2400, dpo_prompts=64, eval_limit=4, max_new_tokens=8,
                   max_length=512, tiny=True, dtype="float32", budget_s=600.0, lr=3e-3,
@@ -415,6 +416,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU: every code path in seconds")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting stages after this many seconds")
     ap.add_argument("--work", type=Path, default=None, help="where checkpoints go (default: a temporary dir)")
+    ap.add_argument("--teacher", default=MODELS["teacher"], help="teacher architecture (qwen2.5-1.5b-instruct: the "
+                    "24 GB option named in configs/workstation.yaml)")
     args = ap.parse_args(argv)
 
     import torch
@@ -428,6 +431,7 @@ def main(argv=None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_workstation_"))
+    MODELS["teacher"] = args.teacher
     cfg, plan = workstation_plan()
     sections = bench_sections(plan, size)
     log(f"device {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}; work dir {work}")

@@ -69,6 +69,16 @@ def embedded_task_config(name: str, data_jsonl: str | os.PathLike, max_new_token
     return cfg
 
 
+def dataset_task(dataset: str | None, split: str) -> str:
+    """Our local task for a dataset's split: ``distill_gsm8k`` (lm-eval's gsm8k prompt, stops, filters and metric)
+    when its records come from GSM8K, else ``distill_arith`` (the same filters and metric, the prompt as is)."""
+    if dataset:
+        rows = load_split(dataset, split, 1)
+        if "source" in rows.column_names and len(rows) and rows[0]["source"] == "gsm8k":
+            return "distill_gsm8k"
+    return "distill_arith"
+
+
 def export_split_jsonl(dataset: str, split: str, limit: int | None, path: Path) -> Path:
     rows = load_split(dataset, split, limit)
     cols = [c for c in ("id", "prompt", "response", "answer") if c in rows.column_names]
@@ -168,10 +178,11 @@ def _metrics(task_results: Mapping[str, Any], confidence: float) -> dict[str, di
 def evaluate_lm_eval(*, meter, model: str, tokenizer: str | None, dataset: str | None, out_json: str,
                      eval: Mapping[str, Any], model_id: str, seed: int, split: str = "eval",
                      task: str | None = None) -> dict[str, Any]:
-    """Run lm-eval on ``model`` for ``task`` and write one result JSON. ``task=None`` means our embedded task over
-    ``dataset`` (the workflow's per-dataset eval); a standard task (gsm8k, mmlu, ...) needs no dataset."""
+    """Run lm-eval on ``model`` for ``task`` and write one result JSON. ``task=None`` means our local task over
+    ``dataset`` (the workflow's per-dataset eval: lm-eval's own gsm8k task for a GSM8K-source dataset, else
+    ``distill_arith``); a standard task (gsm8k, mmlu, ...) needs no dataset."""
     cfg = parse_eval_config(eval)
-    tasks = [task or "distill_arith"]
+    tasks = [task or dataset_task(dataset, split)]
     manager = task_manager()
     # every configured task is checked, so a typo in eval.tasks fails the first eval stage, before any model loads
     check_task_names(tasks + [t for t in cfg["tasks"] or [] if t not in tasks], manager)
