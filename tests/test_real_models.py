@@ -190,11 +190,20 @@ def test_model_without_chat_template_is_refused_never_concatenated(checkpoints, 
     assert load_tokenizer(model_dir).chat_template and meter.metrics["tokenizer"] == checkpoints["olmo2_untied"]
 
 
-def test_tokenizer_without_pad_token_pads_with_eos_and_trains(checkpoints):
-    from distill_bench.models.tokenizer import load_tokenizer
+def test_tokenizer_without_pad_token_pads_with_eos_and_still_trains_on_the_closing_eos(checkpoints):
+    from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer
+    from distill_bench.train.collate import LMCollator
 
     tok = load_tokenizer(checkpoints["llama_tied_nopad"])
     assert tok.pad_token == tok.eos_token == "<|im_end|>"
+    short = encode_prompt_response(tok, "2+2?", "4", None)
+    long = encode_prompt_response(tok, "What is 12 plus 30?", "12 + 30 = 42", None)
+    batch = LMCollator(tok.pad_token_id)([short, long])
+    row = batch["labels"][0].tolist()
+    n = len(short["input_ids"])
+    # the end of the short answer's turn is a target although its id is the pad id; the pad positions are not
+    assert tok.eos_token_id in row[:n] and all(label == -100 for label in row[n:])
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (len(row) - n)
 
 
 def test_vocabulary_hash_from_files_equals_the_loaded_tokenizers(checkpoints):
@@ -328,6 +337,15 @@ def test_per_model_tokenizer_key_is_for_pretrained_models_only():
     cfg = yaml.safe_load((ROOT / "workflow_config.yaml").read_text())
     cfg["students"]["tiny"]["tokenizer"] = "Qwen/Qwen2.5-0.5B-Instruct"
     with pytest.raises(ConfigError, match=r"students.tiny.tokenizer.*only a pretrained model"):
+        load_config(cfg)
+
+
+def test_missing_local_tokenizer_path_is_refused_at_planning_naming_the_key(checkpoints):
+    from distill_bench.config import ConfigError, load_config
+
+    cfg = _local_kd_config(checkpoints, "qwen2_tied", "qwen2_tied")
+    cfg["students"]["s"]["tokenizer"] = "/no/such/tokenizer"
+    with pytest.raises(ConfigError, match=r"students.s.tokenizer.*'/no/such/tokenizer' does not exist"):
         load_config(cfg)
 
 
