@@ -404,3 +404,12 @@ def test_training_opens_the_steady_state_window_after_the_warm_up_steps(checkpoi
                             tokenizer=checkpoints["qwen2_tied"], init_model=checkpoints["qwen2_tied"],
                             out_dir=str(tmp_path / "run"), training={**TRAINING, "token_budget": 400}, seed=0)
     assert summary["steps"] > STEADY_AFTER_STEPS and meter.steady_marks == 1
+
+
+def test_vllm_is_handed_the_pointed_to_model_and_its_configured_tokenizer(checkpoints, tmp_path):
+    from distill_bench.generation.vllm_backend import _path_of
+
+    model_dir, _ = _init(checkpoints, "olmo2_no_template", tmp_path, tokenizer=checkpoints["olmo2_untied"])
+    assert _path_of(model_dir, "model") == checkpoints["olmo2_no_template"]
+    assert _path_of(model_dir, "tokenizer") == checkpoints["olmo2_untied"]
+    assert _path_of(checkpoints["qwen2_tied"], "model") == checkpoints["qwen2_tied"]

@@ -31,7 +31,8 @@ def _load_tokenizer(tokenizer: Any) -> Any:
         return AutoTokenizer.from_pretrained(tokenizer)
     except OSError as exc:
         raise FileNotFoundError(f"cannot load the tokenizer {tokenizer!r} used for the dataset length filter "
-                                f"(tokenizer.source / its path): {exc}") from exc
+                                f"(tokenizer.source / its path; on an offline node point it at a local copy): "
+                                f"{exc}") from exc
 
 
 def _length_filter_dict(dsd: datasets.DatasetDict, tokenizer: Any, max_length: int, name: str) -> tuple[
