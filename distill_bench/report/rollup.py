@@ -348,38 +348,48 @@ def markdown_table(comparison: pd.DataFrame, references: pd.DataFrame, stages: p
     return "\n".join(lines) + "\n"
 
 
-def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool = True) -> pd.DataFrame:
+def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool = True,
+               in_workflow: bool = False) -> pd.DataFrame:
     import yaml
 
     from distill_bench.energy import atomic_write_text
+    from distill_bench.report import reconcile
 
     results_dir = Path(results_dir)
     with open(results_dir / "config" / "plan.json") as fh:
         plan = json.load(fh)
     config_path = results_dir / "config" / "merged_config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    accept_shared = bool(((config or {}).get("energy") or {}).get("accept_shared_devices", False))
     stages = load_stages(results_dir, plan["stage_ids"])
+    # the run's own counters against the stages' sum; fails (after writing reconciliation.md) on double counting
+    record = reconcile.reconcile_run(results_dir, stages, in_workflow=in_workflow)
+    reconcile.enforce(record, accept_shared)
     stage_frame = stages_frame(stages)
+    charged = {exp: [s for ids in charged_units(plan, exp).values() for s in ids] for exp in plan["experiments"]}
     comparison = comparison_frame(plan, stages, results_dir)
+    comparison = reconcile.mark_shared_rows(comparison, charged, reconcile.shared_stage_ids(stages, record),
+                                            accept_shared)
     references = reference_rows(plan, results_dir)
     out = results_dir / "summary"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "stages.csv", stage_frame.to_csv(index=False))
     atomic_write_text(out / "comparison.csv", comparison.to_csv(index=False))
     atomic_write_text(out / "references.csv", references.to_csv(index=False))
-    md = markdown_table(comparison, references, stage_frame)
+    md = markdown_table(comparison, references, stage_frame) + reconcile.comparison_notes(comparison, record,
+                                                                                          accept_shared)
     atomic_write_text(out / "comparison.md", md)
     if plots:
-        from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_power_timelines
+        from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_run_timeline
 
         sizes = {name: spec.get("size_label") for name, spec in (config or {}).get("students", {}).items()}
         if not comparison.empty:
             plot_pareto(comparison, out / "pareto.png", size_labels=sizes)
             plot_energy_by_role(comparison, out / "energy_by_role.png")
-        plot_power_timelines(stage_frame, out / "power_timelines.png")
+        plot_run_timeline(stage_frame, out / "run_timeline.png", record)
     from distill_bench.report.html import write_html_summary
 
-    notes = [line for line in md.splitlines() if line.startswith(("Note:", "Estimated"))]
+    notes = [line for line in md.splitlines() if line.startswith(("Note:", "Estimated", "Reconciliation"))]
     write_html_summary(out, (config or {}).get("run_name", results_dir.name), comparison, references, stage_frame,
                        notes)
     if print_table:
