@@ -30,7 +30,6 @@ rule sample_preferences:
         role="teacher",
         pipeline="dpo",
         artifact=lambda w: w.artifact,
-        energy=ENERGY,
     log:
         f"{R}/logs/sample_preferences/{{artifact}}.log",
     benchmark:
@@ -67,7 +66,6 @@ rule judge_preferences:
         role="teacher",
         pipeline="dpo",
         artifact=lambda w: w.artifact,
-        energy=ENERGY,
     log:
         f"{R}/logs/judge_preferences/{{artifact}}.log",
     benchmark:
@@ -98,7 +96,6 @@ rule precompute_reference:
         role="student",
         pipeline="dpo",
         experiment=lambda w: w.exp,
-        energy=ENERGY,
     log:
         f"{R}/logs/precompute_reference/{{exp}}.log",
     benchmark:

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from distill_bench.artifacts import write_dir_atomically
 from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.refs import could_be_hub_id, is_local_ref, missing_local_path
 
 MODEL_REF = "model_ref.json"
 ARCH_KEYS = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "num_kv_heads",
@@ -98,13 +99,9 @@ def resolve_model_ref(ref: str | os.PathLike) -> str:
                                 f"{MODEL_REF}")
     if path.exists():
         raise FileNotFoundError(f"model path {str(ref)!r} is a file, not a model directory")
-    if _looks_local(str(ref)):
-        raise FileNotFoundError(f"model path {str(ref)!r} does not exist")
-    return str(ref)  # an HF hub id
-
-
-def _looks_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1
+    if missing_local_path(str(ref)):
+        raise FileNotFoundError(f"model path {str(ref)!r} does not exist (hub ids look like 'owner/name')")
+    return str(ref)  # an HF hub id (distill_bench.refs has the rule)
 
 
 def _offline_mode() -> bool:
@@ -116,7 +113,7 @@ def load_error(target: str, what: str, exc: BaseException, config_key: str | Non
     """The error for a model/tokenizer that would not load; for a hub id it says to point the config at a local
     copy, since the usual cause is an offline node (HF_HUB_OFFLINE=1 or no network) without the id in its cache."""
     target = str(target)
-    if Path(target).expanduser().exists() or _looks_local(target):
+    if is_local_ref(target) or not could_be_hub_id(target):
         return FileNotFoundError(f"could not load a {what} from {target!r}: {exc}")
     mode = "HF_HUB_OFFLINE is set" if _offline_mode() else "the hub could not be reached or refused it"
     key = f" ({config_key})" if config_key else ""
