@@ -3,7 +3,8 @@ for sft_gt and kd (real top-k cache built by `build_cache`): padded vs `training
 `training.pad_to_multiple_of`, eager vs `training.torch_compile` (layers / model), SDPA vs flex vs varlen attention,
 DataLoader workers. Variant names spell their settings (sft_padfree_layers_m64 = padding-free, layer compile,
 lengths x64); `*_gpu_defaults` leave every speed key at `auto`, as a user's run resolves them, and
-`sft_gpu_defaults_syncs` puts the old per-step host synchronisations back for comparison. `--batch` sets the rows
+`sft_gpu_defaults_syncs` puts the old per-step host synchronisations back for comparison, `*_foreach` swaps the
+fused AdamW step for foreach AdamW (`training.optim: adamw_torch`). `--batch` sets the rows
 per micro-batch (4 by default, as in every table of docs/BENCHMARKS.md unless it says otherwise).
 One entry point, JSON under --out, one table printed last.
 
@@ -598,6 +599,11 @@ def main() -> None:
         ("sft_gpu_defaults_syncs", False, {**gpu_defaults, "_with_host_syncs": True}, "sdpa", 0.12, 10, 70, False,
          True),
         ("kd_gpu_defaults", True, dict(gpu_defaults), "sdpa", 0.13, 10, 70, False, True),
+        # the optimizer step: HF's default fused AdamW vs foreach AdamW (training.optim)
+        ("sft_gpu_defaults_foreach", False, {**gpu_defaults, "optim": "adamw_torch"}, "sdpa", 0.12, 10, 70, False,
+         True),
+        ("kd_gpu_defaults_foreach", True, {**gpu_defaults, "optim": "adamw_torch"}, "sdpa", 0.13, 10, 70, False,
+         True),
         ("sft_gpu_defaults_ckpt", False, {**gpu_defaults, "gradient_checkpointing": True}, "sdpa", 0.16, 10, 70, False,
          True),
         ("kd_pad_eager", True, {**pad, **m0}, "sdpa", 0.25, 5, 25, False, True),

@@ -24,6 +24,7 @@ from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_in
 from distill_bench.train.speed import (compile_decoder_layers, resolve_compile, resolve_pad_multiple,
                                        resolve_padding_free)
+from distill_bench.train.step_clock import step_clock_callback
 from distill_bench.train.varlen import CONFIG_NAME as VARLEN
 from distill_bench.train.varlen import auto_applies as varlen_auto_applies
 from distill_bench.train.varlen import register as register_varlen
@@ -38,6 +39,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_wi
 _RESULT_KEYS = ("token_budget", "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                 "lr_scheduler", "precision", "gpus", "max_grad_norm")
 DISTRIBUTED = ("ddp", "fsdp")
+OPTIMIZERS = ("auto", "adamw_torch_fused", "adamw_torch")   # HF optimizer names; auto keeps HF's default
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", VARLEN)
 
 
@@ -79,6 +81,7 @@ class TrainSettings:
     attn_implementation: str | None = "auto"
     torch_compile: bool | str = "auto"  # false, true/"model" (HF compiles the whole model), "layers" (each decoder
                                         # layer), "auto" = layers on a GPU (distill_bench.train.speed)
+    optim: str = "auto"               # optimizer: auto = HF's default (fused AdamW); adamw_torch = foreach AdamW
     stale_checkpoints: str = "refuse"  # checkpoints of another config: "refuse" (error) or "set_aside" (renamed
                                        # to checkpoints.stale-<time>, training starts fresh; never mixed, never lost)
 
@@ -114,6 +117,8 @@ class TrainSettings:
         if self.stale_checkpoints not in STALE_CHECKPOINT_POLICIES:
             raise ValueError(f"training.stale_checkpoints must be one of {STALE_CHECKPOINT_POLICIES}, "
                              f"got {self.stale_checkpoints!r}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"training.optim must be one of {OPTIMIZERS}, got {self.optim!r}")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"training.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         resolve_compile(self.torch_compile, on_gpu=False)
@@ -407,6 +412,7 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         data_seed=int(seed),
         eval_strategy="no",
         save_only_model=False,                 # optimizer + scheduler + RNG needed to resume exactly
+        **({} if settings.optim == "auto" else {"optim": settings.optim}),
     )
 
 
@@ -520,8 +526,6 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
-    from distill_bench.models.build import save_model_dir
-
     from datasets.utils.logging import disable_progress_bar as quiet_datasets
     from transformers.utils.logging import disable_progress_bar as quiet_transformers
 
@@ -584,10 +588,11 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     args = _sft_config(settings, ckpt_dir, max_steps, seed, use_cpu, compile_mode)
     StopOnSignal, SaveCounts = training_callbacks()
     stopper, counter = StopOnSignal(), SaveCounts(meter)
+    clock = step_clock_callback(counter, max_steps)
     if meter is not None:
         meter.set_primary_tokens("trained_tokens")
     kwargs = dict(trainer_kwargs or {})
-    callbacks = list(kwargs.pop("callbacks", []) or []) + [stopper, counter]
+    callbacks = list(kwargs.pop("callbacks", []) or []) + [stopper, counter, clock]
     trainer = _counting_trainer_class(base_cls)(
         model=model, args=args, train_dataset=Dataset.from_list(_with_labels(stream)), processing_class=tokenizer,
         data_collator=collator, callbacks=callbacks, **kwargs)
@@ -619,6 +624,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         "pad_to_multiple_of": multiple,
         "torch_compile": compile_mode,
         "attn_implementation": attn or own_attn,
+        "speed": clock.speed,
     }
     if hasattr(trainer, "data_wait_fraction"):  # KD: time waiting for the cache reads, as a share of step time
         summary["data_wait_fraction"] = trainer.data_wait_fraction()
@@ -632,14 +638,26 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
                            f"{settings.token_budget}: the batches consumed do not match the stream")
     if attn == VARLEN:
         model.set_attn_implementation(own_attn)   # the saved model must load without distill_bench's kernel
+    save_final_model(trainer, out / "final", tokenizer)
     if trainer.args.process_index == 0:
-        save_model_dir(trainer.model, out / "final", tokenizer)
         write_train_log(out, summary)
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     counter.flush()
     _report(meter, summary, final=True)
     return summary
+
+
+def save_final_model(trainer, out_dir: Path, tokenizer) -> None:
+    """Rank 0 writes the final model. Under FSDP every rank first joins the gather of the full weights (a
+    collective): rank 0 saving its sharded module alone would hang on the gather or write only its shard."""
+    from distill_bench.models.build import save_model_dir
+
+    state = None
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.args.process_index == 0:
+        save_model_dir(trainer.model, out_dir, tokenizer, state_dict=state)
 
 
 def mean_loss(curve: list[tuple[int, float]]) -> float | None:
@@ -662,7 +680,7 @@ def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
     meter.set_primary_tokens("trained_tokens")
     for key in ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
                 "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile",
-                "attn_implementation"):
+                "attn_implementation", "speed"):
         meter.record(key, summary[key])
     meter.record("trained_tokens_total", int(summary["trained_tokens"]))
     meter.record("token_budget", int(summary["token_budget"]))
