@@ -506,6 +506,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="variant to profile (torch.profiler, 3 steps) in one extra run")
     ap.add_argument("--timed-s", type=float, default=20.0, help="target steady-state seconds per variant")
     ap.add_argument("--max-wall-s", type=float, default=110.0, help="stop a variant's training past this (s)")
+    ap.add_argument("--fixed-cost-s", type=float, default=None,
+                    help="expected set-up + compile seconds per run for the budget's skip rule (default: per variant)")
     ap.add_argument("--checks", default="sdpa,flex_attention",
                     help="attention kernels for the padding-free check (sdpa, eager, flex_attention, varlen)")
     a = ap.parse_args()
@@ -644,7 +646,7 @@ def main() -> None:
         elif rep == PROFILE_RUN:
             warm = min(warm, 20)
             steps = warm + 5
-        need = fixed + steps * step_s * 1.3
+        need = (fixed if a.fixed_cost_s is None else a.fixed_cost_s) + steps * step_s * 1.3
         if not quick and left(a.budget_s) < need:
             log(f"skip {name} (rep {rep}): needs ~{need:.0f}s, {left(a.budget_s):.0f}s left")
             runs.append({"variant": name, "repeat": rep,
