@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import functools
+
 import numpy as np
-import torch
 
 from distill_bench.kd.cache import (CacheWriter, check_disk_space, corpus_hash, estimate_cache_bytes, example_hash,
                                     iter_shard_sizes, loss_positions, value_entry_bytes, id_encoding_for,
@@ -25,6 +26,18 @@ log = logging.getLogger(__name__)
 SHARD_RAM_BYTES = 1 << 30        # cap on un-encoded rows held per shard before it is written
 CHUNK_ELEMENTS = 1 << 27         # positions x vocab per LM-head / top-k chunk (512 MiB float32; +39 % cache
                                  # throughput over 64 MiB chunks on an H100, docs/BENCHMARKS.md)
+
+
+def _no_grad(fn):
+    """torch.no_grad() without importing torch when this module is imported (the stage registry resolves it)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def cache_temperatures(kd: Mapping[str, Any]) -> list[float]:
@@ -55,9 +68,11 @@ def _head_only_ok(model) -> bool:
         and model.base_model is not model
 
 
-@torch.no_grad()
+@_no_grad
 def _topk_rows(z: torch.Tensor, k: int, temperatures: Sequence[float]) -> tuple[torch.Tensor, ...]:
     """[c, V] logits -> top-k ids, top-k log-probs at tau=1, [c, T] tail logits log sum_tail exp(l/tau)."""
+    import torch
+
     z = z.float()
     logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
     vals, ids = torch.topk(logp, k, dim=-1, sorted=True)
@@ -69,11 +84,13 @@ def _topk_rows(z: torch.Tensor, k: int, temperatures: Sequence[float]) -> tuple[
     return ids, vals, torch.stack(tails, dim=1)
 
 
-@torch.no_grad()
+@_no_grad
 def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatures: Sequence[float],
                  pad_token_id: int, device: torch.device, head_only: bool | None = None
                  ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Teacher forward on one right-padded batch; per example (ids, log-probs, tail) at its loss positions only."""
+    import torch
+
     lengths = [len(ex["input_ids"]) for ex in batch]
     width = max(lengths)
     input_ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
@@ -127,6 +144,8 @@ def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str
 
     The disk-space check runs before the first forward pass.
     """
+    import torch
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
     vocab = _vocab_size(model)
     k = int(k)
@@ -191,6 +210,8 @@ def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str
 
 
 def _load_teacher(ref: str, device: torch.device):
+    import torch
+
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     try:
         from distill_bench.models.build import load_model
@@ -205,6 +226,8 @@ def _load_teacher(ref: str, device: torch.device):
 def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: str, kd: Mapping[str, Any],
                  training: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """Stage: teacher top-k logit cache for the train split of ``dataset`` (see module docstring)."""
+    import torch   # here, inside the stage's meter: importing this module stays cheap
+
     from distill_bench.data.io import load_dataset_dir
     from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
 
