@@ -96,10 +96,18 @@ class Shape:
         return 2 * self.matmul_params   # bf16 weights read per decode step
 
 
-def shape_from_arch(arch: Mapping[str, Any], vocab: int, name: str) -> Shape:
-    return Shape(name=name, hidden=int(arch["hidden_size"]), layers=int(arch["num_layers"]),
-                 heads=int(arch["num_heads"]), kv_heads=int(arch.get("num_kv_heads") or arch["num_heads"]),
-                 intermediate=int(arch["intermediate_size"]), vocab=int(vocab), tied=False)
+def shape_from_arch(arch: Mapping[str, Any], vocab: int, name: str,
+                    cal: Mapping[str, Any] | None = None) -> Shape:
+    """A configured arch; named after a calibration shape with the same dimensions, so its entries apply."""
+    shape = Shape(name=name, hidden=int(arch["hidden_size"]), layers=int(arch["num_layers"]),
+                  heads=int(arch["num_heads"]), kv_heads=int(arch.get("num_kv_heads") or arch["num_heads"]),
+                  intermediate=int(arch["intermediate_size"]), vocab=int(vocab), tied=False)
+    for known in (cal or {}).get("shapes", {}):
+        twin = named_shape(cal, known)
+        if (twin.hidden, twin.layers, twin.heads, twin.kv_heads, twin.intermediate, twin.vocab) == \
+                (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.intermediate, shape.vocab):
+            return twin
+    return shape
 
 
 def named_shape(cal: Mapping[str, Any], name: str, guessed_from: str | None = None) -> Shape:
@@ -112,7 +120,7 @@ def named_shape(cal: Mapping[str, Any], name: str, guessed_from: str | None = No
 def resolve_shape(cal: Mapping[str, Any], spec: Mapping[str, Any], vocab: int, key: str) -> Shape:
     """The shape of a configured model: its arch, a known HF id, or (labelled) the size in its name."""
     if spec.get("arch"):
-        return shape_from_arch(spec["arch"], vocab, f"arch:{key}")
+        return shape_from_arch(spec["arch"], vocab, f"arch:{key}", cal)
     ref = str(spec.get("name_or_path") or "")
     known = cal.get("models") or {}
     if ref in known:
@@ -338,8 +346,9 @@ class _Planner:
         if shape.guessed_from:
             basis.append(f"shape {shape.name} guessed from the name {shape.guessed_from!r}")
         self.used_assumptions.add("host_w")
-        time_s = float(self.hw["startup_s"]) + tokens / tps
-        gpu_j = tokens * jpt + float(self.hw["startup_s"]) * float(self.hw["idle_w"]) * gpus
+        startup = float(next((e["startup_s"] for e in rate.entries if "startup_s" in e), self.hw["startup_s"]))
+        time_s = startup + tokens / tps
+        gpu_j = tokens * jpt + startup * float(self.hw["idle_w"]) * gpus
         return StageForecast(stage_id, role, op, shape.name, tokens, token_kind, gpus, tps, time_s, gpu_j / 3.6e6,
                              time_s * float(self.hw["host_w"]) / 3.6e6, kind, basis)
 
@@ -358,8 +367,10 @@ class _Planner:
         t = cfg["teacher"]
         if t.get("source") == "train":
             ds = t["train"].get("dataset") or next(iter(cfg["datasets"]))
-            out.append(self.gpu_stage("setup.teacher", "setup", "train_sft", self.teacher, float(t["train"]["tokens"]),
-                                      "input_tokens", self.mean_length(ds)))
+            self.used_assumptions.add("input_per_trained")   # teacher.train.tokens counts loss-bearing tokens
+            out.append(self.gpu_stage("setup.teacher", "setup", "train_sft", self.teacher,
+                                      float(t["train"]["tokens"]) * ASSUMED_INPUT_PER_TRAINED, "input_tokens",
+                                      self.mean_length(ds)))
         else:
             out.append(self.cpu_stage("setup.teacher", "setup", "-"))
         for s in plan.used_students():
@@ -504,6 +515,10 @@ def _h(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
 
+def _kwh(x: float) -> str:
+    return f"{x:.3f}" if x >= 0.001 or x == 0 else f"{x:.2e}"
+
+
 def _n(x: float) -> str:
     return f"{x / 1e6:.2f} M" if x >= 1e6 else f"{x:,.0f}"
 
@@ -516,10 +531,10 @@ def forecast_markdown(fc: Forecast) -> str:
         tps = f"{s.tokens_per_s:,.0f}" if s.tokens_per_s else "-"
         tokens = f"{_n(s.tokens)} {s.token_kind}" if s.tokens else "-"
         lines.append(f"| {s.stage_id} | {s.operation} | {s.model or '-'} | {tokens} | {tps} | {_h(s.time_s)} | "
-                     f"{s.gpu_kwh:.4f} | {s.host_kwh:.4f} | {s.kwh:.4f} | {s.kind} |")
+                     f"{_kwh(s.gpu_kwh)} | {_kwh(s.host_kwh)} | {_kwh(s.kwh)} | {s.kind} |")
     lines += ["", "| role | time (serial) | GPU kWh | kWh |", "|---|---|---|---|"]
     for role, t in fc.totals().items():
-        lines.append(f"| {role} | {_h(t['time_s'])} | {t['gpu_kwh']:.3f} | {t['kwh']:.3f} |")
+        lines.append(f"| {role} | {_h(t['time_s'])} | {_kwh(t['gpu_kwh'])} | {_kwh(t['kwh'])} |")
     lines += ["", "Assumptions:"] + [f"- {a}" for a in fc.assumptions]
     lines += ["", "Calibration entries used:"]
     lines += [f"- {e['hardware']} {e['operation']} {e['shape']}: {e['tokens_per_s']:,} tok/s, "
