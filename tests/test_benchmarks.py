@@ -85,3 +85,11 @@ def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
     assert [(s[0], s[1]) for s in steps] == [("a_multi", "0"), ("c_optimizer", "0")]
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "sft | complete" in summary and "sft_gpu_defaults_foreach" in summary
+
+
+def test_harness_overhead_benchmark_times_stage_imports(tmp_path):
+    out = run("harness_overhead.py", tmp_path)
+    res = json.loads((tmp_path / "harness_overhead.json").read_text())
+    assert res["python_floor_s"] > 0 and len(res["rows"]) == 3
+    assert all(r["imports_s"] > 0 and r["process_s"] >= r["imports_s"] for r in res["rows"])
+    assert "stage:prepare_data" in out
