@@ -56,10 +56,12 @@ if [ -n "$QUICK" ]; then
   step c_optimizer 600 "$PY" benchmarks/gpu_trainer.py --out "$WORK/trainer" --quick --checks sdpa \
     --variants "${SESSION_QUICK_VARIANTS:-sft_gpu_defaults,sft_gpu_defaults_foreach,kd_gpu_defaults,kd_gpu_defaults_foreach}"
 else
-  # (a)+(b): 7B SFT, 7B KD, 134M 1-vs-2-GPU FSDP loss check, 1B DPO; each run skipped if it cannot finish in budget
-  step a_multi 345 "$PY" benchmarks/gpu_multi.py --out "$WORK/multi" --runs sft,kd,losscheck,dpo --shape olmo2-7b \
-    --gpus 2 --distributed fsdp --per-gpu-batch 4 --steps 14 --budget-s 325
-  # (c): OLMo-2-1B at batch 4, GPU defaults, fused (HF default) vs foreach AdamW, SFT vs KD, fresh shapes
+  # (a)+(b): 134M 1-vs-2-GPU FSDP loss check first (cheap, tells whether FSDP runs at all), 7B SFT, 7B KD, 1B DPO;
+  # each run is skipped when it cannot finish inside the budget
+  step a_multi 420 "$PY" benchmarks/gpu_multi.py --out "$WORK/multi" --runs losscheck,sft,kd,dpo --shape olmo2-7b \
+    --gpus 2 --distributed fsdp --per-gpu-batch 4 --steps 12 --budget-s 400
+  # (c): OLMo-2-1B at batch 4, GPU defaults, fused (HF default) vs foreach AdamW, SFT vs KD, fresh shapes;
+  # with ~100 s left the first two variants fit (the fused/foreach comparison)
   L=$(left)
   if [ "$L" -gt 60 ]; then
     step c_optimizer "$L" "$PY" benchmarks/gpu_trainer.py --out "$WORK/trainer" --batch 4 --fresh-shapes \

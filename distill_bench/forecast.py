@@ -557,23 +557,29 @@ def study_comparison(hardware: str = "h100", cal: Mapping[str, Any] | None = Non
         tokens = float(ref["tokens"])
         time_s = tokens / rate.tokens_per_s
         kwh = (tokens * rate.j_per_token + time_s * float(hw["host_w"])) / 3.6e6
+        note = ref.get("note")
+        if ref["operation"] in ("train_sft", "train_kd", "train_dpo") and hw.get("memory_gb") and \
+                16 * shape.params / 1e9 > float(hw["memory_gb"]):
+            note = "; ".join(filter(None, [note, f"our trainer (fp32 weights + AdamW, 16 B/parameter: "
+                                                 f"{16 * shape.params / 1e9:.0f} GB) does not fit one "
+                                                 f"{hw['memory_gb']} GB card: FSDP over >= 3 cards"]))
         rows.append({"stage": ref["stage"], "study_duration_s": ref["duration_s"], "study_kwh": ref["kwh"],
                      "study_j_per_token": ref["kwh"] * 3.6e6 / tokens, "tokens": tokens,
                      "forecast_time_s": time_s, "forecast_kwh": kwh, "forecast_j_per_token": kwh * 3.6e6 / tokens,
                      "study_over_forecast": ref["kwh"] / kwh if kwh else None, "kind": rate.kind,
-                     "basis": rate.basis, "note": ref.get("note")})
+                     "basis": rate.basis, "note": note})
     return rows
 
 
 def study_markdown(rows: list[dict], hardware: str) -> str:
     lines = [f"| study stage (1 x H100) | tokens | study time | study kWh | study J/token | forecast time ({hardware}) "
-             f"| forecast kWh | forecast J/token | study / forecast | forecast basis |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| forecast kWh | forecast J/token | study / forecast | forecast basis | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {_n(r['tokens'])} | {_h(r['study_duration_s'])} | {r['study_kwh']:.2f} | "
                      f"{r['study_j_per_token']:.3f} | {_h(r['forecast_time_s'])} | {r['forecast_kwh']:.3f} | "
                      f"{r['forecast_j_per_token']:.3f} | {r['study_over_forecast']:.1f}x | {r['kind']}: "
-                     f"{'; '.join(r['basis'])} |")
+                     f"{'; '.join(r['basis'])} | {r['note'] or ''} |")
     return "\n".join(lines) + "\n"
 
 
