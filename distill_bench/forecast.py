@@ -41,7 +41,7 @@ ASSUMPTIONS = {
     "length": f"mean example length = {ASSUMED_LENGTH_FRACTION} x max_length (the data stage measures it later)",
     "input_per_trained": f"input tokens = {ASSUMED_INPUT_PER_TRAINED} x loss-bearing tokens (completion ~ half)",
     "max_new": "every generated sample runs to max_new_tokens (an upper bound: EOS ends most earlier)",
-    "cpu_stage": f"CPU-side stages (data, tokenizer, init, merge, verifier judge) take {CPU_STAGE_S:g} s each",
+    "cpu_stage": f"CPU-side stages (data, tokenizer, merge, verifier judge) take {CPU_STAGE_S:g} s each",
     "host_w": "host (CPU + RAM) power = the card's host_w for the whole stage: an estimate, not a measurement",
     "multi_gpu": "several GPUs per stage scale tokens/s linearly (no multi-GPU measurement at these shapes yet)",
     "dpo_pairs": "DPO: every prompt yields one pair; prompt = half a mean example, each response max_new_tokens",
@@ -255,7 +255,7 @@ def _shape_of(cal: Mapping[str, Any], name: str) -> Shape:
 class StageForecast:
     stage_id: str
     role: str
-    operation: str                 # train_sft | train_kd | train_dpo | cache_logits | generate | forward | cpu
+    operation: str                 # train_sft | train_kd | train_dpo | cache_logits | generate | forward | cpu | startup
     model: str | None
     tokens: float                  # of the kind named in token_kind
     token_kind: str
@@ -357,6 +357,14 @@ class _Planner:
         return StageForecast(stage_id, role, "cpu", None, 0, what, 0, None, CPU_STAGE_S, 0.0,
                              CPU_STAGE_S * float(self.hw["host_w"]) / 3.6e6, "assumed", [ASSUMPTIONS["cpu_stage"]])
 
+    def startup_stage(self, stage_id: str, role: str) -> StageForecast:
+        """A stage that builds or checks a model without processing tokens: the card's start-up alone."""
+        self.used_assumptions.add("host_w")
+        t = float(self.hw["startup_s"])
+        return StageForecast(stage_id, role, "startup", None, 0, "-", 0, None, t, t * float(self.hw["idle_w"]) / 3.6e6,
+                             t * float(self.hw["host_w"]) / 3.6e6, "measured" if self.hardware == "cpu" else "assumed",
+                             [f"start-up only ({t:g} s: interpreter, imports, model build or load)"])
+
     # -------------------------------------------------------------- one stage each
     def stages(self) -> list[StageForecast]:
         cfg, plan = self.cfg, self.plan
@@ -372,9 +380,9 @@ class _Planner:
                                       float(t["train"]["tokens"]) * ASSUMED_INPUT_PER_TRAINED, "input_tokens",
                                       self.mean_length(ds)))
         else:
-            out.append(self.cpu_stage("setup.teacher", "setup", "-"))
+            out.append(self.startup_stage("setup.teacher", "setup"))
         for s in plan.used_students():
-            out.append(self.cpu_stage(f"setup.init.{s}", "setup", "-"))
+            out.append(self.startup_stage(f"setup.init.{s}", "setup"))
         for art in plan.artifacts.values():
             out += self.artifact_stages(art)
         for exp in plan.experiments.values():
@@ -616,14 +624,14 @@ def forecast_vs_measured(cfg: Mapping[str, Any], stages: Mapping[str, Mapping[st
         kwh = float(kwh) if kwh is not None else None
         r_t = f"{dur / s.time_s:.2f}" if s.time_s else "-"
         r_e = f"{kwh / s.kwh:.2f}" if kwh is not None and s.kwh else "-"
-        lines.append(f"| {s.stage_id} | {s.operation} | {s.time_s:.1f} | {dur:.1f} | {r_t} | {s.kwh:.6f} | "
-                     f"{kwh if kwh is None else f'{kwh:.6f}'} | {r_e} | {s.kind} |")
+        lines.append(f"| {s.stage_id} | {s.operation} | {s.time_s:.1f} | {dur:.1f} | {r_t} | {s.kwh:.3g} | "
+                     f"{kwh if kwh is None else f'{kwh:.3g}'} | {r_e} | {s.kind} |")
         tot[0] += s.time_s
         tot[1] += dur
         tot[2] += s.kwh
         tot[3] += kwh or 0.0
     lines.append(f"| **all** | | {tot[0]:.1f} | {tot[1]:.1f} | {tot[1] / tot[0] if tot[0] else 0:.2f} | "
-                 f"{tot[2]:.6f} | {tot[3]:.6f} | {tot[3] / tot[2] if tot[2] else 0:.2f} | |")
+                 f"{tot[2]:.3g} | {tot[3]:.3g} | {tot[3] / tot[2] if tot[2] else 0:.2f} | |")
     lines += ["", "Assumptions of the forecast:"] + [f"- {a}" for a in fc.assumptions]
     return "\n".join(lines) + "\n"
 

@@ -213,4 +213,4 @@ def test_rollup_writes_forecast_vs_measured_for_every_stage(run_dir):
     assert rows == plan["stage_ids"]
     # the hand-chosen energies come back as measured kWh: student.train rows measured 1000 J
     sft = next(line for line in text.splitlines() if line.startswith("| student.train.sft_gt.tiny.arith |"))
-    assert f"{1000 / 3.6e6:.6f}" in sft
+    assert f"| {1000 / 3.6e6:.3g} |" in sft
