@@ -269,6 +269,7 @@ def main() -> int:
             + " speed " + json.dumps(row.get("speed"), default=str)[:400])
 
     devices = ",".join(str(i) for i in range(world)) if cuda else None
+    compile_mode = a.torch_compile
     for run in runs:
         if not quick and left(a.budget_s) < EXPECTED_S[run]:
             record({"run": run, "skipped": f"{left(a.budget_s):.0f}s left, expects ~{EXPECTED_S[run]}s"})
@@ -281,7 +282,7 @@ def main() -> int:
                 kw = dict(pipeline="sft_gt", dataset=str(data), tokenizer=str(work / "tok"),
                           init_model=str(work / "student"), out_dir=str(work / f"out_{run}"), seed=0,
                           training={**base, "token_budget": budget, "batch_size": per_gpu, "gpus": world,
-                                    "distributed": a.distributed})
+                                    "distributed": a.distributed, "torch_compile": compile_mode})
                 if run == "kd":
                     kd = {"top_k": 8 if quick else 100, "value_dtype": "float16", "temperature": 1.0, "alpha": 0.5,
                           "batch_size": 16}
@@ -294,8 +295,16 @@ def main() -> int:
                     result["kd_cache"] = {"duration_s": crec["duration_s"], "gpu_j": crec["energy"].get("gpu_j"),
                                           "tokens": crec["tokens"]["counts"], "wall_s": cwall}
                     kw.update(pipeline="kd", kd_cache=str(work / "cache"), kd=kd)
-                summary, rec, wall = run_stage(out, run, kw, devices=devices, pipeline=kw["pipeline"])
-                record(row_from(run, rec, summary, wall, info, examples, peak, world))
+                try:
+                    summary, rec, wall = run_stage(out, run, kw, devices=devices, pipeline=kw["pipeline"])
+                except Exception:
+                    if compile_mode != "none":   # the next large run trains eagerly, so one number still comes back
+                        log(f"{run} failed with torch_compile {compile_mode}: later sft/kd runs use none")
+                        compile_mode = "none"
+                    raise
+                row = row_from(run, rec, summary, wall, info, examples, peak, world)
+                row["torch_compile_setting"] = kw["training"]["torch_compile"]
+                record(row)
             elif run == "dpo":
                 dshape = SHAPES["tiny" if quick else a.dpo_shape]
                 info = save_random_model(dshape, work / "dpo_init", tok)
