@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session for "performance at the study's scale", on a 2 x H200 machine, in at most ~9 minutes:
 #   (a) 7B student SFT and KD with FSDP on 2 GPUs through the real train stage + a 1-vs-2-GPU loss-curve check,
-#   (b) DPO through the same launch, (c) 1B at batch 4: fused vs foreach AdamW, SFT vs KD.
+#   (b) DPO through the same launch, (c) 1B at batch 4: HF's fused AdamW vs the clip folded into it
+#   (training.optim: adamw_fused_clip) vs foreach AdamW, SFT vs KD.
 # (a)-(c) fill the ~9 minutes; 32B-shape generation with a compiled prefill is not part of this session.
 # Every step is time-boxed (timeout), so one failure or hang cannot eat the call; after each step any process still
 # holding a GPU (started by this session: the machine is the session's own) is killed by its pid.
@@ -49,24 +50,25 @@ step() {
 
 # seconds left before the ~9-minute mark; later steps shrink or are skipped by it
 left() { echo $(( ${SESSION_S:-535} - ($(date +%s) - T0) )); }
+OPT_VARIANTS=sft_gpu_defaults,sft_gpu_defaults_fusedclip,kd_gpu_defaults_fusedclip,kd_gpu_defaults,sft_gpu_defaults_foreach
 
 if [ -n "$QUICK" ]; then
   step a_multi 600 "$PY" benchmarks/gpu_multi.py --out "$WORK/multi" --quick \
     --runs "${SESSION_QUICK_RUNS:-sft,kd,losscheck,dpo}"
   step c_optimizer 600 "$PY" benchmarks/gpu_trainer.py --out "$WORK/trainer" --quick --checks sdpa \
-    --variants "${SESSION_QUICK_VARIANTS:-sft_gpu_defaults,sft_gpu_defaults_foreach,kd_gpu_defaults,kd_gpu_defaults_foreach}"
+    --variants "${SESSION_QUICK_VARIANTS:-$OPT_VARIANTS}"
 else
   # (a)+(b): 134M 1-vs-2-GPU FSDP loss check first (cheap, tells whether FSDP runs at all), 7B SFT, 7B KD, 1B DPO;
   # each run is skipped when it cannot finish inside the budget
   step a_multi 420 "$PY" benchmarks/gpu_multi.py --out "$WORK/multi" --runs losscheck,sft,kd,dpo --shape olmo2-7b \
     --gpus 2 --distributed fsdp --per-gpu-batch 4 --steps 12 --budget-s 400
-  # (c): OLMo-2-1B at batch 4, GPU defaults, fused (HF default) vs foreach AdamW, SFT vs KD, fresh shapes;
-  # with ~100 s left the first two variants fit (the fused/foreach comparison)
+  # (c): OLMo-2-1B at batch 4, GPU defaults, fresh shapes: the optimizer step (HF's fused AdamW, the clip folded
+  # into it, foreach AdamW), SFT vs KD; with ~100 s left the first two variants fit (the fused/folded comparison)
   L=$(left)
   if [ "$L" -gt 60 ]; then
     step c_optimizer "$L" "$PY" benchmarks/gpu_trainer.py --out "$WORK/trainer" --batch 4 --fresh-shapes \
       --examples 512 --warmup-steps 30 --timed-s 6 --max-wall-s 40 --budget-s $(( L - 10 )) --fixed-cost-s 25 \
-      --checks sdpa --variants sft_gpu_defaults,sft_gpu_defaults_foreach,kd_gpu_defaults,kd_gpu_defaults_foreach
+      --checks sdpa --variants "$OPT_VARIANTS"
   fi
 fi
 

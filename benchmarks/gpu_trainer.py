@@ -4,7 +4,8 @@ for sft_gt and kd (real top-k cache built by `build_cache`): padded vs `training
 DataLoader workers. Variant names spell their settings (sft_padfree_layers_m64 = padding-free, layer compile,
 lengths x64); `*_gpu_defaults` leave every speed key at `auto`, as a user's run resolves them, and
 `sft_gpu_defaults_syncs` puts the old per-step host synchronisations back for comparison, `*_foreach` swaps the
-fused AdamW step for foreach AdamW (`training.optim: adamw_torch`). `--batch` sets the rows
+fused AdamW step for foreach AdamW (`training.optim: adamw_torch`), `*_fusedclip` folds the gradient clip into fused
+AdamW (`training.optim: adamw_fused_clip`). `--batch` sets the rows
 per micro-batch (4 by default, as in every table of docs/BENCHMARKS.md unless it says otherwise).
 One entry point, JSON under --out, one table printed last.
 
@@ -606,6 +607,10 @@ def main() -> None:
          True),
         ("kd_gpu_defaults_foreach", True, {**gpu_defaults, "optim": "adamw_torch"}, "sdpa", 0.13, 10, 70, False,
          True),
+        ("sft_gpu_defaults_fusedclip", False, {**gpu_defaults, "optim": "adamw_fused_clip"}, "sdpa", 0.12, 10, 70,
+         False, True),
+        ("kd_gpu_defaults_fusedclip", True, {**gpu_defaults, "optim": "adamw_fused_clip"}, "sdpa", 0.13, 10, 70,
+         False, True),
         ("sft_gpu_defaults_ckpt", False, {**gpu_defaults, "gradient_checkpointing": True}, "sdpa", 0.16, 10, 70, False,
          True),
         ("kd_pad_eager", True, {**pad, **m0}, "sdpa", 0.25, 5, 25, False, True),

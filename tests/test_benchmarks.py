@@ -75,7 +75,7 @@ def test_multi_gpu_benchmark_runs_sft_kd_dpo_and_loss_check_through_the_launch(t
 
 def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=str(ROOT),
-               SESSION_QUICK_RUNS="sft", SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_foreach")
+               SESSION_QUICK_RUNS="sft", SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_fusedclip")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_perf_session.sh"), "--quick"], capture_output=True,
                           text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -84,7 +84,7 @@ def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
     steps = [line.split("\t") for line in (tmp_path / "out" / "steps.tsv").read_text().splitlines()[1:]]
     assert [(s[0], s[1]) for s in steps] == [("a_multi", "0"), ("c_optimizer", "0")]
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert "sft | complete" in summary and "sft_gpu_defaults_foreach" in summary
+    assert "sft | complete" in summary and "sft_gpu_defaults_fusedclip" in summary
 
 
 def test_harness_overhead_benchmark_times_stage_imports(tmp_path):

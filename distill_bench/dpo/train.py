@@ -168,6 +168,7 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
     from distill_bench.dpo.stage import REFERENCE_INFO, read_pairs
     from distill_bench.models.build import load_model, resolve_model_ref
     from distill_bench.models.tokenizer import load_tokenizer
+    from distill_bench.train.optim import trainer_optimizer
     from distill_bench.train.step_clock import step_clock_callback
     from distill_bench.train.trainer import (TrainSettings, check_or_write_fingerprint, mean_loss, save_final_model,
                                              resume_and_train, run_fingerprint, stop_if_interrupted,
@@ -244,7 +245,8 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
     stopper, counter = StopOnSignal(), SaveCounts(meter)
     clock = step_clock_callback(counter, max_steps)
     trainer = _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
-                                   processing_class=tok, callbacks=[stopper, counter, clock])
+                                   processing_class=tok, callbacks=[stopper, counter, clock],
+                                   optimizer_cls_and_kwargs=trainer_optimizer(settings))
     counter.trainer = trainer
     _check_trl_tokenization(trainer.train_dataset, enc)
 

@@ -24,6 +24,7 @@ from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_in
 from distill_bench.train.speed import (compile_decoder_layers, resolve_compile, resolve_pad_multiple,
                                        resolve_padding_free)
+from distill_bench.train.optim import trainer_optimizer
 from distill_bench.train.step_clock import step_clock_callback
 from distill_bench.train.varlen import CONFIG_NAME as VARLEN
 from distill_bench.train.varlen import auto_applies as varlen_auto_applies
@@ -39,7 +40,8 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_wi
 _RESULT_KEYS = ("token_budget", "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                 "lr_scheduler", "precision", "gpus", "max_grad_norm")
 DISTRIBUTED = ("ddp", "fsdp")
-OPTIMIZERS = ("auto", "adamw_torch_fused", "adamw_torch")   # HF optimizer names; auto keeps HF's default
+# HF optimizer names (auto keeps HF's default), and adamw_fused_clip: the clip folded into fused AdamW (train/optim.py)
+OPTIMIZERS = ("auto", "adamw_torch_fused", "adamw_torch", "adamw_fused_clip")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", VARLEN)
 
 
@@ -119,6 +121,9 @@ class TrainSettings:
                              f"got {self.stale_checkpoints!r}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"training.optim must be one of {OPTIMIZERS}, got {self.optim!r}")
+        if self.optim == "adamw_fused_clip" and self.distributed == "fsdp" and self.gpus * self.nodes > 1:
+            raise ValueError("training.optim adamw_fused_clip clips by the local gradient norm: not with "
+                             "training.distributed fsdp (sharded gradients); use adamw_torch_fused there")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"training.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         resolve_compile(self.torch_compile, on_gpu=False)
@@ -389,7 +394,8 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         # exact integer step count: HF reads a float >= 1 as steps, so a ratio of 1.0 must not reach it as a float
         warmup_steps=int(math.ceil(float(settings.warmup_ratio) * max_steps)),
         lr_scheduler_type=settings.lr_scheduler,
-        max_grad_norm=float(settings.max_grad_norm),
+        # adamw_fused_clip clips inside the optimizer step (train/optim.py), so HF's own clip is off
+        max_grad_norm=0.0 if settings.optim == "adamw_fused_clip" else float(settings.max_grad_norm),
         bf16=settings.precision == "bf16",
         fp16=settings.precision == "fp16",
         activation_checkpointing=bool(settings.gradient_checkpointing),  # TRL defaults it on
@@ -412,7 +418,7 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         data_seed=int(seed),
         eval_strategy="no",
         save_only_model=False,                 # optimizer + scheduler + RNG needed to resume exactly
-        **({} if settings.optim == "auto" else {"optim": settings.optim}),
+        **({} if settings.optim in ("auto", "adamw_fused_clip") else {"optim": settings.optim}),
     )
 
 
@@ -593,6 +599,8 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         meter.set_primary_tokens("trained_tokens")
     kwargs = dict(trainer_kwargs or {})
     callbacks = list(kwargs.pop("callbacks", []) or []) + [stopper, counter, clock]
+    if trainer_optimizer(settings) is not None:
+        kwargs.setdefault("optimizer_cls_and_kwargs", trainer_optimizer(settings))
     trainer = _counting_trainer_class(base_cls)(
         model=model, args=args, train_dataset=Dataset.from_list(_with_labels(stream)), processing_class=tokenizer,
         data_collator=collator, callbacks=callbacks, **kwargs)
