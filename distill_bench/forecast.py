@@ -400,8 +400,8 @@ class _Planner:
 
     def artifact_stages(self, art) -> list[StageForecast]:
         cfg = self.cfg
-        teacher = self.model_shape(art.teacher) if art.teacher in ("teacher",) or art.teacher in \
-            self.plan.experiments else self.teacher
+        # the model producing the artifact: the teacher, or an earlier student (self-distillation)
+        teacher = self.model_shape(art.teacher) if art.teacher in self.plan.experiments else self.teacher
         n_train = cfg["datasets"][art.dataset].get("n_train") or 0
         if art.kind == "logits":
             seq = self.mean_length(art.dataset, art.params.get("max_length"))

@@ -369,7 +369,9 @@ def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool =
     atomic_write_text(out / "references.csv", references.to_csv(index=False))
     md = markdown_table(comparison, references, stage_frame)
     atomic_write_text(out / "comparison.md", md)
-    __import__("distill_bench.forecast").forecast.write_forecast_vs_measured(config, stages, out)  # calibration
+    from distill_bench.forecast import write_forecast_vs_measured   # the forecast's calibration check
+
+    write_forecast_vs_measured(config, stages, out)
     if plots:
         from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_power_timelines
 

@@ -83,7 +83,8 @@ class TrainSettings:
     attn_implementation: str | None = "auto"
     torch_compile: bool | str = "auto"  # false, true/"model" (HF compiles the whole model), "layers" (each decoder
                                         # layer), "auto" = layers on a GPU (distill_bench.train.speed)
-    optim: str = "auto"               # optimizer: auto = HF's default (fused AdamW); adamw_torch = foreach AdamW
+    optim: str = "auto"               # auto = HF's default (fused AdamW); adamw_torch = foreach; adamw_fused_clip =
+                                      # the gradient clip inside fused AdamW (distill_bench.train.optim)
     stale_checkpoints: str = "refuse"  # checkpoints of another config: "refuse" (error) or "set_aside" (renamed
                                        # to checkpoints.stale-<time>, training starts fresh; never mixed, never lost)
 
@@ -599,8 +600,9 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         meter.set_primary_tokens("trained_tokens")
     kwargs = dict(trainer_kwargs or {})
     callbacks = list(kwargs.pop("callbacks", []) or []) + [stopper, counter, clock]
-    if trainer_optimizer(settings) is not None:
-        kwargs.setdefault("optimizer_cls_and_kwargs", trainer_optimizer(settings))
+    optimizer = trainer_optimizer(settings)   # None: HF builds the optimizer training.optim names
+    if optimizer is not None:
+        kwargs.setdefault("optimizer_cls_and_kwargs", optimizer)
     trainer = _counting_trainer_class(base_cls)(
         model=model, args=args, train_dataset=Dataset.from_list(_with_labels(stream)), processing_class=tokenizer,
         data_collator=collator, callbacks=callbacks, **kwargs)
