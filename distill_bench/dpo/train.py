@@ -245,8 +245,9 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
     stopper, counter = StopOnSignal(), SaveCounts(meter)
     clock = step_clock_callback(counter, max_steps)
     trainer = _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
-                                   processing_class=tok, callbacks=[stopper, counter, clock],
-                                   optimizer_cls_and_kwargs=trainer_optimizer(settings))
+                                   processing_class=tok, callbacks=[stopper, counter, clock])
+    if trainer_optimizer(settings) is not None:   # DPOTrainer takes no optimizer_cls_and_kwargs argument; the
+        trainer.optimizer_cls_and_kwargs = trainer_optimizer(settings)   # optimizer is built from it in train()
     counter.trainer = trainer
     _check_trl_tokenization(trainer.train_dataset, enc)
 
