@@ -403,13 +403,18 @@ class _Planner:
         # the model producing the artifact: the teacher, or an earlier student (self-distillation)
         teacher = self.model_shape(art.teacher) if art.teacher in self.plan.experiments else self.teacher
         n_train = cfg["datasets"][art.dataset].get("n_train") or 0
-        if art.kind == "logits":
+        if art.kind in ("logits", "logit_tail"):
+            # the top-k cache: a teacher pass writing top-k rows; a tail: a teacher pass computing one temperature's
+            # full-vocabulary tail mass (a forward)
             seq = self.mean_length(art.dataset, art.params.get("max_length"))
-            return [self.gpu_stage(art.stage_ids[0], "teacher", "cache_logits", teacher, n_train * seq,
-                                   "input_tokens", seq)]
+            op = "cache_logits" if art.kind == "logits" else "forward"
+            return [self.gpu_stage(sid, "teacher", op, teacher, n_train * seq, "input_tokens", seq)
+                    for sid in art.stage_ids]
         if art.kind == "synthetic":
             self.used_assumptions.add("max_new")
-            syn = art.params
+            # the consuming experiment's section: the artifact's params keep only what identifies it
+            syn = {**self.plan.experiments[art.consumers[0]].sections["synthetic"], **art.params} \
+                if art.consumers else art.params
             prompts = syn.get("n_prompts") or n_train
             shards = int(syn["shards"])
             seq = self.mean_length(art.dataset)
@@ -421,13 +426,14 @@ class _Planner:
             return out
         # preferences: sample from each source, then judge
         self.used_assumptions.add("max_new")
-        p = art.params
+        p = {**self.plan.experiments[art.consumers[0]].sections["dpo"], **art.params} if art.consumers else art.params
         prompts = p.get("n_prompts") or n_train
         seq = self.mean_length(art.dataset)
         per_source = prompts * int(p["samples_per_prompt"]) * int(p["max_new_tokens"])
         sample = None
+        sample_id = next((sid for sid in art.stage_ids if ".sample." in sid), art.stage_ids[0])
         for label, model_id in art.sources.items():
-            st = self.gpu_stage(art.stage_ids[0], "teacher", "generate", self.model_shape(model_id), per_source,
+            st = self.gpu_stage(sample_id, "teacher", "generate", self.model_shape(model_id), per_source,
                                 "generated_tokens", seq)
             if sample is None:
                 sample = st
@@ -438,13 +444,16 @@ class _Planner:
                 sample.tokens += st.tokens
                 sample.basis += [f"+ {label}: " + "; ".join(st.basis)]
         out = [sample] if sample else []
+        judge_ids = [sid for sid in art.stage_ids if ".judge." in sid]
+        if not judge_ids:
+            return out
         if p["judge"] == "verifier":
-            out.append(self.cpu_stage(art.stage_ids[1], "teacher", "-"))
+            out.append(self.cpu_stage(judge_ids[0], "teacher", "-"))
         else:
             judge = self.teacher if art.judge_model in (None, "teacher") else resolve_shape(
                 self.cal, {"name_or_path": art.judge_model}, self.vocab, "dpo.judge_model")
             tokens = prompts * int(p["samples_per_prompt"]) * len(art.sources) * (seq / 2 + int(p["max_new_tokens"]))
-            out.append(self.gpu_stage(art.stage_ids[1], "teacher", "forward", judge, tokens, "input_tokens", seq))
+            out.append(self.gpu_stage(judge_ids[0], "teacher", "forward", judge, tokens, "input_tokens", seq))
         return out
 
     def dpo_tokens(self, exp) -> tuple[float, float, float]:

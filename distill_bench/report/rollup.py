@@ -45,15 +45,40 @@ class RollupError(RuntimeError):
     """The roll-up cannot produce honest numbers (a missing or invalid stage JSON); the message says which."""
 
 
+# a stage JSON is final only once its meter stopped with every attempt accounted for
+FINAL_STAGE_STATUS = "complete"
+
+
 def _load_stage(path: Path) -> dict:
     from distill_bench.energy import load_stage_json
 
     try:
-        return load_stage_json(path)
+        stage = load_stage_json(path)
     except FileNotFoundError:
         raise
-    except Exception as err:  # schema errors, newer schema versions, hand-edited files
+    except Exception as err:  # unreadable, empty, schema errors, newer schema versions, hand-edited files
         raise RollupError(f"stage JSON {path}: {err}") from err
+    if stage.get("status") != FINAL_STAGE_STATUS:
+        raise RollupError(f"stage JSON {path}: status {stage.get('status')!r}, not {FINAL_STAGE_STATUS!r} (the stage "
+                          f"is still running, failed or was interrupted); rerun it before rolling up")
+    return stage
+
+
+def load_eval_result(path: Path) -> dict:
+    """A declared evaluation's result, refused (path and reason named) when unreadable, empty or unfinished."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RollupError(f"eval result {path}: missing for a declared evaluation; rerun it rather than showing "
+                          f"n/a") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RollupError(f"eval result {path}: unreadable ({err})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict) or not result["metrics"]:
+        raise RollupError(f"eval result {path}: holds no metrics (empty or truncated file); rerun the evaluation")
+    status = result.get("status", FINAL_STAGE_STATUS)
+    if status != FINAL_STAGE_STATUS:
+        raise RollupError(f"eval result {path}: status {status!r}, not {FINAL_STAGE_STATUS!r}; rerun the evaluation")
+    return result
 
 
 def load_stages(results_dir: str | Path, stage_ids: list[str]) -> dict[str, dict]:
@@ -125,12 +150,8 @@ def break_even_reuse(teacher_j: float, student_j: float, baseline_j: float, qual
     return float(max(1, math.ceil(teacher_j / margin - 1e-12)))
 
 
-def _eval_result(results_dir: Path, model_id: str, dataset: str) -> dict | None:
-    path = results_dir / "eval" / model_id / f"{dataset}.json"
-    if not path.exists():
-        return None
-    with open(path) as fh:
-        return json.load(fh)
+def _eval_result(results_dir: Path, model_id: str, dataset: str) -> dict:
+    return load_eval_result(results_dir / "eval" / model_id / f"{dataset}.json")
 
 
 def _metric(result: dict | None, name: str) -> tuple[float, float, float, float]:
@@ -158,7 +179,8 @@ def _other_evals(results_dir: Path, plan: dict, model_id: str, primary: str) -> 
 def charged_units(plan: dict, exp_id: str) -> dict[str, list[str]]:
     """The stages an experiment's bill is made of, by bucket.
 
-    teacher: the stages of the shared teacher artifact it consumes, and of those its upstream checkpoints consumed;
+    teacher: the stages of the shared teacher artifacts it consumes (a KD student: the cache and its tau's tail), and
+    of those its upstream checkpoints consumed;
     upstream: the training stages of the earlier experiments it builds on (DPO's SFT start, self-distillation's
     teacher, the checkpoint continued training continues); student: its own training; eval: its own evaluations.
     """
@@ -167,9 +189,9 @@ def charged_units(plan: dict, exp_id: str) -> dict[str, list[str]]:
     teacher: list[str] = []
     upstream: list[str] = []
     for owner in [exp_id] + list(exp.get("lineage") or []):
-        art_id = exps[owner].get("artifact")
-        if art_id:
-            teacher += [s for s in arts[art_id]["stage_ids"] if s not in teacher]
+        for art_id in (exps[owner].get("artifact"), exps[owner].get("tail_artifact")):
+            if art_id:
+                teacher += [s for s in arts[art_id]["stage_ids"] if s not in teacher]
         if owner != exp_id:
             upstream.append(f"student.train.{owner}")
     evals = [f"eval.{m}.{d}" for m, d in plan["eval_units"] if m == exp_id]
@@ -348,41 +370,53 @@ def markdown_table(comparison: pd.DataFrame, references: pd.DataFrame, stages: p
     return "\n".join(lines) + "\n"
 
 
-def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool = True) -> pd.DataFrame:
+def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool = True,
+               in_workflow: bool = False) -> pd.DataFrame:
     import yaml
 
     from distill_bench.energy import atomic_write_text
+    from distill_bench.report import reconcile
 
     results_dir = Path(results_dir)
     with open(results_dir / "config" / "plan.json") as fh:
         plan = json.load(fh)
     config_path = results_dir / "config" / "merged_config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    accept_shared = bool(((config or {}).get("energy") or {}).get("accept_shared_devices", False))
     stages = load_stages(results_dir, plan["stage_ids"])
+    for model_id, dataset in plan["eval_units"]:     # every declared evaluation, before any output is written
+        _eval_result(results_dir, model_id, dataset)
+    # the run's own counters against the stages' sum; fails (after writing reconciliation.md) on double counting
+    record = reconcile.reconcile_run(results_dir, stages, in_workflow=in_workflow)
+    reconcile.enforce(record, accept_shared)
     stage_frame = stages_frame(stages)
+    charged = {exp: [s for ids in charged_units(plan, exp).values() for s in ids] for exp in plan["experiments"]}
     comparison = comparison_frame(plan, stages, results_dir)
+    comparison = reconcile.mark_shared_rows(comparison, charged, reconcile.shared_stage_ids(stages, record),
+                                            accept_shared)
     references = reference_rows(plan, results_dir)
     out = results_dir / "summary"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "stages.csv", stage_frame.to_csv(index=False))
     atomic_write_text(out / "comparison.csv", comparison.to_csv(index=False))
     atomic_write_text(out / "references.csv", references.to_csv(index=False))
-    md = markdown_table(comparison, references, stage_frame)
+    md = markdown_table(comparison, references, stage_frame) + reconcile.comparison_notes(comparison, record,
+                                                                                          accept_shared)
     atomic_write_text(out / "comparison.md", md)
     from distill_bench.forecast import write_forecast_vs_measured   # the forecast's calibration check
 
     write_forecast_vs_measured(config, stages, out)
     if plots:
-        from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_power_timelines
+        from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_run_timeline
 
         sizes = {name: spec.get("size_label") for name, spec in (config or {}).get("students", {}).items()}
         if not comparison.empty:
             plot_pareto(comparison, out / "pareto.png", size_labels=sizes)
             plot_energy_by_role(comparison, out / "energy_by_role.png")
-        plot_power_timelines(stage_frame, out / "power_timelines.png")
+        plot_run_timeline(stage_frame, out / "run_timeline.png", record)
     from distill_bench.report.html import write_html_summary
 
-    notes = [line for line in md.splitlines() if line.startswith(("Note:", "Estimated"))]
+    notes = [line for line in md.splitlines() if line.startswith(("Note:", "Estimated", "Reconciliation"))]
     write_html_summary(out, (config or {}).get("run_name", results_dir.name), comparison, references, stage_frame,
                        notes)
     if print_table:
