@@ -305,3 +305,14 @@ def test_trained_tokens_are_the_final_total_not_the_sum_of_attempts(run_dir):
     assert by_seed.loc["sft_gt.tiny.arith.s1", "trained_tokens"] == 30000
     assert by_seed.loc["sft_gt.tiny.arith.s1", "processed_tokens"] == 54169
     assert by_seed.loc["sft_gt.tiny.arith.s1", "train_tokens_per_s"] == pytest.approx(541.69)
+
+
+def test_roll_up_refuses_amortised_shares_that_do_not_sum_back(run_dir, monkeypatch):
+    """The invariant is enforced: a divisor that drops a consumer would make the shares overshoot the total."""
+    from distill_bench.report import rollup
+
+    results, _ = run_dir
+    real = rollup.unit_consumers
+    monkeypatch.setattr(rollup, "unit_consumers", lambda plan: {k: max(1, v - 1) for k, v in real(plan).items()})
+    with pytest.raises(RollupError, match="amortised totals sum to"):
+        rollup_run(results, plots=False)
