@@ -58,6 +58,14 @@ def test_item_ci_stays_inside_the_unit_interval():
     assert 0.0 <= low <= 0.01 <= high <= 1.0
 
 
+def test_two_level_ci_near_the_floor_stays_at_or_above_zero():
+    """Seeds at 0 %, 0 % and 3 %: the rescaled seed deviations reach below 0, the interval does not."""
+    x = np.zeros((3, 100))
+    x[2, :3] = 1.0
+    est = two_level_ci(x, 2000, 0.95, seed=0)
+    assert 0.0 <= est.ci_low <= est.mean <= est.ci_high <= 1.0
+
+
 def test_nan_scores_are_refused():
     with pytest.raises(ValueError, match="NaN"):
         two_level_ci([[1.0, math.nan]])

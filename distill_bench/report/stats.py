@@ -94,13 +94,16 @@ class Estimate:
 
 
 def two_level_ci(scores, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> Estimate:
-    """Mean of a [seeds, items] matrix with a percentile CI from the two-level bootstrap (seeds, then items)."""
+    """Mean of a [seeds, items] matrix with a percentile CI from the two-level bootstrap (seeds, then items),
+    inside the range of the scores (a score in [0, 1] never gets an interval reaching below 0 or above 1)."""
     _check(n_boot, confidence)
     x = _as_matrix(scores)
     dist = bootstrap_means(x, n_boot, seed)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(dist, [alpha, 1 - alpha])
-    return Estimate(float(x.mean()), float(low), float(high), x.shape[0], x.shape[1])
+    # the rescaled seed deviations can step outside the scores' range (e.g. below 0 % near the floor): clip to it
+    low, high = max(float(low), float(x.min())), min(float(high), float(x.max()))
+    return Estimate(float(x.mean()), low, high, x.shape[0], x.shape[1])
 
 
 @dataclass(frozen=True)
