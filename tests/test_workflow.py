@@ -161,7 +161,7 @@ def test_adding_a_seed_plans_only_that_seeds_jobs(tiny_run, tmp_path):
     assert all(w.get("exp", w.get("model_id", "")).endswith(".s2") for r, w in jobs
                if r in ("train_student", "evaluate", "precompute_reference"))
     assert planned <= {"train_student", "evaluate", "cache_logits", "sample_preferences", "judge_preferences",
-                       "precompute_reference", "config_snapshot", "rollup", "wandb_log"}, planned
+                       "precompute_reference", "config_snapshot", "rollup", "wandb_log", "all"}, planned
 
 
 def test_unchanged_config_plans_nothing_even_reformatted(tiny_run, tmp_path):
