@@ -15,7 +15,9 @@ import yaml
 
 sys.path.insert(0, workflow.basedir)
 from distill_bench.config import ConfigError, build_plan, load_config
-from distill_bench.hardware import HardwareError, apply_preset, check_partitions, rule_resources
+from distill_bench.energy.lease import visible_gpu_count
+from distill_bench.hardware import (GPU_CAPABLE_RULES, HardwareError, apply_preset, check_partitions,
+                                    local_gpu_request, rule_resources)
 
 # The embedded default is loaded only when no --configfile brought a full config: merging it under a cluster
 # config would leak the embedded datasets and students into the cluster grid.
@@ -34,6 +36,16 @@ except (ConfigError, HardwareError) as _err:
 
 PLAN = build_plan(CFG)
 R = CFG["results_dir"]
+
+# Exclusive GPUs for local runs: a device's energy counter is the whole device's, so two stages on one GPU would each
+# bill the other's work. GPU-capable rules declare the resource `gpu` and the global `gpu` is the number of visible
+# GPUs (no flag to remember; `--resources gpu=N` still wins). Cluster submission (--jobs, a remote executor) is left
+# alone: the scheduler grants GPUs there. Without a visible GPU nothing changes and every rule runs on the CPU.
+LOCAL_GPUS = 0
+if workflow.is_main_process and workflow.global_resources["_nodes"].value is None:
+    LOCAL_GPUS = visible_gpu_count()
+    if LOCAL_GPUS and "gpu" not in workflow.global_resources:
+        workflow.register_resource("gpu", LOCAL_GPUS)
 
 
 report: "report/workflow.rst"

@@ -18,6 +18,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_bench.energy import StageMeter  # noqa: E402
 from distill_bench.energy.sampler import Sampler  # noqa: E402
+from distill_bench.energy.sharing import SharingTracker  # noqa: E402
+
+
+class _ProcessListReader:
+    """NvmlReader stand-in for timing the sharing poll: one device listing this process and its parent."""
+
+    available = True
+
+    def __init__(self) -> None:
+        import os
+
+        self.devices = [type("Dev", (), {"key": "gpu0", "uuid": "GPU-bench"})()]
+        self.pids = {os.getpid(), os.getppid()}
+
+    def running_pids(self, dev) -> set[int]:
+        return set(self.pids)
 
 
 def workload(n: int) -> int:
@@ -69,6 +85,20 @@ def main() -> int:
             s.sample_once(force_slow=True)
         tick_ms = (time.perf_counter() - t) / n_ticks * 1e3
         s.stop()
+        # shared-device check: one NVML process-list poll (fake list of 2 pids, ancestry walked in /proc)
+        tracker = SharingTracker(_ProcessListReader(), lock_dir=str(tmp / "locks"))
+        t = time.perf_counter()
+        for i in range(n_ticks):
+            tracker.poll(i * 1.0)
+        poll_ms = (time.perf_counter() - t) / n_ticks * 1e3
+        # cheap ledger snapshot (every energy.ledger_interval_s): build the record, write it atomically, no fsync
+        m = StageMeter(stage="bench", stage_id="ledger", role="setup", out_json=tmp / "ledger.json",
+                       settings={"codecarbon": False, "sample_interval_s": 1.0}).start()
+        t = time.perf_counter()
+        for _ in range(50):
+            m._write_ledger()
+        ledger_ms = (time.perf_counter() - t) / 50 * 1e3
+        m.stop()
     base = statistics.median(w for w, _ in results["no meter"])
     rows = []
     print(f"workload: {ns.work:,} loop iterations, {ns.reps} reps, median; CodeCarbon off; "
@@ -83,9 +113,13 @@ def main() -> int:
         print(f"{name:<14}{w:>10.3f}{over:>9.2f}%{ss:>14.4f}")
     print(f"one sampler slow tick (tree RSS + CPU time + CSV row): {tick_ms:.3f} ms; the fast tick on a CPU-only "
           f"host does nothing but wait")
+    print(f"one shared-device poll (NVML process list of 2 pids, on the slow tick = once a second): {poll_ms:.3f} ms "
+          "+ the NVML query itself")
+    print(f"one ledger snapshot (every energy.ledger_interval_s, default 2 s): {ledger_ms:.3f} ms")
     if ns.out:
         ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(json.dumps({"rows": rows, "slow_tick_ms": tick_ms, "work": ns.work, "reps": ns.reps},
+        ns.out.write_text(json.dumps({"rows": rows, "slow_tick_ms": tick_ms, "sharing_poll_ms": poll_ms,
+                                     "ledger_snapshot_ms": ledger_ms, "work": ns.work, "reps": ns.reps},
                                      indent=2))
     return 0
 

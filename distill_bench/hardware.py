@@ -195,6 +195,33 @@ def _gpu_request(res: Mapping[str, Any], rule: str) -> tuple[int, str | None]:
     return gpu, (res.get("gpu_model") if gpu else None)
 
 
+# Rules whose stage may put work on a GPU when one is visible. In a local run each of them declares the Snakemake
+# resource `gpu` and leases its devices (distill_bench.energy.lease), so no two stages share a device's energy counter.
+GPU_CAPABLE_RULES = GPU_RULES + ("sample_preferences", "judge_preferences", "precompute_reference")
+# node checks describe every device (idle power per GPU), so locally they lease all visible GPUs
+WHOLE_NODE_RULES = ("prerun", "idle_baseline")
+
+
+def local_gpu_request(cfg: Mapping[str, Any], rule: str, visible: int, job_gpus: int | None = None) -> int:
+    """GPUs one job of ``rule`` leases in a local run with ``visible`` GPUs (0 on a CPU-only machine).
+
+    A GPU-capable rule gets what the config asks for, at least one; ``job_gpus`` is a job's own need (a multi-GPU
+    training run). Asking for more than are visible is a planning error naming the rule: Snakemake would otherwise
+    quietly cap the request at the visible count and the stage would run on fewer devices than configured.
+    """
+    if visible <= 0 or rule not in GPU_CAPABLE_RULES:
+        return 0
+    if rule in WHOLE_NODE_RULES:
+        return visible
+    configured, _ = _gpu_request(rule_resources(cfg, rule), rule)
+    want = max(1, configured, int(job_gpus or 0))
+    if want > visible:
+        raise HardwareError(f"rule {rule!r} asks for {want} GPU(s) per job but this machine shows {visible} "
+                            "(CUDA_VISIBLE_DEVICES / NVML); lower resources.rules." + rule + ".gpu or "
+                            "training.gpus, or run on a machine with more GPUs")
+    return want
+
+
 def partition_misfit(res: Mapping[str, Any], lim: Mapping[str, Any], rule: str) -> str | None:
     """Why ``res`` cannot run on a partition with limits ``lim`` (None if it fits)."""
     n_gpu, model = _gpu_request(res, rule)

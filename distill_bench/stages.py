@@ -45,9 +45,53 @@ def resolve(name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), func)
 
 
+def snakemake_metadata(output: str, persistence_dir: str | Path = ".snakemake") -> dict | None:
+    """Snakemake's metadata record of one output (file persistence backend), None when there is none."""
+    import base64
+    import json
+
+    root = Path(persistence_dir) / "metadata"
+    try:
+        max_len = os.pathconf(root, "PC_NAME_MAX") or 255
+    except (OSError, ValueError):
+        max_len = 255
+    b64 = base64.urlsafe_b64encode(str(output).encode()).decode()
+    parts = [b64[i:i + max_len - 1] for i in range(0, len(b64), max_len - 1)]
+    path = root.joinpath(*(["@" + p for p in parts[:-1]] + [parts[-1]]))
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def snakemake_output_accepted(output: str, persistence_dir: str | Path = ".snakemake"):
+    """For the meter: did Snakemake record (accept) the output a previous complete stage record describes?
+
+    Snakemake writes an output's metadata when it accepts the finished job, with ``endtime`` = the file's mtime. A
+    record that finished later than that (or with no metadata at all) was never accepted -- e.g. SIGINT reached
+    Snakemake right after the stage finished -- and its rerun redoes the same work. None when we cannot tell.
+    """
+    import datetime as dt
+
+    def accepted(record: Mapping[str, Any]) -> bool | None:
+        if not (Path(persistence_dir) / "metadata").is_dir():
+            return None
+        meta = snakemake_metadata(output, persistence_dir)
+        if meta is None:
+            return False
+        try:
+            finished = dt.datetime.fromisoformat(str(record["end_time"]).replace("Z", "+00:00")).timestamp()
+            return float(meta["endtime"]) >= finished - 2.0
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    return accepted
+
+
 def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str, Any],
-                    kwargs: Mapping[str, Any]) -> Any:
-    """Run stage ``name`` with ``kwargs`` inside a StageMeter that writes ``out_json``."""
+                    kwargs: Mapping[str, Any], lease: Any = None, output_accepted: Any = None) -> Any:
+    """Run stage ``name`` with ``kwargs`` inside a StageMeter that writes ``out_json`` (``lease``: the GPU lease
+    this process holds, recorded in the stage JSON)."""
     from distill_bench.energy import EnergySettings, run_stage
 
     fn = resolve(name)
@@ -71,6 +115,8 @@ def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str,
         artifact=meter_args.get("artifact"),
         out_json=Path(out_json),
         settings=settings,
+        lease=lease.describe() if lease is not None else None,
+        output_accepted=output_accepted,
         # bound here: stage arguments may share names with run_stage's own (e.g. pipeline)
         fn=functools.partial(fn, **kwargs),
     )
@@ -87,15 +133,26 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
         handler = logging.FileHandler(log_path)
         logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler(sys.stderr)],
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # lease the job's GPUs before the stage module (and torch, CUDA) is imported: one stage per device
+    from distill_bench.energy.lease import job_gpus, lease_for_job
+    from distill_bench.hardware import GPU_CAPABLE_RULES
+
+    params = dict(snakemake.params.items())
+    lease = lease_for_job(job_gpus(snakemake.resources), stage_id=params.get("stage_id"), rule=snakemake.rule,
+                          lock_dir=(params.get("energy") or {}).get("lock_dir"))
+    if lease is None and snakemake.rule not in GPU_CAPABLE_RULES:
+        # a CPU stage neither uses a GPU nor bills one: metering the device would charge it the power of whatever
+        # GPU stage runs beside it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     kwargs: dict[str, Any] = {}
     for section in (snakemake.input, snakemake.output):
         for key, value in section.items():
             if key in ADAPTER_ONLY_INPUTS:
                 continue
             kwargs[key] = value if isinstance(value, str) else list(map(str, value))
-    params = dict(snakemake.params.items())
     meter_args = {k: params.pop(k) for k in METER_KEYS if k in params}
     out_json = kwargs.pop("energy_json")
     kwargs.update(params)
     os.environ.setdefault("OMP_NUM_THREADS", str(snakemake.threads))
-    return run_named_stage(name, out_json=out_json, meter_args=meter_args, kwargs=kwargs)
+    return run_named_stage(name, out_json=out_json, meter_args=meter_args, kwargs=kwargs, lease=lease,
+                           output_accepted=snakemake_output_accepted(out_json))

@@ -43,7 +43,26 @@ def resources_for(rule_name):
             continue
         else:
             out[key] = value
+    if LOCAL_GPUS and rule_name in GPU_CAPABLE_RULES:
+        out.pop("gres", None)
+        out["gpu"] = local_gpu_resource(rule_name)
     return out
+
+
+def local_gpu_resource(rule_name):
+    """GPUs a job of ``rule_name`` leases locally; a request beyond the visible GPUs stops planning here."""
+    try:
+        if rule_name != "train_student":
+            return local_gpu_request(CFG, rule_name, LOCAL_GPUS)
+        per_exp = {}
+        for exp_id, exp in PLAN.experiments.items():
+            try:
+                per_exp[exp_id] = local_gpu_request(CFG, rule_name, LOCAL_GPUS, exp.training.get("gpus"))
+            except HardwareError as err:
+                raise HardwareError(f"{err} (experiment {exp_id!r})") from None
+    except HardwareError as err:
+        raise WorkflowError(str(err)) from None
+    return lambda wildcards: per_exp[wildcards.exp]
 
 
 def threads_for(rule_name):

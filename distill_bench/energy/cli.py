@@ -61,6 +61,10 @@ def measure_main(argv: list[str]) -> int:
     p.add_argument("--idle-json", default=None)
     p.add_argument("--env-json", default=None)
     p.add_argument("--no-codecarbon", action="store_true")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="lease this many GPUs exclusively (waits until free) and run CMD on them (default 0: "
+                        "meter the visible GPUs without a lease)")
+    p.add_argument("--lock-dir", default=None, help="GPU lease lock directory (default <tmp>/distill-bench-gpu-locks)")
     ns = p.parse_args(opts)
     if not cmd:
         p.error("no command given: put it after `--`")
@@ -68,11 +72,18 @@ def measure_main(argv: list[str]) -> int:
         settings = _settings(ns)
     except ValueError as exc:
         p.error(str(exc))
+    from .lease import LeaseError, lease_for_job
     from .meter import StageMeter
 
+    try:   # before the meter opens NVML on the devices it will measure
+        lease = lease_for_job(ns.gpus, stage_id=ns.stage_id or ns.stage, lock_dir=ns.lock_dir)
+    except LeaseError as exc:
+        p.error(str(exc))
+    if ns.lock_dir:
+        settings.lock_dir = ns.lock_dir
     meter = StageMeter(stage=ns.stage, stage_id=ns.stage_id or ns.stage, role=ns.role, pipeline=ns.pipeline,
                        experiment=ns.experiment, artifact=ns.artifact, out_json=ns.out, settings=settings,
-                       install_signal_handlers=False)
+                       install_signal_handlers=False, lease=lease.describe() if lease is not None else None)
     tokens_file = ns.out.with_name(ns.out.stem + ".tokens.json")
     meter.start()   # raises before the child starts if the output directory is unwritable
     received: list[int] = []

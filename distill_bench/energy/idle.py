@@ -28,7 +28,6 @@ def measure_idle(out_json: str | os.PathLike, seconds: float, settings: EnergySe
     check_writable_dir(out_json.parent, "idle JSON output")
     nv = nvml_mod.NvmlReader(module=nvml_module, devices=devices).open()
     zones, rapl_error = rapl_mod.discover(rapl_root)
-    rapl = rapl_mod.RaplAccumulator(zones) if zones else None
     model = cpu_estimate.cpu_power_model(settings.cpu_tdp_w)
     power_sums: dict[str, list[float]] = {d.key: [] for d in nv.devices}
     try:
@@ -38,6 +37,8 @@ def measure_idle(out_json: str | os.PathLike, seconds: float, settings: EnergySe
     except Exception:
         psutil = None
     start_time = utcnow()
+    # every baseline is read here, as the window opens, so set-up work is not idle power
+    rapl = rapl_mod.RaplAccumulator(zones) if zones else None
     cpu0 = cpu_estimate.process_tree_cpu_seconds()
     e0 = nv.read_energy_j() if nv.available else {}
     t0 = time.monotonic()

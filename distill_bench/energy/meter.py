@@ -6,7 +6,10 @@ appends an attempt, and the top-level figures are the sums over attempts, so pre
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import json
 import logging
 import numbers
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cpu_estimate, nvml as nvml_mod, rapl as rapl_mod
+from . import cpu_estimate, nvml as nvml_mod, rapl as rapl_mod, sharing as sharing_mod
 from .atomic import atomic_write_json, check_writable_dir
 from .settings import EnergySettings
 from .validate import SCHEMA_VERSION, load_json, validate_stage_dict
@@ -57,6 +60,30 @@ def ledger_path_for(out_json: Path) -> Path:
     return out_json.parent / ".attempts" / out_json.name
 
 
+def ledger_lock_path_for(out_json: Path) -> Path:
+    return out_json.parent / ".attempts" / (out_json.name + ".lock")
+
+
+def _attempt_key(a: dict) -> str:
+    return str(a.get("attempt_key") or f"#{a.get('attempt')}")
+
+
+def _alive_elsewhere(a: dict) -> bool:
+    """True if the attempt's process is another live process on this host (a concurrent writer, not a dead one)."""
+    pid = a.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid() or a.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def codecarbon_dir_for(out_json: Path) -> Path:
     return out_json.with_name(out_json.stem + ".codecarbon")
 
@@ -68,7 +95,8 @@ class StageMeter:
                  experiment: str | None = None, artifact: str | None = None, out_json: str | os.PathLike,
                  settings: EnergySettings | dict | None = None, devices: Any = None,
                  is_measuring_process: bool | None = None, nvml_module: Any = None,
-                 rapl_root: str | os.PathLike = rapl_mod.DEFAULT_ROOT, install_signal_handlers: bool = True):
+                 rapl_root: str | os.PathLike = rapl_mod.DEFAULT_ROOT, install_signal_handlers: bool = True,
+                 lease: dict | None = None, output_accepted: Callable[[dict], bool | None] | None = None):
         if not stage or not isinstance(stage, str):
             raise ValueError(f"stage must be a non-empty string; got {stage!r}")
         if not stage_id or not isinstance(stage_id, str):
@@ -86,6 +114,13 @@ class StageMeter:
         self._nvml_module = nvml_module
         self._rapl_root = rapl_root
         self._install_handlers = install_signal_handlers
+        self.lease = lease                 # the GPU lease this process holds (energy.lease.Lease.describe())
+        # did the workflow accept the output of a previous complete record? (None: cannot tell). A complete attempt
+        # whose output was never accepted (Snakemake interrupted right after it) was redone: it stays on the bill.
+        self._output_accepted = output_accepted
+        self._ledger_fd: int | None = None
+        self._ledger_depth = 0
+        self._ledger_lock_error: str | None = None
         self._lock = threading.RLock()
         self.tokens: dict[str, int] = {}
         self.primary: str | None = None
@@ -175,14 +210,11 @@ class StageMeter:
             self._t0 = time.monotonic()
             return self
         check_writable_dir(self.out_json.parent, "stage JSON output")
-        self._prev_attempts = self._load_previous_attempts()
-        self.attempt_no = len(self._prev_attempts) + 1
         self.errors: list[str] = []
         self.idle = self._load_idle()
         # readers
         self.nvml = nvml_mod.NvmlReader(module=self._nvml_module, devices=self._devices_arg).open()
         zones, rapl_error = rapl_mod.discover(self._rapl_root)
-        self.rapl = rapl_mod.RaplAccumulator(zones) if zones else None
         self.rapl_error = rapl_error
         self.cpu_model = cpu_estimate.cpu_power_model(self.settings.cpu_tdp_w)
         self.timeline = timeline_path_for(self.out_json)
@@ -196,19 +228,26 @@ class StageMeter:
                                                 project_name=self.stage_id)
             self.codecarbon.start()
         nvml_mod.cuda_synchronize()
-        self.start_time = utcnow()
-        self._t0 = time.monotonic()
-        self._last_snapshot = self._t0
-        self._e0_gpu = self.nvml.read_energy_j() if self.nvml.available else {}
-        for key, value in self._e0_gpu.items():
-            if isinstance(value, Exception):
-                self.errors.append(f"NVML start counter read failed on {key}: {value}")
-        self._cpu0 = cpu_estimate.process_tree_cpu_seconds()
-        self.sampler = self._make_sampler()
-        self.sampler.start()
-        if self._install_handlers:
-            self._install_signal_handlers()
-        self._write(status="running")
+        self.sharing = sharing_mod.SharingTracker(self.nvml, lock_dir=self.settings.lock_dir)
+        self.attempt_key = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        with self._ledger_locked():   # numbering and the first write are atomic w.r.t. other meters of this stage
+            self._prev_attempts = self._load_previous_attempts()
+            self.attempt_no = max((int(a.get("attempt") or 0) for a in self._prev_attempts), default=0) + 1
+            self.start_time = utcnow()
+            # every baseline is read here, as the window opens (RAPL too: CodeCarbon's start-up is not ours)
+            self.rapl = rapl_mod.RaplAccumulator(zones) if zones else None
+            self._t0 = time.monotonic()
+            self._last_snapshot = self._last_ledger = self._t0
+            self._e0_gpu = self.nvml.read_energy_j() if self.nvml.available else {}
+            for key, value in self._e0_gpu.items():
+                if isinstance(value, Exception):
+                    self.errors.append(f"NVML start counter read failed on {key}: {value}")
+            self._cpu0 = cpu_estimate.process_tree_cpu_seconds()
+            self.sampler = self._make_sampler()
+            self.sampler.start()
+            if self._install_handlers:
+                self._install_signal_handlers()
+            self._write(status="running")
         return self
 
     def _make_sampler(self):
@@ -216,29 +255,84 @@ class StageMeter:
 
         return Sampler(nvml=self.nvml, rapl=self.rapl, interval_s=self.settings.sample_interval_s,
                        timeline_path=self.timeline, attempt=self.attempt_no, t0=self._t0,
-                       append=bool(self._prev_attempts), on_tick=self._maybe_snapshot)
+                       append=bool(self._prev_attempts), on_tick=self._maybe_snapshot, sharing=self.sharing)
+
+    @contextlib.contextmanager
+    def _ledger_locked(self):
+        """Exclusive lock on this stage's attempt ledger (threads via the RLock, processes via flock), so two
+        processes metering the same stage never overwrite each other's attempt."""
+        with self._lock:
+            if self._ledger_depth == 0 and self._ledger_lock_error is None:
+                try:
+                    if self._ledger_fd is None:
+                        path = ledger_lock_path_for(self.out_json)
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        self._ledger_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    fcntl.flock(self._ledger_fd, fcntl.LOCK_EX)
+                except OSError as exc:
+                    # never fail a stage over it, but say that concurrent writers were not excluded
+                    self._ledger_lock_error = f"attempt ledger lock unavailable ({exc}); concurrent writers unguarded"
+                    self._note(self._ledger_lock_error)
+            self._ledger_depth += 1
+            try:
+                yield
+            finally:
+                self._ledger_depth -= 1
+                if self._ledger_depth == 0 and self._ledger_fd is not None and self._ledger_lock_error is None:
+                    try:
+                        fcntl.flock(self._ledger_fd, fcntl.LOCK_UN)
+                    except OSError:
+                        pass
+
+    def _read_ledger(self) -> dict | None:
+        """The newest copy of this stage's record: the ledger (written every few seconds), else the stage JSON."""
+        ledger = ledger_path_for(self.out_json)
+        source = ledger if ledger.exists() else self.out_json
+        if not source.exists():
+            return None
+        try:
+            return json.loads(source.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            aside = source.with_name(source.name + f".unreadable-{int(time.time())}")
+            try:
+                os.replace(source, aside)
+            except OSError:
+                pass
+            log.warning("previous stage JSON %s unreadable (%s); moved to %s", source, exc, aside)
+            return None
 
     def _load_previous_attempts(self) -> list[dict]:
         # Snakemake deletes the declared outputs of a failed job (and of an incomplete one before rerunning it),
         # so the attempt ledger beside them is what keeps preempted work on the bill.
-        source = self.out_json if self.out_json.exists() else ledger_path_for(self.out_json)
-        if not source.exists():
-            return []
-        try:
-            old = json.loads(source.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            aside = source.with_name(source.name + f".unreadable-{int(time.time())}")
-            os.replace(source, aside)
-            log.warning("previous stage JSON %s unreadable (%s); moved to %s", source, exc, aside)
-            return []
-        if old.get("stage_id") != self.stage_id or old.get("status") == "complete":
+        old = self._read_ledger()
+        if not old or old.get("stage_id") != self.stage_id:
             return []
         attempts = [dict(a) for a in old.get("attempts") or []]
+        if old.get("status") == "complete" and not any(a.get("status") == "running" and _alive_elsewhere(a)
+                                                       for a in attempts):
+            accepted = self._output_accepted(old) if self._output_accepted is not None else None
+            if accepted is not False:
+                return []
+            for a in attempts:
+                if a.get("status") == "complete" and not a.get("discarded"):
+                    a["discarded"] = ("finished, but the workflow never accepted its output (interrupted before it "
+                                      "was recorded), so the work was redone; its energy stays on the bill")
         for a in attempts:
-            if a.get("status") == "running":   # the process died without a final write (SIGKILL, node loss)
+            if a.get("status") == "running" and not _alive_elsewhere(a):   # died without a final write (SIGKILL)
                 a["status"] = "interrupted"
-                a["error"] = (a.get("error") or "") + "process died without a final write; energy up to the last snapshot"
+                a["error"] = (a.get("error") or "") + ("process died without a final write; energy up to its last "
+                                                       "ledger snapshot")
         return attempts
+
+    def _other_attempts(self) -> list[dict]:
+        """Attempts of this stage other than ours, as the ledger holds them now (a concurrent meter may have added
+        or finished one since we started)."""
+        old = self._read_ledger()
+        mine = self.attempt_key
+        if old and old.get("stage_id") == self.stage_id and any(_attempt_key(a) == mine
+                                                                  for a in old.get("attempts") or []):
+            return [a for a in old["attempts"] if _attempt_key(a) != mine]
+        return list(self._prev_attempts)
 
     def _load_idle(self) -> dict | None:
         if not self.settings.idle_json:
@@ -358,8 +452,30 @@ class StageMeter:
             self.errors.append(msg)
 
     # ------------------------------------------------------------------------------------------------ record
-    def _energy_block(self, comps: dict[str, Any], duration: float, cc: dict | None) -> dict[str, Any]:
+    def _shared_devices(self, sharing: dict) -> set[str]:
+        return {f["device_key"] for f in sharing.get("foreign_processes") or [] if f.get("device_key")}
+
+    def _unreadable_devices(self) -> list[dict[str, Any]]:
+        """Devices NVML stopped answering for during the window: which, and why."""
+        out = []
+        for dev in self.nvml.devices:
+            reasons = [m for m in self.errors if m.startswith("NVML") and f" on {dev.key}:" in m]
+            err = self.sampler.errors.get(dev.key)
+            if err:
+                reasons.append(f"power samples failed: {err}")
+            if reasons:
+                out.append({"device": dev.key, "uuid": dev.uuid, "reason": "; ".join(reasons)})
+        return out
+
+    def _energy_block(self, comps: dict[str, Any], duration: float, cc: dict | None,
+                      sharing: dict | None = None) -> dict[str, Any]:
         policy = self.settings.policy
+        shared = self._shared_devices(sharing or {})
+        if shared:   # the device's counter also counted someone else's work: say so in every GPU label
+            per_src = {k: (v + nvml_mod.SHARED_MARKER if k in shared else v)
+                       for k, v in comps["per_device_src"].items()}
+            gpu_j, gpu_src = comps["gpu"]
+            comps = {**comps, "per_device_src": per_src, "gpu": (gpu_j, gpu_src + nvml_mod.SHARED_MARKER)}
         chosen = {k: comps[k] for k in ("gpu", "cpu", "ram")}
         if policy == "codecarbon":
             if cc and cc.get("energy_kwh") is not None and not cc.get("error"):
@@ -387,7 +503,8 @@ class StageMeter:
                  "policy": policy, "included": list(included),
                  "sources": {c: components[c]["source"] for c in components},
                  "per_device_j": dict(comps["per_device"]), "per_device_source": dict(comps["per_device_src"]),
-                 "components": components, "errors": list(self.errors)}
+                 "components": components, "errors": list(self.errors),
+                 "unreadable_devices": self._unreadable_devices()}
         if policy != "measured":
             block["measured_components"] = {c: {"j": comps[c][0], "source": comps[c][1]} for c in ("gpu", "cpu", "ram")}
         return block
@@ -395,7 +512,12 @@ class StageMeter:
     def _attempt_record(self, status: str, error: str | None, final: bool, cc: dict | None) -> dict[str, Any]:
         duration = self.elapsed_s
         comps = self._final_comps if final and self._final_comps is not None else self._read_components()
-        energy = self._energy_block(comps, duration, cc)
+        sharing = self.sharing.result()
+        energy = self._energy_block(comps, duration, cc, sharing)
+        if sharing["shared"]:
+            attribution = self.sharing.attribution(energy["per_device_j"])
+            if attribution is not None:
+                sharing["attribution"] = attribution
         co2 = None
         if cc and not cc.get("error") and cc.get("energy_kwh") and cc.get("emissions_kg") is not None:
             co2 = energy["total_kwh"] * cc["emissions_kg"] / cc["energy_kwh"]   # CodeCarbon's intensity x our total
@@ -411,14 +533,14 @@ class StageMeter:
             steady = {"start_offset_s": s["t"] - self._t0, "duration_s": dt, "tokens": dtok, "j": dj,
                       "tokens_per_s": dtok / dt if dt > 0 else None, "j_per_token": dj / dtok if dtok > 0 else None,
                       "energy_basis": "measured components" + (" (gpu only)" if included == ["gpu"] else "")}
-        return {"attempt": self.attempt_no, "start_time": self.start_time,
+        return {"attempt": self.attempt_no, "attempt_key": self.attempt_key, "start_time": self.start_time,
                 "end_time": utcnow(), "duration_s": duration, "status": status, "error": error,
                 "host": socket.gethostname(), "pid": os.getpid(), "energy": energy, "tokens": dict(self.tokens),
-                "co2_kg": co2, "codecarbon": cc, "steady_state": steady}
+                "co2_kg": co2, "codecarbon": cc, "steady_state": steady, "lease": self.lease, "sharing": sharing}
 
     def _build(self, status: str, error: str | None = None, final: bool = False, cc: dict | None = None) -> dict:
         current = self._attempt_record(status, error, final, cc)
-        attempts = self._prev_attempts + [current]
+        attempts = sorted(self._other_attempts() + [current], key=lambda a: int(a.get("attempt") or 0))
         total = _sum_energy([a["energy"] for a in attempts], self.settings.policy)
         tokens: dict[str, int] = {}
         for a in attempts:
@@ -451,6 +573,8 @@ class StageMeter:
                                 "rapl_error": self.rapl_error, "estimate_model": self.cpu_model}},
             "hosts": sorted({a.get("host") for a in attempts if a.get("host")}),
             "environment": self.settings.environment_json,
+            "lease": self.lease,
+            "sharing": sharing_mod.merge(attempts),
             "provenance": dict(self.provenance),
             "settings": self.settings.to_dict(),
         }
@@ -459,7 +583,7 @@ class StageMeter:
         return record
 
     def _write(self, status: str, error: str | None = None, final: bool = False, cc: dict | None = None) -> dict:
-        with self._lock:
+        with self._ledger_locked():
             record = self._build(status, error, final, cc)
             problem = None
             try:
@@ -467,21 +591,30 @@ class StageMeter:
             except ValueError as exc:
                 problem = exc
             atomic_write_json(self.out_json, record)   # written even if invalid: energy must not be lost
-            ledger = ledger_path_for(self.out_json)
-            ledger.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(ledger, record)
+            atomic_write_json(ledger_path_for(self.out_json), record)
             if problem is not None:
                 raise problem
             return record
 
+    def _write_ledger(self) -> None:
+        """Cheap frequent snapshot: the ledger only, no schema check, so a SIGKILLed attempt loses seconds."""
+        with self._ledger_locked():
+            atomic_write_json(ledger_path_for(self.out_json), self._build(status="running"), fsync=False,
+                              indent=None)   # compact: the C encoder, a few ms
+
     def _maybe_snapshot(self) -> None:
         now = time.monotonic()
-        if now - self._last_snapshot >= self.settings.snapshot_interval_s and not self._stopped:
-            self._last_snapshot = now
-            try:
+        if self._stopped:
+            return
+        try:
+            if now - self._last_snapshot >= self.settings.snapshot_interval_s:
+                self._last_snapshot = self._last_ledger = now
                 self._write(status="running")
-            except Exception as exc:
-                self.sampler.errors.setdefault("snapshot", f"{type(exc).__name__}: {exc}")
+            elif now - self._last_ledger >= self.settings.ledger_interval_s:
+                self._last_ledger = now
+                self._write_ledger()
+        except Exception as exc:
+            self.sampler.errors.setdefault("snapshot", f"{type(exc).__name__}: {exc}")
 
     _final_comps: dict | None = None
 
@@ -513,6 +646,12 @@ class StageMeter:
         finally:
             self._restore_signal_handlers()
             self.nvml.close()
+            if self._ledger_fd is not None:
+                try:
+                    os.close(self._ledger_fd)
+                except OSError:
+                    pass
+                self._ledger_fd = None
 
 
 def _sum_energy(blocks: list[dict], policy: str) -> dict[str, Any]:
@@ -558,7 +697,8 @@ def _sum_codecarbon(blocks: list[dict | None]) -> dict | None:
 
 def run_stage(*, stage: str, stage_id: str, role: str, pipeline: str = "shared", experiment: str | None = None,
               artifact: str | None = None, out_json: str | os.PathLike, settings: EnergySettings | dict | None = None,
-              fn: Callable[..., Any], energy_settings: EnergySettings | dict | None = None, **kwargs: Any) -> Any:
+              fn: Callable[..., Any], energy_settings: EnergySettings | dict | None = None, lease: dict | None = None,
+              output_accepted: Callable[[dict], bool | None] | None = None, **kwargs: Any) -> Any:
     """Open a StageMeter, call ``fn(meter=meter, **kwargs)`` and return its result.
 
     Exceptions mark the stage 'failed' and re-raise; SIGTERM/SIGINT mark it 'interrupted', then the process exits as
@@ -567,5 +707,6 @@ def run_stage(*, stage: str, stage_id: str, role: str, pipeline: str = "shared",
     if settings is None:
         settings = energy_settings
     with StageMeter(stage=stage, stage_id=stage_id, role=role, pipeline=pipeline, experiment=experiment,
-                    artifact=artifact, out_json=out_json, settings=settings) as meter:
+                    artifact=artifact, out_json=out_json, settings=settings, lease=lease,
+                    output_accepted=output_accepted) as meter:
         return fn(meter=meter, **kwargs)

@@ -13,6 +13,8 @@ COUNTER = "measured:nvml_energy_counter"
 POWER_INTEGRATION = "measured:nvml_power_integration"
 PARTIAL = "measured:nvml_partial_until_failure"
 UNAVAILABLE = "unavailable"
+# appended to a GPU source label when another process used the device during the stage's window
+SHARED_MARKER = "+shared_device"
 # worst-first ordering used to label a component made of several devices
 SOURCE_RANK = {COUNTER: 0, POWER_INTEGRATION: 1, PARTIAL: 2, UNAVAILABLE: 3}
 
@@ -223,6 +225,18 @@ class NvmlReader:
         except Exception:
             pass
         return row
+
+    def running_pids(self, dev: GpuDevice) -> set[int]:
+        """Pids with a CUDA context (compute or graphics) on the device; raises when NVML cannot list them."""
+        nv = self.nvml
+        pids = {int(p.pid) for p in nv.nvmlDeviceGetComputeRunningProcesses(dev.handle) or []}
+        graphics = getattr(nv, "nvmlDeviceGetGraphicsRunningProcesses", None)
+        if graphics is not None:
+            try:
+                pids |= {int(p.pid) for p in graphics(dev.handle) or []}
+            except Exception:
+                pass   # compute processes are what a stage shares a device with; graphics is best effort
+        return pids
 
     def describe(self) -> dict[str, Any]:
         return {"visible_devices": self._spec, "error": self.error, "notes": list(self.notes),

@@ -47,7 +47,8 @@ class _Integral:
 class Sampler:
     def __init__(self, *, nvml: NvmlReader | None, rapl: RaplAccumulator | None, interval_s: float,
                  timeline_path: Path | None, attempt: int, t0: float, append: bool = False,
-                 on_tick: Callable[[], None] | None = None, slow_every_s: float = 1.0, track_process: bool = True):
+                 on_tick: Callable[[], None] | None = None, slow_every_s: float = 1.0, track_process: bool = True,
+                 sharing: Any = None):
         self.nvml = nvml if nvml is not None and nvml.available else None
         self.rapl = rapl
         self.interval_s = interval_s
@@ -57,6 +58,7 @@ class Sampler:
         self.t0 = t0
         self.on_tick = on_tick
         self.track_process = track_process
+        self.sharing = sharing                 # SharingTracker polled on the slow tick (NVML process lists)
         self.lock = threading.RLock()
         self.gpu_power: dict[str, _Integral] = {d.key: _Integral() for d in (self.nvml.devices if self.nvml else [])}
         self.total_gpu_power = _Integral()
@@ -120,6 +122,11 @@ class Sampler:
                 cells += [f"{rss / 2**20:.1f}", pct]
             else:
                 cells += ["", ""]
+            if slow and self.sharing is not None:
+                try:
+                    self.sharing.poll(t)
+                except Exception as exc:
+                    self.errors.setdefault("sharing", f"{type(exc).__name__}: {exc}")
             self.samples += 1
             if self._fh is not None and (self.nvml is not None or slow):
                 self._buffer.append(",".join(cells) + "\n")

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 POLICIES = ("measured", "codecarbon", "gpu_only")
 # keys of the workflow config's `energy:` section that configure something other than the meter
-IGNORED_CONFIG_KEYS = ("idle_seconds",)
+IGNORED_CONFIG_KEYS = ("idle_seconds", "accept_shared_devices")
 
 
 @dataclass
@@ -20,12 +20,14 @@ class EnergySettings:
     cpu_tdp_w: float | None = None
     idle_json: str | None = None
     snapshot_interval_s: float = 60.0
+    ledger_interval_s: float = 2.0
     environment_json: str | None = None
+    lock_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"energy.policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        for key in ("sample_interval_s", "snapshot_interval_s"):
+        for key in ("sample_interval_s", "snapshot_interval_s", "ledger_interval_s"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"energy.{key} must be a positive number of seconds; got {value!r}")
@@ -40,7 +42,7 @@ class EnergySettings:
             raise ValueError(f"energy.country_iso_code must be a 3-letter ISO code; got {self.country_iso_code!r}")
         if self.policy == "codecarbon" and not self.codecarbon:
             raise ValueError("energy.policy 'codecarbon' needs energy.codecarbon: true")
-        for key in ("idle_json", "environment_json"):
+        for key in ("idle_json", "environment_json", "lock_dir"):
             value = getattr(self, key)
             if value is not None:
                 setattr(self, key, str(value))
