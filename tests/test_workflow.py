@@ -70,7 +70,7 @@ def test_cluster_example_dry_run_shows_gpu_resources_without_network(tmp_path):
     assert len(trains) == 27
     evals = {(w["model_id"], w["eval_name"]) for r, w in jobs if r == "evaluate"}
     for task in ("gsm8k", "mmlu", "ifeval"):
-        assert ("teacher", task) in evals and ("kd.olmo2_1b.tulu3", task) in evals
+        assert ("teacher", task) in evals and ("kd.olmo2_1b.tulu3.s1", task) in evals
     blocks = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)
     train_block = next(b for b in blocks if b.strip().startswith(("rule train_student", "localrule train_student")))
     assert "gpu=1" in train_block and "gpu_model=h100" in train_block
