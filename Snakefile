@@ -51,6 +51,16 @@ if workflow.is_main_process and workflow.global_resources["_nodes"].value is Non
 report: "report/workflow.rst"
 
 
+# Run-level reconciliation: read every visible device's energy counter (NVML, RAPL) as the run starts; the roll-up,
+# the run's last job, reads them again as its end. Snakemake calls onstart only when jobs will run (never on a
+# dry-run, never inside a job's own Snakemake process); the run id reaches the jobs through the environment.
+onstart:
+    from distill_bench.energy.run_counters import start_run
+
+    _run_id, _start = start_run(R)
+    print(f"distill-bench: run {_run_id}: device energy counters read -> {_start}")
+
+
 include: "rules/common.smk"
 include: "rules/setup.smk"
 include: "rules/prerun.smk"

@@ -13,9 +13,9 @@ wildcard_constraints:
     nshards="[0-9]+",
 
 
-# energy settings handed to every stage's meter
+# energy settings handed to every stage's meter (not the roll-up's own keys: changing them must not rerun stages)
 ENERGY = {
-    **{k: v for k, v in CFG["energy"].items() if k != "idle_seconds"},
+    **{k: v for k, v in CFG["energy"].items() if k not in ("idle_seconds", "accept_shared_devices")},
     "idle_json": f"{R}/energy/idle.json",
     "environment_json": f"{R}/env/environment.json",
 }

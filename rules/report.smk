@@ -1,4 +1,5 @@
-# Roll-up: every stage JSON and eval result -> the comparison table and figures. Cheap, so it runs locally.
+# Roll-up: every stage JSON and eval result -> the comparison table and figures. Cheap, so it runs locally, and it
+# is the run's last job: it reads the device energy counters again as the run's end (reconciliation.md).
 # `snakemake --report report.html` (or report.zip) bundles the outputs marked report() below.
 
 
@@ -19,8 +20,11 @@ rule rollup:
         pareto=report(f"{R}/summary/pareto.png", caption="../report/pareto.rst", category="2. Figures"),
         by_role=report(f"{R}/summary/energy_by_role.png", caption="../report/energy_by_role.rst",
                        category="2. Figures"),
-        timelines=report(f"{R}/summary/power_timelines.png", caption="../report/power_timelines.rst",
-                         category="2. Figures"),
+        timeline=report(f"{R}/summary/run_timeline.png", caption="../report/run_timeline.rst",
+                        category="2. Figures"),
+        reconciliation=report(f"{R}/summary/reconciliation.md", caption="../report/reconciliation.rst",
+                              category="1. Comparison"),
+        reconciliation_json=f"{R}/summary/reconciliation.json",
     params:
         results_dir=R,
     log:

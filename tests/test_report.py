@@ -205,7 +205,7 @@ def test_hand_edited_invalid_stage_json_is_refused(run_dir):
 def test_plots_and_markdown_are_written(run_dir):
     results, _ = run_dir
     rollup_run(results, plots=True)
-    for name in ("pareto.png", "energy_by_role.png", "power_timelines.png", "comparison.md"):
+    for name in ("pareto.png", "energy_by_role.png", "run_timeline.png", "reconciliation.md", "reconciliation.json", "comparison.md"):
         assert (results / "summary" / name).stat().st_size > 0
     md = (results / "summary" / "comparison.md").read_text()
     assert "never" in md and "kd.tiny.arith.temperature-2" in md

@@ -61,6 +61,7 @@ def test_embedded_default_dry_run_plans_every_stage(tmp_path):
     assert len(teacher_caches) == 1 and len(kd_students) == 2 * len(seeds), \
         "one teacher logit cache must feed both KD students at every seed"
     assert len(caching) == 1 + len(seeds)
+    assert not (tmp_path / "results").exists(), "a dry-run reads no energy counters and writes no run snapshot"
 
 
 def test_cluster_example_dry_run_shows_gpu_resources_without_network(tmp_path):
@@ -74,6 +75,37 @@ def test_cluster_example_dry_run_shows_gpu_resources_without_network(tmp_path):
     blocks = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)
     train_block = next(b for b in blocks if b.strip().startswith(("rule train_student", "localrule train_student")))
     assert "gpu=1" in train_block and "gpu_model=h100" in train_block
+
+
+GPU_CAPABLE_RULES = {"prerun", "idle_baseline", "prepare_teacher", "cache_logits", "generate_synthetic",
+                     "sample_preferences", "judge_preferences", "precompute_reference", "train_student", "evaluate"}
+
+
+def test_single_gpu_config_validates_and_dry_runs_with_every_gpu_rule_asking_for_one(tmp_path):
+    proc = snakemake("-n", "--configfile", str(ROOT / "configs" / "gpu_single.yaml"), cwd=tmp_path)
+    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)
+    gpu_rules, cpu_rules = set(), set()
+    for block in blocks:
+        head = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if head:
+            (gpu_rules if re.search(r"\bgpu=1\b", block) else cpu_rules).add(head.group(1))
+    assert {"prepare_teacher", "cache_logits", "generate_synthetic", "train_student", "evaluate",
+            "idle_baseline", "prerun"} <= gpu_rules <= GPU_CAPABLE_RULES
+    assert {"prepare_data", "prepare_tokenizer", "init_student", "merge_synthetic", "rollup"} <= cpu_rules
+    trains = [w for r, w in planned_jobs(proc.stdout) if r == "train_student"]
+    assert len(trains) == 7
+    assert not (tmp_path / "results_gpu_single").exists(), "a dry-run reads no counters and writes nothing"
+
+
+def test_gpu_workflow_check_dry_mode_plans_the_single_gpu_run_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_workflow_check.sh"), "--dry"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "This was a dry-run" in proc.stdout and "snakemake exit status: 0" in proc.stdout
+    for name in ("before.json", "after.json", "snakemake.log"):
+        assert (tmp_path / "out" / name).exists()
+    assert "time" in json.loads((tmp_path / "out" / "before.json").read_text())
 
 
 def _run_tiny(workdir: Path, config: Path = TINY) -> None:
@@ -98,8 +130,14 @@ def test_tiny_config_runs_to_the_comparison_table(tiny_run):
     kd = table[table.pipeline == "kd"]
     assert kd.artifact.nunique() == 1 and (kd.artifact_consumers == 2).all()
     assert (kd.teacher_kwh_oneoff > 0).all() and (table[table.pipeline == "sft_gt"].teacher_kwh_oneoff == 0).all()
-    for name in ("comparison.md", "stages.csv", "pareto.png", "energy_by_role.png", "power_timelines.png"):
+    for name in ("comparison.md", "stages.csv", "pareto.png", "energy_by_role.png", "run_timeline.png",
+                 "reconciliation.md", "reconciliation.json"):
         assert (summary / name).stat().st_size > 0
+    recon = json.loads((summary / "reconciliation.json").read_text())
+    assert (tiny_run / "results" / "energy" / "runs" / recon["run_id"] / "start.json").exists()
+    assert {d["device"]: d["status"] for d in recon["devices"]} == {"gpu": "unavailable", "cpu": "unavailable"}
+    assert recon["windows"]["in_run"] >= 27 and recon["violations"] == []
+    assert f"Reconciliation (run {recon['run_id']}" in (summary / "comparison.md").read_text()
     stages = pd.read_csv(summary / "stages.csv")
     assert (stages.status == "complete").all()
     assert set(stages.role) >= {"setup", "data", "teacher", "student", "eval"}
@@ -217,7 +255,7 @@ def test_reports_open_in_headless_chromium_with_table_and_figures(tiny_run, tmp_
     dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom",
                           summary.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'id="comparison"' in dom and "sft_gt.tiny.arith" in dom
-    assert dom.count("data:image/png;base64,") == 3, "pareto, energy-by-role and power-timeline figures inline"
+    assert dom.count("data:image/png;base64,") == 3, "pareto, energy-by-role and run-timeline figures inline"
 
     report = tmp_path / "report.html"
     snakemake("--configfile", str(TINY), "--report", str(report), cwd=tiny_run)

@@ -5,6 +5,7 @@ import argparse
 
 
 def rollup_main(argv: list[str]) -> int:
+    from distill_bench.report.reconcile import ReconciliationError
     from distill_bench.report.rollup import RollupError, rollup_run
 
     parser = argparse.ArgumentParser(prog="distill-bench rollup",
@@ -13,7 +14,7 @@ def rollup_main(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     try:
         rollup_run(ns.results_dir, print_table=True)
-    except (RollupError, FileNotFoundError) as err:
+    except (RollupError, ReconciliationError, FileNotFoundError) as err:
         parser.exit(2, f"distill-bench rollup: {err}\n")
     return 0
 

@@ -22,7 +22,7 @@ COMPARISON_VIEW = ["experiment", "pipeline", "seeds", "missing_seeds", "flexible
                    "verdict",
                    "teacher_kwh_oneoff", "teacher_kwh_amortised", "upstream_kwh_oneoff", "student_train_kwh",
                    "eval_kwh", "total_kwh_oneoff", "total_kwh_amortised", "net_total_kwh_oneoff",
-                   "break_even_reuse", "break_even_status", "trained_tokens", "train_tokens_per_s"]
+                   "break_even_reuse", "break_even_status", "shared_device", "trained_tokens", "train_tokens_per_s"]
 STAGES_VIEW = ["stage_id", "role", "status", "attempts", "duration_s", "gpu_j", "cpu_j", "ram_j", "total_j", "net_j",
                "gpu_source", "cpu_source", "primary_tokens", "primary_token_count", "tokens_per_s", "co2_kg"]
 
@@ -59,7 +59,7 @@ def write_html_summary(summary_dir: str | Path, run_name: str, comparison: pd.Da
              "<h2>Reference models</h2>", _table(references, list(references.columns), "references"),
              "<h2>Energy vs quality</h2>", _img(summary_dir / "pareto.png"),
              "<h2>Energy by role</h2>", _img(summary_dir / "energy_by_role.png"),
-             "<h2>Power timelines</h2>", _img(summary_dir / "power_timelines.png"),
+             "<h2>Run timeline</h2>", _img(summary_dir / "run_timeline.png"),
              "<h2>Stages</h2>", _table(stages, STAGES_VIEW, "stages")]
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")

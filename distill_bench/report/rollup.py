@@ -590,18 +590,24 @@ def markdown_table(comparison: pd.DataFrame, references: pd.DataFrame, stages: p
     return "\n".join(lines) + "\n"
 
 
-def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool = True) -> pd.DataFrame:
+def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool = True,
+               in_workflow: bool = False) -> pd.DataFrame:
     import yaml
 
     from distill_bench.energy import atomic_write_text
+    from distill_bench.report import reconcile
 
     results_dir = Path(results_dir)
     with open(results_dir / "config" / "plan.json") as fh:
         plan = json.load(fh)
     config_path = results_dir / "config" / "merged_config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    accept_shared = bool(((config or {}).get("energy") or {}).get("accept_shared_devices", False))
     optional = seed_only_stages(plan)
     stages = load_stages(results_dir, plan["stage_ids"], optional)
+    # the run's own counters against the stages' sum; fails (after writing reconciliation.md) on double counting
+    record = reconcile.reconcile_run(results_dir, stages, in_workflow=in_workflow)
+    reconcile.enforce(record, accept_shared)
     stage_frame = stages_frame(stages)
     by_seed = seed_frame(plan, stages, results_dir)
     if not by_seed.empty:
@@ -612,6 +618,17 @@ def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool =
                               f"{', '.join(absent) or 'none'}; missing eval results otherwise); rerun them")
     check_amortisation(plan, stages, by_seed)
     comparison = comparison_frame(plan, stages, results_dir, by_seed, config)
+    # a row is charged a shared device when any of its seeds is; such rows (and rows whose baseline is one) keep
+    # no N* and no verdict unless energy.accept_shared_devices
+    charged: dict[str, list[str]] = {}
+    for exp_id, exp in plan["experiments"].items():
+        charged.setdefault(exp.get("group") or exp_id, []).extend(
+            s for ids in charged_units(plan, exp_id).values() for s in ids)
+    comparison = reconcile.mark_shared_rows(comparison, charged, reconcile.shared_stage_ids(stages, record),
+                                            accept_shared)
+    not_comparable = ~comparison["comparable"].astype(bool) & (comparison["verdict"] != "baseline")
+    comparison.loc[not_comparable, "verdict"] = "not comparable (shared device)"
+    comparison.loc[not_comparable, "break_even_status"] = "shared device"
     references = reference_rows(plan, results_dir)
     out = results_dir / "summary"
     out.mkdir(parents=True, exist_ok=True)
@@ -620,19 +637,20 @@ def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool =
     atomic_write_text(out / "comparison_by_seed.csv", by_seed.reindex(columns=SEED_COLUMNS).to_csv(index=False))
     atomic_write_text(out / "references.csv", references.to_csv(index=False))
     confidence = float(((config or {}).get("eval") or {}).get("confidence", 0.95))
-    md = markdown_table(comparison, references, stage_frame, confidence)
+    md = markdown_table(comparison, references, stage_frame, confidence) + reconcile.comparison_notes(
+        comparison, record, accept_shared)
     atomic_write_text(out / "comparison.md", md)
     if plots:
-        from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_power_timelines
+        from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_run_timeline
 
         sizes = {name: spec.get("size_label") for name, spec in (config or {}).get("students", {}).items()}
         if not comparison.empty:
             plot_pareto(comparison, out / "pareto.png", size_labels=sizes, by_seed=by_seed)
             plot_energy_by_role(comparison, out / "energy_by_role.png")
-        plot_power_timelines(stage_frame, out / "power_timelines.png")
+        plot_run_timeline(stage_frame, out / "run_timeline.png", record)
     from distill_bench.report.html import write_html_summary
 
-    notes = [line for line in md.splitlines() if line.startswith(("Note:", "Estimated", "Missing"))]
+    notes = [line for line in md.splitlines() if line.startswith(("Note:", "Estimated", "Missing", "Reconciliation"))]
     write_html_summary(out, (config or {}).get("run_name", results_dir.name), comparison, references, stage_frame,
                        notes)
     if print_table:
