@@ -74,15 +74,11 @@ def test_lm_eval_backend_runs_embedded_task_offline_and_agrees_with_native(workd
     assert meter.tokens["generated_tokens"] == 8  # '7' + EOS per item, padding excluded
     assert meter.records["loglikelihood_requests"] == 0 and meter.records["generate_requests"] == 4
     # per-item results, keyed by the same ids as the native backend's, so the paired statistics work with both
-    native = {json.loads(line)["id"]: json.loads(line) for line in
-              (workdir / "eval" / "student" / "arith.samples.jsonl").read_text().splitlines()} \
-        if (workdir / "eval" / "student" / "arith.samples.jsonl").exists() else None
     samples = [json.loads(line) for line in (out.parent / "arith.lm_eval.samples.jsonl").read_text().splitlines()]
     assert sorted(s["id"] for s in samples) == [f"arith-eval-{i}" for i in range(4)]
     flexible = {s["id"]: s["flexible_correct"] for s in samples}
+    # the native backend's verdicts on the same items (its test above): golds 7, 7, 3, 10 against the answer 7
     assert flexible == {"arith-eval-0": True, "arith-eval-1": True, "arith-eval-2": False, "arith-eval-3": False}
-    if native:
-        assert all(native[i]["flexible_correct"] == v for i, v in flexible.items())
     flex = result["metrics"]["flexible_extract"]
     assert 0.0 <= flex["ci_low"] <= 0.5 <= flex["ci_high"] <= 1.0 and flex["ci_method"].startswith("bootstrap")
 

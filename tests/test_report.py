@@ -175,7 +175,6 @@ def test_stages_csv_always_has_its_header(run_dir):
 
 def test_missing_stage_json_is_named_not_read_as_zero(run_dir):
     results, _ = run_dir
-    victim = results / "energy" / "teacher.logits.json"
     victim = next((results / "energy").glob("teacher.logits.*.json"))
     victim.unlink()
     with pytest.raises(RollupError, match=victim.stem):
