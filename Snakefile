@@ -4,37 +4,27 @@
 #   snakemake -n --configfile configs/olmo2_cluster.yaml --profile profiles/slurm     plan a cluster grid
 #
 # No torch import here: planning a 27-experiment grid must stay fast.
-from snakemake.utils import min_version, update_config
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 import sys
-from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, workflow.basedir)
-from distill_bench.config import ConfigError, build_plan, load_config
+from distill_bench.config import ConfigError
+from distill_bench.config.plan import teacher_training
+from distill_bench.config.preflight import preflight
 from distill_bench.energy.lease import visible_gpu_count
-from distill_bench.hardware import (GPU_CAPABLE_RULES, HardwareError, apply_preset, check_partitions,
-                                    local_gpu_request, rule_resources)
+from distill_bench.hardware import GPU_CAPABLE_RULES, HardwareError, local_gpu_request, rule_resources
+from distill_bench.stages import METER_SETTINGS_KEY
 
-# The embedded default is loaded only when no --configfile brought a full config: merging it under a cluster
-# config would leak the embedded datasets and students into the cluster grid.
-if "experiments" not in config:
-    with open(Path(workflow.basedir) / "workflow_config.yaml") as _fh:
-        _default = yaml.safe_load(_fh)
-    update_config(_default, dict(config))
-    config.clear()
-    config.update(_default)
-
+# The embedded default comes from profiles/default (`configfile:`), which a --configfile on the command line
+# replaces rather than merges into: a cluster config never inherits the embedded datasets and students.
 try:
-    CFG = apply_preset(load_config(dict(config)))
-    check_partitions(CFG)
+    CFG, PLAN = preflight(config, "the config given to snakemake (--configfile / --config)")
 except (ConfigError, HardwareError) as _err:
     raise WorkflowError(str(_err)) from None
 
-PLAN = build_plan(CFG)
 R = CFG["results_dir"]
 
 # Exclusive GPUs for local runs: a device's energy counter is the whole device's, so two stages on one GPU would each
@@ -73,7 +63,11 @@ include: "rules/report.smk"
 
 
 rule all:
+    """The summary, plus every declared stage JSON and eval result: Snakemake reruns a job whose missing output only
+    a finished job reads, so listing them here makes a deleted stage JSON rerun its stage (then the roll-up)."""
     default_target: True
     input:
         f"{R}/summary/comparison.csv",
         [f"{R}/summary/wandb_runs.txt"] if CFG["report"]["wandb"]["enabled"] else [],
+        [energy_json(s) for s in PLAN.all_stage_ids()],
+        [f"{R}/eval/{m}/{d}.json" for m, d in PLAN.eval_units],

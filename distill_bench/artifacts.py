@@ -15,11 +15,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from distill_bench.energy.atomic import atomic_write_json, atomic_write_text
+from distill_bench.energy.atomic import atomic_write_json, atomic_write_text, make_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def write_dir_atomically(out: str | os.PathLike, write: Callable[[Path], Any]) -
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(f".{out.name}.tmp-", out.parent)
     try:
         write(tmp)
         replace_dir(tmp, out)

@@ -35,7 +35,8 @@ def stage_main(argv: list[str]) -> int:
     parser.add_argument("--artifact", default=None)
     parser.add_argument("--energy", default="{}", help="energy settings as JSON (policy, sample_interval_s, ...)")
     parser.add_argument("args", nargs="*", metavar="KEY=VALUE")
-    ns = parser.parse_args(argv)
+    # intermixed: KEY=VALUE pairs may come before, between or after the options (the README puts them last)
+    ns = parser.parse_intermixed_args(argv)
     kwargs = {}
     for item in ns.args:
         key, sep, value = item.partition("=")

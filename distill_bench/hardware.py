@@ -27,8 +27,10 @@ import yaml
 # ---------------------------------------------------------------------------------------------------- presets
 # Rules that get a GPU on GPU partitions: the teacher-side stages, training, evaluation and the node checks (prerun,
 # idle baseline) which must run on the same kind of node as the stages they describe.
-GPU_RULES = ("prerun", "idle_baseline", "prepare_teacher", "cache_logits", "generate_synthetic", "train_student",
-             "evaluate")
+GPU_RULES = ("prerun", "idle_baseline", "prepare_teacher", "cache_logits", "cache_tail", "generate_synthetic",
+             "train_student", "evaluate")
+# a rule without its own resources.rules entry takes this rule's: the KD tail is the cache's teacher pass again
+RESOURCES_LIKE = {"cache_tail": "cache_logits"}
 
 # One GPU per job. CPU and memory are the GPU's share of a typical node: 8x H100 80GB with 2x56 cores and 2 TB,
 # 4-8x L40S 48GB with 2x32 cores and 512 GB-1 TB. Runtimes are minutes for the first attempt (the profile's retry
@@ -39,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "default": {"gpu": 0, "cpus": 4, "mem_mb": 16000, "runtime": 60},
         "gpu_rule": {"gpu": 1, "gpu_model": "h100", "cpus": 16, "mem_mb": 128000},
         "runtime": {"prerun": 20, "idle_baseline": 15, "prepare_teacher": 240, "cache_logits": 1440,
-                    "generate_synthetic": 1440, "train_student": 1440, "evaluate": 240},
+                    "cache_tail": 1440, "generate_synthetic": 1440, "train_student": 1440, "evaluate": 240},
     },
     "l40s": {
         "gpu_model": "l40s", "gpu_name": "L40S", "gpu_memory_gb": 48,
@@ -47,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gpu_rule": {"gpu": 1, "gpu_model": "l40s", "cpus": 8, "mem_mb": 64000},
         # L40S: about a third of H100's bf16 throughput and half its memory bandwidth -> longer limits
         "runtime": {"prerun": 20, "idle_baseline": 15, "prepare_teacher": 360, "cache_logits": 2880,
-                    "generate_synthetic": 2880, "train_student": 2880, "evaluate": 480},
+                    "cache_tail": 2880, "generate_synthetic": 2880, "train_student": 2880, "evaluate": 480},
     },
     "cpu": {
         "gpu_model": None, "gpu_name": None, "gpu_memory_gb": None,
@@ -101,7 +103,9 @@ def apply_preset(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def rule_resources(cfg: Mapping[str, Any], rule: str) -> dict[str, Any]:
     """The resources one rule gets: ``resources.default`` overlaid with ``resources.rules.<rule>``."""
     res = cfg.get("resources") or {}
-    return {**(res.get("default") or {}), **((res.get("rules") or {}).get(rule) or {})}
+    rules = res.get("rules") or {}
+    own = rules.get(rule) or rules.get(RESOURCES_LIKE.get(rule, "")) or {}
+    return {**(res.get("default") or {}), **own}
 
 
 def expected_hardware(hw: Mapping[str, Any]) -> dict[str, Any]:

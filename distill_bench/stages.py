@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "init_student": ("distill_bench.models.stage:init_student", "setup"),
     "train_student": ("distill_bench.train.stage:train_student", "student"),
     "cache_logits": ("distill_bench.kd.stage:cache_logits", "teacher"),
+    "cache_tail": ("distill_bench.kd.stage:cache_tail", "teacher"),
     "generate_synthetic": ("distill_bench.synthetic.stage:generate_shard", "teacher"),
     "merge_synthetic": ("distill_bench.synthetic.stage:merge_shards", "teacher"),
     "sample_preferences": ("distill_bench.dpo.stage:sample_candidates", "teacher"),
@@ -34,6 +35,9 @@ ADAPTER_ONLY_INPUTS = ("idle", "environment", "model_dirs", "judge_inputs")
 
 # keys of a rule's params that configure the meter rather than the stage function
 METER_KEYS = ("stage_id", "role", "pipeline", "experiment", "artifact", "energy")
+# where the Snakefile puts the meter's settings for the adapter (config, not params: changing how a stage is
+# measured must not rerun it)
+METER_SETTINGS_KEY = "_meter_settings"
 
 
 def resolve(name: str) -> Callable[..., Any]:
@@ -138,8 +142,11 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
     from distill_bench.hardware import GPU_CAPABLE_RULES
 
     params = dict(snakemake.params.items())
+    # the meter's settings: a rule's own params (prerun, idle baseline), else what the Snakefile left in the config
+    energy = dict(params.pop("energy", None) or (getattr(snakemake, "config", None) or {}).get(METER_SETTINGS_KEY)
+                  or {})
     lease = lease_for_job(job_gpus(snakemake.resources), stage_id=params.get("stage_id"), rule=snakemake.rule,
-                          lock_dir=(params.get("energy") or {}).get("lock_dir"))
+                          lock_dir=energy.get("lock_dir"))
     if lease is None and snakemake.rule not in GPU_CAPABLE_RULES:
         # a CPU stage neither uses a GPU nor bills one: metering the device would charge it the power of whatever
         # GPU stage runs beside it
@@ -150,7 +157,7 @@ def run_from_snakemake(snakemake: Any, name: str) -> Any:
             if key in ADAPTER_ONLY_INPUTS:
                 continue
             kwargs[key] = value if isinstance(value, str) else list(map(str, value))
-    meter_args = {k: params.pop(k) for k in METER_KEYS if k in params}
+    meter_args = {**{k: params.pop(k) for k in METER_KEYS if k in params}, "energy": energy}
     out_json = kwargs.pop("energy_json")
     kwargs.update(params)
     os.environ.setdefault("OMP_NUM_THREADS", str(snakemake.threads))

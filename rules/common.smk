@@ -13,12 +13,15 @@ wildcard_constraints:
     nshards="[0-9]+",
 
 
-# energy settings handed to every stage's meter (not the roll-up's own keys: changing them must not rerun stages)
+# energy settings handed to every stage's meter. They reach the stages through the config the adapter sees, not
+# through rule params: they change how a stage is measured, not what it makes, so changing them reruns no stage
+# (only the prerun check and the idle baseline, which take them as params). Re-measure with --forcerun.
 ENERGY = {
     **{k: v for k, v in CFG["energy"].items() if k not in ("idle_seconds", "accept_shared_devices")},
     "idle_json": f"{R}/energy/idle.json",
     "environment_json": f"{R}/env/environment.json",
 }
+config[METER_SETTINGS_KEY] = ENERGY
 # idle baseline and environment snapshot: needed before any stage, but their mtime must not rerun the DAG
 METER_INPUTS = {
     "idle": ancient(f"{R}/energy/idle.json"),
@@ -105,3 +108,9 @@ def synthetic_artifact_by_shard_key(shard_key):
         if art.shard_key == shard_key:
             return art
     raise ValueError(f"unknown synthetic shard key {shard_key!r}")
+
+
+def generation_settings(artifact):
+    """What a generation shard is made from: the synthetic settings without the filters (applied at merge time) and
+    the shard count (a wildcard), so a filter change reruns only the merge."""
+    return {k: v for k, v in artifact.params.items() if k not in ("filters", "shards")}

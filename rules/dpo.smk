@@ -23,7 +23,6 @@ rule sample_preferences:
         role="teacher",
         pipeline="dpo",
         artifact=lambda w: w.artifact,
-        energy=ENERGY,
     log:
         f"{R}/logs/sample_preferences/{{artifact}}.log",
     benchmark:
@@ -59,7 +58,6 @@ rule judge_preferences:
         role="teacher",
         pipeline="dpo",
         artifact=lambda w: w.artifact,
-        energy=ENERGY,
     log:
         f"{R}/logs/judge_preferences/{{artifact}}.log",
     benchmark:
@@ -90,7 +88,6 @@ rule precompute_reference:
         role="student",
         pipeline="dpo",
         experiment=lambda w: w.exp,
-        energy=ENERGY,
     log:
         f"{R}/logs/precompute_reference/{{exp}}.log",
     benchmark:

@@ -30,7 +30,6 @@ rule evaluate:
         role="eval",
         experiment=lambda w: w.model_id if w.model_id in PLAN.experiments else None,
         pipeline=lambda w: PLAN.experiments[w.model_id].pipeline if w.model_id in PLAN.experiments else "shared",
-        energy=ENERGY,
     log:
         f"{R}/logs/evaluate/{{model_id}}.{{eval_name}}.log",
     benchmark:

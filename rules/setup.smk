@@ -62,7 +62,6 @@ rule prepare_data:
         tokenizer=CFG["tokenizer"]["source"] if CFG["tokenizer"]["source"] != "train" else None,
         stage_id=lambda w: f"data.prepare.{w.dataset}",
         role="data",
-        energy=ENERGY,
     log:
         f"{R}/logs/prepare_data/{{dataset}}.log",
     benchmark:
@@ -87,7 +86,6 @@ rule prepare_tokenizer:
         seed=CFG["seed"],
         stage_id="setup.tokenizer",
         role="setup",
-        energy=ENERGY,
     log:
         f"{R}/logs/prepare_tokenizer.log",
     benchmark:
@@ -113,11 +111,10 @@ rule prepare_teacher:
         energy_json=energy_json("setup.teacher"),
     params:
         teacher=CFG["teacher"],
-        training=CFG["training"],
+        training=teacher_training(CFG),
         seed=CFG["seed"],
         stage_id="setup.teacher",
         role="setup",
-        energy=ENERGY,
     log:
         f"{R}/logs/prepare_teacher.log",
     benchmark:
@@ -141,7 +138,6 @@ rule init_student:
         seed=CFG["seed"],
         stage_id=lambda w: f"setup.init.{w.student}",
         role="setup",
-        energy=ENERGY,
     log:
         f"{R}/logs/init_student/{{student}}.log",
     benchmark:

@@ -12,14 +12,13 @@ rule generate_synthetic:
         out_dir=directory(f"{R}/teacher/synthetic_shards/{{shard_key}}/shard{{shard}}of{{nshards}}"),
         energy_json=energy_json("teacher.generate.{shard_key}.shard{shard}of{nshards}"),
     params:
-        synthetic=lambda w: synthetic_artifact_by_shard_key(w.shard_key).params,
+        synthetic=lambda w: generation_settings(synthetic_artifact_by_shard_key(w.shard_key)),
         shard=lambda w: int(w.shard),
         num_shards=lambda w: int(w.nshards),
         seed=CFG["seed"],
         stage_id=lambda w: f"teacher.generate.{w.shard_key}.shard{w.shard}of{w.nshards}",
         role="teacher",
         artifact=lambda w: w.shard_key,
-        energy=ENERGY,
     log:
         f"{R}/logs/generate_synthetic/{{shard_key}}.shard{{shard}}of{{nshards}}.log",
     benchmark:
@@ -44,7 +43,6 @@ rule merge_synthetic:
         stage_id=lambda w: f"teacher.merge.{w.artifact}",
         role="teacher",
         artifact=lambda w: w.artifact,
-        energy=ENERGY,
     log:
         f"{R}/logs/merge_synthetic/{{artifact}}.log",
     benchmark:

@@ -16,6 +16,8 @@ def train_inputs(wildcards):
         inputs["dataset"] = f"{R}/data/{exp.dataset}"
     if exp.trainer == "kd":
         inputs["kd_cache"] = artifact_dir(exp.artifact)
+        if exp.tail_artifact:
+            inputs["kd_tail"] = artifact_dir(exp.tail_artifact)
     return inputs
 
 
@@ -36,7 +38,6 @@ rule train_student:
         stage_id=lambda w: f"student.train.{w.exp}",
         role="student",
         experiment=lambda w: w.exp,
-        energy=ENERGY,
     log:
         f"{R}/logs/train_student/{{exp}}.log",
     benchmark:

@@ -172,3 +172,42 @@ def test_int8_values_change_the_kd_loss_by_under_one_percent(tmp_path):
     assert abs(losses["int8"] - losses["float16"]) / losses["float16"] < 0.01
     assert abs(losses["int8_kl"] - losses["float16_kl"]) / losses["float16_kl"] < 0.01
     assert bytes_per_position(k, "int8", vocab) - 8 == 3 * k     # 3 B per kept entry
+
+
+def test_tail_artifact_equals_the_tail_a_cache_built_at_that_temperature_holds(tmp_path, toy):
+    """Adding a temperature computes only its tail column: a [1.0] cache plus a tau = 2 tail artifact reads the same
+    rows as a cache built with [1.0, 2.0] in one pass."""
+    from distill_bench.kd.stage import build_tail
+
+    tok, enc, model = toy
+    build_cache(model, enc, tmp_path / "both", k=8, value_dtype="float16", temperatures=[1.0, 2.0], batch_size=3,
+                pad_token_id=tok.pad_token_id, n_shards=3)
+    build_cache(model, enc, tmp_path / "base", k=8, value_dtype="float16", temperatures=[1.0], batch_size=3,
+                pad_token_id=tok.pad_token_id, n_shards=3)
+    manifest, stats = build_tail(model, enc, tmp_path / "base", tmp_path / "tau2", temperature=2.0, batch_size=3,
+                                 pad_token_id=tok.pad_token_id)
+    assert manifest["temperature"] == 2.0 and stats["tail_positions"] > 0
+    both = CacheReader(tmp_path / "both")
+    joined = CacheReader(tmp_path / "base", tail_dirs=[tmp_path / "tau2"])
+    assert joined.temperatures == both.temperatures == [1.0, 2.0]
+    for i in range(len(enc)):
+        if enc[i] is None:
+            continue
+        a, b = both.get(i), joined.get(i)
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.values, b.values)
+        assert np.allclose(a.tail, b.tail, atol=1e-5), i
+
+
+def test_tail_artifact_built_on_another_cache_is_refused(tmp_path, toy):
+    from distill_bench.kd.cache import CacheMismatchError
+    from distill_bench.kd.stage import build_tail
+
+    tok, enc, model = toy
+    build_cache(model, enc, tmp_path / "k8", k=8, value_dtype="float16", temperatures=[1.0], batch_size=3,
+                pad_token_id=tok.pad_token_id)
+    build_cache(model, enc, tmp_path / "k4", k=4, value_dtype="float16", temperatures=[1.0], batch_size=3,
+                pad_token_id=tok.pad_token_id)
+    build_tail(model, enc, tmp_path / "k8", tmp_path / "tau2", temperature=2.0, batch_size=3,
+               pad_token_id=tok.pad_token_id)
+    with pytest.raises(CacheMismatchError, match="another logit cache"):
+        CacheReader(tmp_path / "k4", tail_dirs=[tmp_path / "tau2"])

@@ -129,6 +129,23 @@ def test_cache_logits_stage_writes_manifest_and_meters_tokens(tmp_path):
     assert m["temperatures"] == [1.0, 2.0] and m["value_dtype"] == "int8" and m["max_length"] == 128
     assert meter.records["bytes_per_position"] == 8 * 3 + 4 + 8 and meter.records["bytes_per_entry"] == 3
 
+    # the workflow's way to a temperature the cache lacks: the cache_tail stage, read as one more tail column
+    from distill_bench.kd.stage import cache_tail
+
+    tail_meter = FakeMeter()
+    cache_tail(meter=tail_meter, teacher=str(tmp_path / "teacher"), tokenizer=str(tmp_path / "tok"),
+               dataset=str(tmp_path / "data"), kd_cache=str(tmp_path / "cache"), out_dir=str(tmp_path / "tau3"),
+               kd={"temperature": 3.0, "batch_size": 4}, training={"max_length": 128}, seed=0)
+    assert tail_meter.tokens["tail_positions"] == m["n_positions"]
+    assert tail_meter.tokens["input_tokens"] == m["input_tokens"]
+    joined = CacheReader(tmp_path / "cache", tail_dirs=[tmp_path / "tau3"])
+    assert joined.temperatures == [1.0, 2.0, 3.0]
+    _, collator, info = kd_trainer_parts(str(tmp_path / "cache"), {"top_k": 8, "value_dtype": "int8",
+                                                                  "temperature": 3.0}, tok,
+                                         [dict(e, example_index=i) for i, e in enumerate(enc)],
+                                         tail_dirs=[str(tmp_path / "tau3")])
+    assert info["kd_tail_mode"] == "exact" and info["kd_tail_artifacts"] == [str(tmp_path / "tau3")]
+
 
 def test_kd_trainer_trains_with_grad_accumulation_and_reports_data_wait(setup, tmp_path):
     import datasets

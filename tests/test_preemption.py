@@ -106,8 +106,8 @@ def run_in_process(name, out_json, stage_id, role, kwargs):
 
 
 def run_and_sigterm(name, out_json, stage_id, role, kwargs, progress: Path, at: int, delay: float,
-                    timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the stage in a child, SIGTERM it once it reports progress >= ``at``, return the finished process."""
+                    timeout: float = 240, sig: int = signal.SIGTERM) -> subprocess.CompletedProcess:
+    """Run the stage in a child, send it ``sig`` once it reports progress >= ``at``, return the finished process."""
     args = {"name": name, "out_json": str(out_json), "meter_args": meter_args(stage_id, role), "kwargs": kwargs,
             "progress": str(progress), "delay": delay}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -122,7 +122,7 @@ def run_and_sigterm(name, out_json, stage_id, role, kwargs, progress: Path, at: 
             pass
         time.sleep(0.02)
     assert proc.poll() is None, f"child ended before it could be interrupted:\n{proc.communicate()[0][-3000:]}"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=timeout)
     proc.stdout_text = out
     return proc
@@ -179,6 +179,20 @@ def test_sigterm_mid_training_checkpoints_and_records_interrupted_attempt(train_
     rec = json.loads(train_runs["run_json"].read_text())
     assert rec["status"] == "interrupted" and len(rec["attempts"]) == 1
     assert 0 < rec["tokens"]["counts"]["trained_tokens"] < TRAINING["token_budget"]
+
+
+def test_ctrl_c_mid_training_checkpoints_like_sigterm(env, tmp_path):
+    """SIGINT (Ctrl-C) stops at the next optimizer step with a checkpoint, so a rerun resumes instead of restarting:
+    periodic saves are off here, so the only checkpoint is the one the signal asked for."""
+    run_json = tmp_path / "energy" / "run.json"
+    proc = run_and_sigterm("train_student", run_json, "student.train.ctrl_c", "student",
+                           train_kwargs(env, tmp_path / "run", save_steps=1000), tmp_path / "progress", at=2,
+                           delay=0.15, sig=signal.SIGINT)
+    assert proc.returncode != 0, proc.stdout_text[-3000:]
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert ckpts, f"no checkpoint saved on SIGINT:\n{proc.stdout_text[-3000:]}"
+    rec = json.loads(run_json.read_text())
+    assert rec["status"] == "interrupted" and 0 < rec["tokens"]["counts"]["trained_tokens"] < TRAINING["token_budget"]
 
 
 def test_rerun_after_sigterm_completes_matching_uninterrupted_loss_and_bills_both_attempts(env, train_runs):

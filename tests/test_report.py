@@ -16,7 +16,7 @@ from distill_bench.report.rollup import RollupError, break_even_reuse, rollup_ru
 ROOT = Path(__file__).resolve().parents[1]
 
 # hand-chosen gross energies (J) per stage kind
-ENERGY_J = {"teacher.logits": 9000.0, "teacher.generate": 3000.0, "teacher.merge": 100.0, "student.train": 1000.0,
+ENERGY_J = {"teacher.logits": 9000.0, "teacher.tail": 900.0, "teacher.generate": 3000.0, "teacher.merge": 100.0, "student.train": 1000.0,
             "eval": 200.0, "setup": 50.0, "data": 10.0}
 
 
@@ -114,23 +114,32 @@ def test_amortised_column_sums_back_with_upstream_checkpoints(tmp_path):
 def test_amortised_teacher_cost_sums_back_to_the_measured_total(run_dir):
     results, plan = run_dir
     rollup_run(results, plots=False)
-    table = pd.read_csv(results / "summary" / "comparison_by_seed.csv")
+    table = pd.read_csv(results / "summary" / "comparison_by_seed.csv").set_index("experiment")
+    teacher_stages = {s for art in plan["artifacts"].values() for s in art["stage_ids"]}
+    assert table.teacher_kwh_amortised.sum() == pytest.approx(sum(map(_energy_for, teacher_stages)) / 3.6e6,
+                                                              rel=1e-12)
     for art_id, art in plan["artifacts"].items():
         measured_kwh = sum(_energy_for(s) for s in art["stage_ids"]) / 3.6e6
+        if art["kind"] == "logit_tail":   # charged on top of its cache, to the students at its temperature only
+            assert art["consumers"] == [f"kd.tiny.arith.temperature-2.s{seed}" for seed in (1, 2, 3)]
+            continue
         rows = table[table.artifact == art_id]
         assert len(rows) == len(art["consumers"])
-        assert rows.teacher_kwh_amortised.sum() == pytest.approx(measured_kwh, rel=1e-12)
-        assert rows.teacher_kwh_oneoff.tolist() == pytest.approx([measured_kwh] * len(rows), rel=1e-12)
+        tails = [sum(_energy_for(s) for t in plan["artifacts"].values() if e in t["consumers"]
+                     and t["kind"] == "logit_tail" for s in t["stage_ids"]) / 3.6e6 for e in rows.index]
+        assert (rows.teacher_kwh_oneoff - tails).tolist() == pytest.approx([measured_kwh] * len(rows), rel=1e-12)
 
 
 def test_kd_students_sharing_one_cache_are_each_charged_half_amortised(run_dir):
+    """Both share the cache (9000 J); only the tau = 2 student uses (and pays for) the tau = 2 tail (900 J)."""
     results, _ = run_dir
     table = rollup_run(results, plots=False).set_index("experiment")
-    kd = table[table.pipeline == "kd"]
+    kd = table[table.pipeline == "kd"].sort_index()
     assert len(kd) == 2
-    # one cache, two temperatures x three seeds: six consumers
-    assert kd.teacher_kwh_amortised.tolist() == pytest.approx([1500 / 3.6e6] * 2)
-    assert kd.total_kwh_oneoff.tolist() == pytest.approx([(9000 + 1000 + 200) / 3.6e6] * 2)
+    # one cache, two temperatures x three seeds: six consumers; tau = 2's tail (900 J): its three seeds
+    assert kd.teacher_kwh_amortised.tolist() == pytest.approx([1500 / 3.6e6, (1500 + 300) / 3.6e6])
+    assert kd.total_kwh_oneoff.tolist() == pytest.approx([(9000 + 1000 + 200) / 3.6e6,
+                                                          (9000 + 900 + 1000 + 200) / 3.6e6])
 
 
 def test_break_even_reuse_from_the_rolled_up_run(run_dir):
@@ -315,3 +324,57 @@ def test_roll_up_refuses_amortised_shares_that_do_not_sum_back(run_dir, monkeypa
     monkeypatch.setattr(rollup, "unit_consumers", lambda plan: {k: max(1, v - 1) for k, v in real(plan).items()})
     with pytest.raises(RollupError, match="amortised totals sum to"):
         rollup_run(results, plots=False)
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("{not json", "unreadable"),
+    ("{}", "no metrics"),
+    ('{"metrics": {"strict_match": {"value": 0.5}}, "status": "running"}', "status 'running'"),
+])
+def test_broken_eval_result_fails_the_rollup_naming_file_and_reason(run_dir, content, reason):
+    results, _ = run_dir
+    victim = results / "eval" / "kd.tiny.arith.temperature-1.s1" / "arith.json"
+    victim.write_text(content)
+    with pytest.raises(RollupError, match=f"{victim}.*{reason}"):
+        rollup_run(results, plots=False)
+
+
+def test_missing_eval_result_fails_the_rollup_naming_it(run_dir):
+    results, _ = run_dir
+    victim = results / "eval" / "teacher" / "arith.json"
+    victim.unlink()
+    with pytest.raises(RollupError, match=f"{victim}.*missing"):
+        rollup_run(results, plots=False)
+
+
+@pytest.mark.parametrize("status", ["running", "failed", "interrupted"])
+def test_non_final_stage_json_fails_the_rollup_naming_file_and_status(run_dir, status):
+    results, _ = run_dir
+    victim = results / "energy" / "student.train.sft_gt.tiny.arith.s1.json"
+    record = json.loads(victim.read_text())
+    record["status"] = status
+    victim.write_text(json.dumps(record))
+    with pytest.raises(RollupError, match=f"{victim}.*status '{status}'"):
+        rollup_run(results, plots=False)
+
+
+@pytest.mark.parametrize("content", ["{}", "", "{trunc"])
+def test_empty_or_unreadable_stage_json_fails_the_rollup_naming_it(run_dir, content):
+    results, _ = run_dir
+    victim = results / "energy" / "setup.tokenizer.json"
+    victim.write_text(content)
+    with pytest.raises(RollupError, match=str(victim)):
+        rollup_run(results, plots=False)
+
+
+def test_rollup_command_names_the_broken_eval_file(run_dir, capsys):
+    from distill_bench.cli import main
+
+    results, _ = run_dir
+    victim = results / "eval" / "sft.tiny.arith.s1" / "arith.json"
+    victim.write_text("{oops")
+    with pytest.raises(SystemExit) as exc:
+        main(["rollup", str(results)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and "unreadable" in err and "Traceback" not in err

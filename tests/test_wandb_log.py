@@ -23,7 +23,7 @@ from distill_bench.report.wandb_log import (  # noqa: E402
     WandbNotInstalledError, log_from_config, log_run_to_wandb, read_offline_run, wandb_main)
 
 ROOT = Path(__file__).resolve().parents[1]
-ENERGY_J = {"teacher.logits": 9000.0, "teacher.generate": 3000.0, "teacher.merge": 100.0, "student.train": 1000.0,
+ENERGY_J = {"teacher.logits": 9000.0, "teacher.tail": 900.0, "teacher.generate": 3000.0, "teacher.merge": 100.0, "student.train": 1000.0,
             "eval": 200.0, "setup": 50.0, "data": 10.0}
 ACCURACY = {"sft_gt": 0.50, "kd": 0.60, "sft": 0.40}
 

@@ -77,7 +77,7 @@ def test_cluster_example_dry_run_shows_gpu_resources_without_network(tmp_path):
     assert "gpu=1" in train_block and "gpu_model=h100" in train_block
 
 
-GPU_CAPABLE_RULES = {"prerun", "idle_baseline", "prepare_teacher", "cache_logits", "generate_synthetic",
+GPU_CAPABLE_RULES = {"prerun", "idle_baseline", "prepare_teacher", "cache_logits", "cache_tail", "generate_synthetic",
                      "sample_preferences", "judge_preferences", "precompute_reference", "train_student", "evaluate"}
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import jsonschema
 import yaml
+
+from distill_bench.refs import missing_local_path
 
 SCHEMA_PATH = Path(__file__).with_name("workflow.schema.yaml")
 SECTIONS = ("training", "kd", "synthetic", "eval", "dpo", "selfdistill")
@@ -150,8 +151,12 @@ def _check_partial(section_schema: dict, partial: Any, where: str, root: dict) -
         raise ConfigError("invalid workflow config:\n  " + "\n  ".join(lines))
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+def _path_problem(key: str, what: str, ref: str) -> list[str]:
+    """A local path that does not exist, named before any job runs (distill_bench.refs has the rule)."""
+    if missing_local_path(ref):
+        return [f"config key '{key}': {what} path {ref!r} does not exist (local: absolute, ./ or ../, or an "
+                f"existing relative path; hub ids look like 'name' or 'owner/name')"]
+    return []
 
 
 def _semantic_checks(cfg: dict) -> None:
@@ -170,8 +175,8 @@ def _semantic_checks(cfg: dict) -> None:
             if not path:
                 problems.append(f"config key '{key}.path': source '{spec['source']}' needs an HF dataset id or a "
                                 f"local path")
-            elif _looks_local(path) and not Path(os.path.expanduser(path)).exists():
-                problems.append(f"config key '{key}.path': dataset path {path!r} does not exist")
+            else:
+                problems += _path_problem(f"{key}.path", "dataset", path)
     teacher = cfg["teacher"]
     if teacher["source"] == "train":
         if "arch" not in teacher:
@@ -191,8 +196,8 @@ def _semantic_checks(cfg: dict) -> None:
         if spec["init"] == "pretrained":
             problems += _model_ref_problems(f"{key}.name_or_path", spec.get("name_or_path"))
     tok = cfg["tokenizer"]["source"]
-    if tok != "train" and _looks_local(tok) and not Path(os.path.expanduser(tok)).exists():
-        problems.append(f"config key 'tokenizer.source': tokenizer path {tok!r} does not exist")
+    if tok != "train":
+        problems += _path_problem("tokenizer.source", "tokenizer", tok)
     for index, exp in enumerate(cfg["experiments"]):
         for field, known in (("students", students), ("datasets", datasets)):
             for item in exp[field]:
@@ -229,9 +234,7 @@ def _top_k_problems(cfg: dict) -> list[str]:
 def _model_ref_problems(key: str, ref: str | None) -> list[str]:
     if not ref:
         return [f"config key '{key}': needed (an HF model id or a local model directory)"]
-    if _looks_local(ref) and not Path(os.path.expanduser(ref)).exists():
-        return [f"config key '{key}': model path {ref!r} does not exist"]
-    return []
+    return _path_problem(key, "model", ref)
 
 
 def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:

@@ -64,6 +64,7 @@ class Experiment:
     sections: dict[str, dict]
     trainer: str = ""                        # the training machinery: sft_gt, kd, sft or dpo
     artifact: str | None = None              # the shared teacher artifact this experiment consumes
+    tail_artifact: str | None = None         # KD: the tail at this student's tau, when the cache does not hold it
     init_from: str | None = None             # experiment whose final model this one starts from (else the init)
     lineage: list[str] = field(default_factory=list)   # earlier experiments this one builds on, nearest first
     seed: int = 0                            # the student's training seed (one of config 'seeds')
@@ -77,7 +78,7 @@ class Experiment:
 @dataclass
 class Artifact:
     id: str
-    kind: str                                # logits | synthetic | preferences
+    kind: str                                # logits | logit_tail | synthetic | preferences
     dataset: str
     params: dict
     stage_ids: list[str]
@@ -86,6 +87,7 @@ class Artifact:
     shard_key: str | None = None             # synthetic: generation shards shared across filter settings
     sources: dict[str, str] = field(default_factory=dict)   # preferences: sample source label -> model id
     judge_model: str | None = None           # preferences: model id or path of the judge (None: no model)
+    base: str | None = None                  # logit_tail: the logit cache artifact it adds one temperature to
 
 
 @dataclass
@@ -152,12 +154,32 @@ def eval_stage_id(model_id: str, dataset: str) -> str:
     return f"eval.{model_id}.{dataset}"
 
 
+# teacher.train keys that replace the student protocol's training.* for the embedded teacher (token_budget is
+# always replaced, by teacher.train.tokens)
+TEACHER_TRAIN_KEYS = ("lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "lr_scheduler")
+
+
+def teacher_training(cfg: dict) -> dict | None:
+    """The training.* settings the embedded teacher is trained with (those teacher.train does not replace); None for
+    a pretrained teacher. What prepare_teacher gets, so a student-only change never retrains the teacher."""
+    t = cfg["teacher"]
+    if t["source"] != "train":
+        return None
+    replaced = {"token_budget", *(k for k in TEACHER_TRAIN_KEYS if k in t["train"])}
+    return {k: v for k, v in cfg["training"].items() if k not in replaced}
+
+
 def _base_teacher_identity(cfg: dict) -> dict:
     t = cfg["teacher"]
     if t["source"] == "pretrained":
         return {"source": "pretrained", "name_or_path": t["name_or_path"], "tokenizer": cfg["tokenizer"]}
-    return {"source": "train", "arch": t.get("arch"), "train": t["train"], "tokenizer": cfg["tokenizer"],
-            "seed": cfg["seed"]}
+    return {"source": "train", "arch": t.get("arch"), "train": t["train"], "training": teacher_training(cfg),
+            "tokenizer": cfg["tokenizer"], "datasets": cfg["datasets"], "seed": cfg["seed"]}
+
+
+# config sections a student's weights depend on, by trainer (training always): an eval setting, or another
+# pipeline's section, changes nothing an artifact built from this student could see
+TRAINER_SECTIONS = {"sft_gt": (), "kd": ("kd",), "sft": ("synthetic",), "dpo": ("dpo",)}
 
 
 def _model_identity(cfg: dict, experiments: dict[str, Experiment], model_id: str) -> Any:
@@ -165,7 +187,9 @@ def _model_identity(cfg: dict, experiments: dict[str, Experiment], model_id: str
     if model_id == "teacher":
         return _base_teacher_identity(cfg)
     exp = experiments[model_id]
-    return {"experiment": exp.id, "sections": exp.sections, "student": cfg["students"][exp.student],
+    sections = {s: exp.sections[s] for s in ("training", *TRAINER_SECTIONS[exp.trainer])}
+    return {"experiment": exp.id, "trainer": exp.trainer, "sections": sections,
+            "student": cfg["students"][exp.student], "dataset": cfg["datasets"][exp.dataset],
             "upstream": [_model_identity(cfg, experiments, u) for u in exp.lineage[:1]], "seed": exp.seed}
 
 
@@ -179,11 +203,24 @@ def _logits_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) ->
     params = {"top_k": kd["top_k"], "value_dtype": kd["value_dtype"], "batch_size": kd["batch_size"],
               "cache_shards": kd["cache_shards"], "max_length": exp.training["max_length"]}
     ident = {"teacher": identity, "dataset": cfg["datasets"][exp.dataset], **params}
-    params["extra_temperatures"] = list(kd["cache_temperatures"])
+    # temperatures precomputed in the cache's own pass (kd.cache_temperatures); any other tau is its own tail artifact
+    params["cache_temperatures"] = sorted({float(t) for t in kd["cache_temperatures"]} - {1.0})
     prefix = exp.dataset if teacher == "teacher" else _student_teacher_label(exp)
     art_id = f"{prefix}-k{kd['top_k']}-{kd['value_dtype']}-{stable_hash(ident, 6)}"
     return Artifact(id=art_id, kind="logits", dataset=exp.dataset, params=params,
                     stage_ids=[f"teacher.logits.{art_id}"], teacher=teacher)
+
+
+def _tail_artifact(cfg: dict, exp: Experiment, cache: Artifact) -> Artifact | None:
+    """The exact tail at this KD student's tau, unless the cache's own pass computed it: adding a tau to a sweep
+    then costs one teacher pass for that tau's tail, and nothing else upstream."""
+    tau = float(exp.sections["kd"]["temperature"])
+    if tau == 1.0 or tau in cache.params["cache_temperatures"]:
+        return None
+    art_id = f"{cache.id}-tau{_fmt(tau)}"
+    params = {"temperature": tau, "batch_size": cache.params["batch_size"], "max_length": cache.params["max_length"]}
+    return Artifact(id=art_id, kind="logit_tail", dataset=exp.dataset, params=params,
+                    stage_ids=[f"teacher.tail.{art_id}"], teacher=cache.teacher, base=cache.id)
 
 
 def _synthetic_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) -> Artifact:
@@ -320,13 +357,11 @@ def build_plan(cfg: dict) -> Plan:
             art = artifacts.setdefault(art.id, art)
             art.consumers.append(exp.id)
             exp.artifact = art.id
-    for art in artifacts.values():
-        if art.kind == "logits":
-            # one cache for a whole temperature sweep: the tail mass is stored for every temperature its consumers
-            # use (exact KL at each); adding a temperature changes these params, so Snakemake rebuilds the cache
-            temps = {float(t) for t in art.params.pop("extra_temperatures")}
-            temps |= {float(experiments[c].sections["kd"]["temperature"]) for c in art.consumers}
-            art.params["cache_temperatures"] = sorted(temps)
+            tail = _tail_artifact(cfg, exp, art) if art.kind == "logits" else None
+            if tail is not None:
+                tail = artifacts.setdefault(tail.id, tail)
+                tail.consumers.append(exp.id)
+                exp.tail_artifact = tail.id
     datasets = sorted({e.dataset for e in experiments.values()})
     students = sorted({e.student for e in experiments.values()})
     tasks = list(cfg["eval"]["tasks"]) if cfg["eval"]["backend"] == "lm_eval" else []

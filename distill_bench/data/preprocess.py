@@ -33,6 +33,7 @@ import datasets
 import numpy as np
 
 from distill_bench.data.task import RECORD_FEATURES, normalize_prompt
+from distill_bench.refs import missing_local_path
 
 FAMILIES = ("tulu3", "openr1_math", "codeforces_cots")
 _FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow", ".csv": "csv"}
@@ -55,9 +56,8 @@ def _offline() -> bool:
 
 
 def _looks_local(path: str) -> bool:
-    """A path that can't be a hub id (``owner/name`` or ``name``): absolute, relative-dotted, home, or a file name."""
-    return (path.startswith(("/", "./", "../", "~")) or Path(path).suffix.lower() in _FILE_BUILDERS
-            or path.count("/") > 1 or os.sep != "/" and os.sep in path)
+    """A path that can't be a hub id (``owner/name`` or ``name``): distill_bench.refs has the one rule."""
+    return missing_local_path(path) or Path(path).suffix.lower() in _FILE_BUILDERS
 
 
 def _pick_split(obj: Any, split: str, where: str) -> datasets.Dataset:

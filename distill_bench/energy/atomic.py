@@ -8,13 +8,37 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(prefix: str, parent: str | os.PathLike) -> Path:
+    """``tempfile.mkdtemp`` with the mode a plain ``mkdir`` gets: mkdtemp's 0700 would survive the rename onto the
+    output and hide it from the group on shared cluster storage."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~process_umask())
+    return tmp
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True) -> Path:
     """Write ``text`` via a temp file in the same directory, fsync, then ``os.replace``. ``fsync=False`` for frequent
-    snapshots: a crash of the process still never leaves half a file (only a power loss could lose the last one)."""
+    snapshots: a crash of the process still never leaves half a file (only a power loss could lose the last one).
+    The file gets the mode a plain ``open`` would give it (0666 minus the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

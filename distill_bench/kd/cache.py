@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from distill_bench.artifacts import replace_dir
-from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.energy.atomic import atomic_write_json, make_temp_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -240,7 +239,7 @@ class CacheWriter:
         self.temperatures = temps
         self.id_encoding = id_encoding_for(vocab_size)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = make_temp_dir(f".{self.out.name}.tmp-", self.out.parent)
         self.shards: list[dict[str, Any]] = []
         self.next_example = 0
 
@@ -334,9 +333,14 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 class CacheReader:
-    """Memory-mapped view of a cache. ``verify=True`` checks every shard's sha256 (names the bad shard)."""
+    """Memory-mapped view of a cache. ``verify=True`` checks every shard's sha256 (names the bad shard).
 
-    def __init__(self, cache_dir: str | os.PathLike, *, verify: bool = True):
+    ``tail_dirs`` are per-temperature tail artifacts (:func:`write_tail_dir`) built on this cache: their tau joins
+    ``temperatures`` and their column is appended to every ``tail`` row, as if the cache had been built with it.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, *, verify: bool = True,
+                 tail_dirs: Sequence[str | os.PathLike] = ()):
         self.dir = Path(cache_dir)
         self.manifest = read_manifest(self.dir)
         m = self.manifest
@@ -349,6 +353,15 @@ class CacheReader:
                 if not (self.dir / name).is_file():
                     raise CacheError(f"KD logit cache {str(self.dir)!r}: shard {s['index']} is missing its "
                                      f"{role} file {name!r}")
+        self.tails: list[tuple[Path, dict[str, Any]]] = []
+        for tail_dir in tail_dirs:
+            tail_manifest = read_tail_manifest(tail_dir, m)
+            tau = float(tail_manifest["temperature"])
+            if any(abs(tau - t) <= 1e-9 for t in self.temperatures):
+                raise CacheError(f"tail artifact {str(tail_dir)!r}: temperature {tau} is already in the cache "
+                                 f"{str(self.dir)!r} ({self.temperatures})")
+            self.temperatures.append(tau)
+            self.tails.append((Path(tail_dir), tail_manifest))
         if verify:
             self.verify()
         self._open: dict[int, dict[str, np.ndarray]] = {}
@@ -363,6 +376,11 @@ class CacheReader:
                        if _sha256_file(self.dir / name) != s.get("file_sha256", {}).get(role)]
                 raise CacheError(f"KD logit cache {str(self.dir)!r}: shard {s['index']} is corrupted "
                                  f"(sha256 mismatch in {', '.join(bad) or 'its files'}); rebuild the cache")
+        for tail_dir, tail_manifest in self.tails:
+            for s in tail_manifest["shards"]:
+                if _sha256_file(tail_dir / s["file"]) != s["sha256"]:
+                    raise CacheError(f"tail artifact {str(tail_dir)!r}: {s['file']} is corrupted (sha256 mismatch); "
+                                     "rebuild it")
 
     def _shard(self, i: int) -> dict[str, np.ndarray]:
         arrays = self._open.get(i)
@@ -373,6 +391,15 @@ class CacheReader:
                           for role, name in s["files"].items()}
             except (OSError, ValueError) as exc:
                 raise CacheError(f"KD logit cache {str(self.dir)!r}: shard {i} is unreadable: {exc}") from exc
+            if self.tails:
+                columns = [np.asarray(arrays["tail"], dtype=np.float32)]
+                for tail_dir, tail_manifest in self.tails:
+                    name = tail_manifest["shards"][i]["file"]
+                    try:
+                        columns.append(np.load(tail_dir / name, allow_pickle=False).astype(np.float32)[:, None])
+                    except (OSError, ValueError) as exc:
+                        raise CacheError(f"tail artifact {str(tail_dir)!r}: {name} is unreadable: {exc}") from exc
+                arrays = {**arrays, "tail": np.concatenate(columns, axis=1)}
             self._open[i] = arrays
         return arrays
 
@@ -407,6 +434,71 @@ class CacheReader:
         return CacheEntry(ids=decode_ids(raw["ids"], self.id_encoding, self.k),
                           values=decode_values(raw, self.value_dtype),
                           tail=np.asarray(raw["tail"], dtype=np.float32))
+
+
+# ------------------------------------------------------------------------------------------- per-temperature tails
+
+TAIL_KIND = "kd_tail"
+
+
+def _cache_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What a tail artifact must agree with: the corpus, k, and every shard's position count and contents."""
+    return {"corpus_hash": manifest.get("corpus_hash"), "k": int(manifest["k"]),
+            "shards": [[int(s["n_positions"]), s["sha256"]] for s in manifest["shards"]]}
+
+
+def write_tail_dir(out_dir: str | os.PathLike, cache_manifest: Mapping[str, Any], temperature: float,
+                   shard_tails: Sequence[np.ndarray], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write one temperature's exact tail column for every shard of a cache, atomically.
+
+    ``shard_tails[i]`` is float32 [n_positions of shard i]: log sum over the ids outside that position's cached
+    top-k of exp(l_j / tau). Kept apart from the cache so adding a temperature to a sweep computes only this.
+    """
+    identity = _cache_identity(cache_manifest)
+    if len(shard_tails) != len(identity["shards"]):
+        raise ValueError(f"{len(shard_tails)} tail shards for a cache of {len(identity['shards'])}")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(f".{out.name}.tmp-", out.parent)
+    try:
+        shards = []
+        for i, (tail, (n_pos, _)) in enumerate(zip(shard_tails, identity["shards"])):
+            tail = np.asarray(tail, dtype="<f4").reshape(-1)
+            if tail.shape[0] != n_pos:
+                raise ValueError(f"tail shard {i} has {tail.shape[0]} positions, the cache's has {n_pos}")
+            name = f"shard-{i:05d}.tail.npy"
+            np.save(tmp / name, tail, allow_pickle=False)
+            shards.append({"index": i, "file": name, "n_positions": n_pos, "sha256": _sha256_file(tmp / name)})
+        manifest = {**dict(meta or {}), "format_version": FORMAT_VERSION, "kind": TAIL_KIND,
+                    "temperature": float(temperature),
+                    "tail": "float32 [P]: log sum_{j not in the cache's top-k} exp(l_j / tau)",
+                    "cache": identity, "shards": shards}
+        atomic_write_json(tmp / MANIFEST, manifest, allow_nan=True)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_tail_manifest(tail_dir: str | os.PathLike, cache_manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A tail artifact's manifest, refused unless it was built on exactly this cache."""
+    path = Path(tail_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"tail artifact {str(tail_dir)!r} has no {MANIFEST} (not built, or interrupted)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{path}: corrupted manifest: {exc}") from exc
+    if manifest.get("kind") != TAIL_KIND or manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path}: not a format-{FORMAT_VERSION} KD tail artifact")
+    if manifest.get("cache") != json.loads(json.dumps(_cache_identity(cache_manifest))):
+        raise CacheMismatchError(f"tail artifact {str(tail_dir)!r} was built on another logit cache (corpus, k or "
+                                 "shards differ); rebuild it")
+    for s in manifest["shards"]:
+        if not (Path(tail_dir) / s["file"]).is_file():
+            raise CacheError(f"tail artifact {str(tail_dir)!r} is missing {s['file']!r}")
+    return manifest
 
 
 def iter_shard_sizes(cache_dir: str | os.PathLike) -> Iterable[tuple[str, int]]:

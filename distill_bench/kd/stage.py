@@ -16,9 +16,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from distill_bench.kd.cache import (CacheWriter, check_disk_space, corpus_hash, estimate_cache_bytes, example_hash,
-                                    iter_shard_sizes, loss_positions, value_entry_bytes, id_encoding_for,
-                                    id_row_bytes)
+from distill_bench.kd.cache import (CacheMismatchError, CacheReader, CacheWriter, check_disk_space, corpus_hash,
+                                    estimate_cache_bytes, example_hash, iter_shard_sizes, loss_positions,
+                                    value_entry_bytes, id_encoding_for, id_row_bytes, write_tail_dir)
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def _topk_rows(z: torch.Tensor, k: int, temperatures: Sequence[float]) -> tuple[
 
 
 @torch.no_grad()
-def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatures: Sequence[float],
-                 pad_token_id: int, device: torch.device, head_only: bool | None = None
-                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Teacher forward on one right-padded batch; per example (ids, log-probs, tail) at its loss positions only."""
+def _loss_position_logits(model, batch: Sequence[Mapping[str, Any]], *, pad_token_id: int, device: torch.device,
+                          head_only: bool | None):
+    """Teacher forward on one right-padded batch: (logits of loss positions s..e as a function, n, per-example
+    counts), the LM head applied only to the loss positions when the model allows it."""
     lengths = [len(ex["input_ids"]) for ex in batch]
     width = max(lengths)
     input_ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
@@ -99,7 +99,16 @@ def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatu
     else:
         logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
         source = lambda s, e: logits[rows_t[s:e], cols_t[s:e]]   # noqa: E731
-    n = int(rows_t.numel())
+    return source, int(rows_t.numel()), counts
+
+
+@torch.no_grad()
+def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatures: Sequence[float],
+                 pad_token_id: int, device: torch.device, head_only: bool | None = None
+                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Teacher forward on one right-padded batch; per example (ids, log-probs, tail) at its loss positions only."""
+    source, n, counts = _loss_position_logits(model, batch, pad_token_id=pad_token_id, device=device,
+                                              head_only=head_only)
     vocab = _vocab_size(model)
     chunk = max(1, CHUNK_ELEMENTS // vocab)
     out_ids, out_vals, out_tail = [], [], []
@@ -190,6 +199,76 @@ def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str
     return manifest, stats
 
 
+@torch.no_grad()
+def teacher_tails(model, batch: Sequence[Mapping[str, Any]], cached_ids: Sequence[np.ndarray], *, temperature: float,
+                  pad_token_id: int, device: torch.device, head_only: bool | None = None) -> list[np.ndarray]:
+    """Per example, the exact full-vocabulary tail at ``temperature`` of its loss positions: log sum over the ids
+    outside the cached top-k (``cached_ids[b]``, [n_b, k]) of exp(l_j / tau), l the teacher's log-probs."""
+    source, n, counts = _loss_position_logits(model, batch, pad_token_id=pad_token_id, device=device,
+                                              head_only=head_only)
+    if [len(c) for c in cached_ids] != counts:
+        raise CacheMismatchError(f"cached positions {[len(c) for c in cached_ids]} differ from the corpus' loss "
+                                 f"positions {counts}: the cache was built on another corpus")
+    ids_all = torch.as_tensor(np.concatenate(list(cached_ids)) if n else np.zeros((0, 1), np.int64),
+                              dtype=torch.long, device=device)
+    chunk = max(1, CHUNK_ELEMENTS // _vocab_size(model))
+    out = []
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        z = source(s, e).float()
+        scaled = (z - torch.logsumexp(z, dim=-1, keepdim=True)) / float(temperature)
+        scaled.scatter_(1, ids_all[s:e], -math.inf)
+        out.append(torch.logsumexp(scaled, dim=-1).cpu())
+    tail = torch.cat(out).numpy() if out else np.zeros((0,), np.float32)
+    result, start = [], 0
+    for c in counts:
+        result.append(tail[start:start + c])
+        start += c
+    return result
+
+
+def build_tail(model, encoded: Sequence[Mapping[str, Any] | None], cache_dir: str | os.PathLike,
+               out_dir: str | os.PathLike, *, temperature: float, batch_size: int, pad_token_id: int,
+               meta: Mapping[str, Any] | None = None, device: torch.device | str = "cpu"
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One teacher pass over the cache's corpus computing only the tail column at ``temperature`` (same length-sorted
+    batching as the cache); written as its own artifact next to the cache (``write_tail_dir``)."""
+    reader = CacheReader(cache_dir, verify=True)
+    manifest = reader.manifest
+    if corpus_hash(encoded) != manifest.get("corpus_hash"):
+        raise CacheMismatchError(f"the encoded corpus differs from the one the logit cache {str(cache_dir)!r} was "
+                                 "built on (dataset, tokenizer or max_length changed); rebuild the cache first")
+    device = torch.device(device)
+    model.eval()
+    head_only = _head_only_ok(model)
+    shard_tails, input_tokens, batches = [], 0, 0
+    for shard in manifest["shards"]:
+        lo, hi = int(shard["first_example"]), int(shard["first_example"]) + int(shard["n_examples"])
+        per_example: dict[int, np.ndarray] = {}
+        order = sorted((i for i in range(lo, hi) if encoded[i] is not None and reader.n_positions(i) > 0),
+                       key=lambda i: len(encoded[i]["input_ids"]), reverse=True)
+        for bs in range(0, len(order), int(batch_size)):
+            idx = order[bs:bs + int(batch_size)]
+            batch = [encoded[i] for i in idx]
+            tails = teacher_tails(model, batch, [reader.get(i).ids for i in idx], temperature=temperature,
+                                  pad_token_id=pad_token_id, device=device, head_only=head_only)
+            per_example.update(zip(idx, tails))
+            input_tokens += sum(len(ex["input_ids"]) for ex in batch)
+            batches += 1
+        parts = [per_example[i] for i in range(lo, hi) if i in per_example]
+        shard_tails.append(np.concatenate(parts) if parts else np.zeros((0,), np.float32))
+    tail_manifest = write_tail_dir(out_dir, manifest, temperature, shard_tails, meta)
+    return tail_manifest, {"input_tokens": input_tokens, "tail_positions": int(manifest["n_positions"]),
+                           "batches": batches}
+
+
+def check_top_k_fits(k: int, vocab_size: int, tokenizer: str) -> None:
+    """kd.top_k against the tokenizer's real vocabulary, before the teacher is loaded."""
+    if not 1 <= int(k) <= int(vocab_size):
+        raise ValueError(f"config key 'kd.top_k': {k} exceeds the {vocab_size} tokens of tokenizer {tokenizer!r} "
+                         f"(top-k must lie in [1, vocabulary size])")
+
+
 def _load_teacher(ref: str, device: torch.device):
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     try:
@@ -213,6 +292,7 @@ def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: 
     if max_length is None:
         raise KeyError("training.max_length is required by cache_logits (must equal the student's)")
     tok = load_tokenizer(tokenizer)
+    check_top_k_fits(int(kd.get("top_k", 64)), len(tok), tokenizer)
     dsd = load_dataset_dir(dataset)
     if "train" not in dsd:
         raise KeyError(f"dataset {dataset!r} has no 'train' split")
@@ -251,4 +331,39 @@ def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: 
         "n_examples": manifest["n_examples"],
     }.items():
         meter.record(key, value)
+    return {"manifest": str(Path(out_dir) / "manifest.json"), **stats}
+
+
+def cache_tail(*, meter, teacher: str, tokenizer: str, dataset: str, kd_cache: str, out_dir: str,
+               kd: Mapping[str, Any], training: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """Stage: the exact tail at one more temperature (``kd.temperature``) for an existing top-k cache, so adding a
+    temperature to a KD sweep runs only this teacher pass, not a new cache."""
+    from distill_bench.data.io import load_dataset_dir
+    from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
+
+    torch.manual_seed(int(seed))
+    temperature = float(kd["temperature"])
+    if temperature <= 0:
+        raise ValueError(f"kd.temperature={temperature} must be positive")
+    max_length = training.get("max_length")
+    if max_length is None:
+        raise KeyError("training.max_length is required by cache_tail (must equal the cache's)")
+    tok = load_tokenizer(tokenizer)
+    cache_manifest = CacheReader(kd_cache, verify=False).manifest
+    if cache_manifest.get("tokenizer_vocab_hash") != vocab_hash(tok):
+        raise CacheMismatchError(f"logit cache {kd_cache!r} was built with another tokenizer than {tokenizer!r}")
+    train = load_dataset_dir(dataset)["train"]
+    encoded = [encode_prompt_response(tok, p, r, max_length) for p, r in zip(train["prompt"], train["response"])]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = _load_teacher(teacher, device)
+    meta = {"teacher": str(teacher), "tokenizer": str(tokenizer), "dataset": str(dataset), "cache_dir": str(kd_cache),
+            "max_length": int(max_length)}
+    manifest, stats = build_tail(model, encoded, kd_cache, out_dir, temperature=temperature,
+                                 batch_size=int(kd.get("batch_size", 32)), pad_token_id=int(tok.pad_token_id),
+                                 meta=meta, device=device)
+    meter.add_tokens("input_tokens", stats["input_tokens"])
+    meter.add_tokens("tail_positions", stats["tail_positions"])
+    meter.set_primary_tokens("input_tokens")
+    meter.record("temperature", temperature)
+    meter.record("tail_bytes", sum((Path(out_dir) / s["file"]).stat().st_size for s in manifest["shards"]))
     return {"manifest": str(Path(out_dir) / "manifest.json"), **stats}

@@ -35,9 +35,10 @@ class KDCollator(LMCollator):
     """
 
     def __init__(self, cache_dir: str, *, pad_token_id: int, top_k: int, temperature: float,
-                 approximate_tail: bool = False):
+                 approximate_tail: bool = False, tail_dirs: Sequence[str] = ()):
         super().__init__(pad_token_id)   # train_student sets padding_free and pad_to_multiple_of from training.*
         self.cache_dir = str(cache_dir)
+        self.tail_dirs = [str(d) for d in tail_dirs]
         self.top_k = int(top_k)
         self.temperature = float(temperature)
         self.approximate_tail = bool(approximate_tail)
@@ -51,7 +52,7 @@ class KDCollator(LMCollator):
     @property
     def reader(self) -> CacheReader:
         if self._reader is None:
-            self._reader = CacheReader(self.cache_dir, verify=False)
+            self._reader = CacheReader(self.cache_dir, verify=False, tail_dirs=self.tail_dirs)
         return self._reader
 
     def teacher_rows(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -236,10 +237,11 @@ def _vocab_hash(tokenizer) -> str:
     return vocab_hash(tokenizer)
 
 
-def kd_trainer_parts(cache_dir: str, kd: Mapping[str, Any], tokenizer, examples: Sequence[Mapping[str, Any]]
-                     ) -> tuple[type, KDCollator, dict[str, Any]]:
-    """(trainer_cls, collator, extra_info) for a KD student; validates cache vs tokenizer, kd settings and corpus."""
-    reader = CacheReader(cache_dir, verify=True)
+def kd_trainer_parts(cache_dir: str, kd: Mapping[str, Any], tokenizer, examples: Sequence[Mapping[str, Any]],
+                     tail_dirs: Sequence[str] = ()) -> tuple[type, KDCollator, dict[str, Any]]:
+    """(trainer_cls, collator, extra_info) for a KD student; validates cache vs tokenizer, kd settings and corpus.
+    ``tail_dirs``: per-temperature tail artifacts built on the cache (the workflow passes the student's tau)."""
+    reader = CacheReader(cache_dir, verify=True, tail_dirs=tail_dirs)
     m = reader.manifest
     student_hash = _vocab_hash(tokenizer)
     if m.get("tokenizer_vocab_hash") != student_hash:
@@ -264,7 +266,8 @@ def kd_trainer_parts(cache_dir: str, kd: Mapping[str, Any], tokenizer, examples:
     if not exact and not approximate:
         raise KDConfigError(
             f"kd.temperature={tau}: the cache {cache_dir!r} holds tail normalisers for {reader.temperatures} only; "
-            "add it to kd.cache_temperatures and rebuild, or set kd.tail_approximation: true (bounded, docs/KD.md)")
+            "build its tail artifact (the cache_tail stage) or list it in kd.cache_temperatures and rebuild, or set "
+            "kd.tail_approximation: true (bounded, docs/KD.md)")
     checked = truncated = 0
     for pos, ex in enumerate(examples):
         if "example_index" not in ex:
@@ -283,9 +286,9 @@ def kd_trainer_parts(cache_dir: str, kd: Mapping[str, Any], tokenizer, examples:
         else:
             truncated += 1
     collator = KDCollator(cache_dir, pad_token_id=tokenizer.pad_token_id, top_k=top_k, temperature=tau,
-                          approximate_tail=approximate and not exact)
+                          approximate_tail=approximate and not exact, tail_dirs=tail_dirs)
     trainer_cls = make_kd_trainer_cls(alpha=alpha, temperature=tau, chunk_size=kd.get("chunk_size"))
-    info = {"kd_cache": str(cache_dir), "kd_teacher": m.get("teacher"), "kd_cache_k": int(m["k"]),
+    info = {"kd_cache": str(cache_dir), "kd_tail_artifacts": [str(d) for d in tail_dirs], "kd_teacher": m.get("teacher"), "kd_cache_k": int(m["k"]),
             "kd_top_k": top_k, "kd_value_dtype": m["value_dtype"], "kd_alpha": alpha, "kd_temperature": tau,
             "kd_tail_mode": "exact" if exact else "approximate", "kd_cache_positions": int(m["n_positions"]),
             "kd_cache_bytes_per_position": int(m["bytes_per_position"]), "kd_examples_hash_checked": checked,

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from distill_bench.artifacts import write_dir_atomically
 from distill_bench.energy.atomic import atomic_write_json
+from distill_bench.refs import missing_local_path
 
 MODEL_REF = "model_ref.json"
 ARCH_KEYS = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "num_kv_heads",
@@ -98,13 +99,9 @@ def resolve_model_ref(ref: str | os.PathLike) -> str:
                                 f"{MODEL_REF}")
     if path.exists():
         raise FileNotFoundError(f"model path {str(ref)!r} is a file, not a model directory")
-    if _looks_local(str(ref)):
-        raise FileNotFoundError(f"model path {str(ref)!r} does not exist")
-    return str(ref)  # an HF hub id
-
-
-def _looks_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1
+    if missing_local_path(str(ref)):
+        raise FileNotFoundError(f"model path {str(ref)!r} does not exist (hub ids look like 'owner/name')")
+    return str(ref)  # an HF hub id (distill_bench.refs has the rule)
 
 
 def _dtype(dtype):

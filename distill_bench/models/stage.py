@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from distill_bench.artifacts import replace_dir, write_dir_atomically
+from distill_bench.config.plan import TEACHER_TRAIN_KEYS
 from distill_bench.models.build import (count_parameters, init_model_from_arch, save_model_dir, write_model_ref)
 from distill_bench.models.tokenizer import (assert_same_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer,
                                             vocab_hash)
@@ -113,7 +114,7 @@ def encode_split(tokenizer, ds, max_length: int) -> tuple[list[dict[str, Any]], 
 
 
 def prepare_teacher(*, meter, out_dir: str, tokenizer: str, teacher: Mapping[str, Any], dataset: str,
-                    training: Mapping[str, Any], seed: int) -> dict[str, Any]:
+                    training: Mapping[str, Any] | None, seed: int) -> dict[str, Any]:
     """'train': init from teacher.arch and train on ``dataset``'s train split; 'pretrained': model_ref.json pointer."""
     from distill_bench.train.trainer import TrainSettings, train_student
 
@@ -136,10 +137,10 @@ def prepare_teacher(*, meter, out_dir: str, tokenizer: str, teacher: Mapping[str
     if "tokens" not in tr:
         raise ValueError("teacher.train.tokens is required when teacher.source is 'train'")
     overrides = {"token_budget": int(tr["tokens"])}
-    for key in ("lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "lr_scheduler"):
+    for key in TEACHER_TRAIN_KEYS:
         if key in tr:
             overrides[key] = tr[key]
-    settings = TrainSettings.from_dict(training, **overrides)
+    settings = TrainSettings.from_dict(dict(training or {}), **overrides)
     ds = load_split(dataset, "train")
     examples, dropped = encode_split(tok, ds, settings.max_length)
     meter.record("dropped_over_max_length", dropped)

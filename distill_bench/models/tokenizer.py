@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from distill_bench.artifacts import write_dir_atomically
+from distill_bench.refs import missing_local_path
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
@@ -75,8 +76,8 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     p = str(path)
-    if p.startswith(("/", "./", "../", "~")) and not Path(p).expanduser().exists():
-        raise FileNotFoundError(f"tokenizer path {p!r} does not exist")
+    if missing_local_path(p):
+        raise FileNotFoundError(f"tokenizer path {p!r} does not exist (hub ids look like 'owner/name')")
     try:
         tok = AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError) as exc:

@@ -77,15 +77,40 @@ class RollupError(RuntimeError):
     """The roll-up cannot produce honest numbers (a missing or invalid stage JSON); the message says which."""
 
 
+# a stage JSON is final only once its meter stopped with every attempt accounted for
+FINAL_STAGE_STATUS = "complete"
+
+
 def _load_stage(path: Path) -> dict:
     from distill_bench.energy import load_stage_json
 
     try:
-        return load_stage_json(path)
+        stage = load_stage_json(path)
     except FileNotFoundError:
         raise
-    except Exception as err:  # schema errors, newer schema versions, hand-edited files
+    except Exception as err:  # unreadable, empty, schema errors, newer schema versions, hand-edited files
         raise RollupError(f"stage JSON {path}: {err}") from err
+    if stage.get("status") != FINAL_STAGE_STATUS:
+        raise RollupError(f"stage JSON {path}: status {stage.get('status')!r}, not {FINAL_STAGE_STATUS!r} (the stage "
+                          f"is still running, failed or was interrupted); rerun it before rolling up")
+    return stage
+
+
+def load_eval_result(path: Path) -> dict:
+    """A declared evaluation's result, refused (path and reason named) when unreadable, empty or unfinished."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RollupError(f"eval result {path}: missing for a declared evaluation; rerun it rather than showing "
+                          f"n/a") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RollupError(f"eval result {path}: unreadable ({err})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict) or not result["metrics"]:
+        raise RollupError(f"eval result {path}: holds no metrics (empty or truncated file); rerun the evaluation")
+    status = result.get("status", FINAL_STAGE_STATUS)
+    if status != FINAL_STAGE_STATUS:
+        raise RollupError(f"eval result {path}: status {status!r}, not {FINAL_STAGE_STATUS!r}; rerun the evaluation")
+    return result
 
 
 def load_stages(results_dir: str | Path, stage_ids: list[str], optional: set[str] | frozenset = frozenset()
@@ -170,12 +195,17 @@ def break_even_reuse(teacher_j: float, student_j: float, baseline_j: float,
     return float(math.ceil(teacher_j / margin - 1e-12)), "ok"
 
 
-def _eval_result(results_dir: Path, model_id: str, dataset: str) -> dict | None:
+def eval_stage_id(model_id: str, dataset: str) -> str:
+    return f"eval.{model_id}.{dataset}"
+
+
+def _eval_result(results_dir: Path, model_id: str, dataset: str, optional: bool = False) -> dict | None:
+    """A declared evaluation's result; ``optional`` (one seed of an experiment with others): a missing file is
+    None (that seed is reported missing), anything else wrong with it is still an error."""
     path = results_dir / "eval" / model_id / f"{dataset}.json"
-    if not path.exists():
+    if optional and not path.exists():
         return None
-    with open(path) as fh:
-        return json.load(fh)
+    return load_eval_result(path)
 
 
 def _metric(result: dict | None, name: str) -> tuple[float, float, float, float]:
@@ -203,7 +233,8 @@ def _other_evals(results_dir: Path, plan: dict, model_id: str, primary: str) -> 
 def charged_units(plan: dict, exp_id: str) -> dict[str, list[str]]:
     """The stages an experiment's bill is made of, by bucket.
 
-    teacher: the stages of the shared teacher artifact it consumes, and of those its upstream checkpoints consumed;
+    teacher: the stages of the shared teacher artifacts it consumes (a KD student: the cache and its tau's tail), and
+    of those its upstream checkpoints consumed;
     upstream: the training stages of the earlier experiments it builds on (DPO's SFT start, self-distillation's
     teacher, the checkpoint continued training continues); student: its own training; eval: its own evaluations.
     """
@@ -212,9 +243,9 @@ def charged_units(plan: dict, exp_id: str) -> dict[str, list[str]]:
     teacher: list[str] = []
     upstream: list[str] = []
     for owner in [exp_id] + list(exp.get("lineage") or []):
-        art_id = exps[owner].get("artifact")
-        if art_id:
-            teacher += [s for s in arts[art_id]["stage_ids"] if s not in teacher]
+        for art_id in (exps[owner].get("artifact"), exps[owner].get("tail_artifact")):
+            if art_id:
+                teacher += [s for s in arts[art_id]["stage_ids"] if s not in teacher]
         if owner != exp_id:
             upstream.append(f"student.train.{owner}")
     evals = [f"eval.{m}.{d}" for m, d in plan["eval_units"] if m == exp_id]
@@ -279,6 +310,7 @@ def seed_frame(plan: dict, stages: dict[str, dict], results_dir: str | Path) -> 
     is absent, so the per-experiment statistics can name it instead of averaging silently over fewer seeds."""
     results_dir = Path(results_dir)
     n_consumers = unit_consumers(plan)
+    optional = seed_only_stages(plan)
     rows = []
     for exp_id, exp in plan["experiments"].items():
         units = charged_units(plan, exp_id)
@@ -294,7 +326,8 @@ def seed_frame(plan: dict, stages: dict[str, dict], results_dir: str | Path) -> 
         train = stages.get(f"student.train.{exp_id}") or {}
         teacher_stages = [stages[s] for s in units["teacher"] if s in stages]
         all_stages = [stages[s] for ids in units.values() for s in ids if s in stages]
-        result = _eval_result(results_dir, exp_id, exp["dataset"])
+        result = _eval_result(results_dir, exp_id, exp["dataset"],
+                              optional=eval_stage_id(exp_id, exp["dataset"]) in optional)
         missing = []
         if f"student.train.{exp_id}" not in stages or train.get("status") != "complete":
             missing.append("training")
@@ -605,6 +638,8 @@ def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool =
     accept_shared = bool(((config or {}).get("energy") or {}).get("accept_shared_devices", False))
     optional = seed_only_stages(plan)
     stages = load_stages(results_dir, plan["stage_ids"], optional)
+    for model_id, dataset in plan["eval_units"]:     # every declared evaluation, before any output is written
+        _eval_result(results_dir, model_id, dataset, optional=eval_stage_id(model_id, dataset) in optional)
     # the run's own counters against the stages' sum; fails (after writing reconciliation.md) on double counting
     record = reconcile.reconcile_run(results_dir, stages, in_workflow=in_workflow)
     reconcile.enforce(record, accept_shared)

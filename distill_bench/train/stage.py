@@ -32,7 +32,7 @@ def check_model_tokenizer(init_model: str, tokenizer_dir: str, run_tokenizer) ->
 
 def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_model: str, out_dir: str,
                   training: Mapping[str, Any], seed: int, kd_cache: str | None = None,
-                  kd: Mapping[str, Any] | None = None, method: str | None = None,
+                  kd_tail: str | None = None, kd: Mapping[str, Any] | None = None, method: str | None = None,
                   dpo: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Encode the dataset's train split, train ``init_model`` on the exact budget, write ``out_dir/final``.
 
@@ -60,7 +60,8 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
     if wants_launch(settings):  # gpus/nodes > 1: this process keeps the meter, torchrun workers train
         return launch_train(meter=meter, settings=settings, stage_kwargs=dict(
             pipeline=pipeline, dataset=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir,
-            training=dict(training), seed=seed, kd_cache=kd_cache, kd=dict(kd) if kd is not None else None))
+            training=dict(training), seed=seed, kd_cache=kd_cache, kd_tail=kd_tail,
+            kd=dict(kd) if kd is not None else None))
     tok = load_tokenizer(tokenizer)
     h = check_model_tokenizer(init_model, tokenizer, tok)  # before any expensive work
     ds = load_split(dataset, "train")
@@ -80,10 +81,10 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
         from distill_bench.kd.trainer import kd_trainer_parts  # lazy: only KD runs need it
 
         trainer_cls, collator, extra = kd_trainer_parts(cache_dir=kd_cache, kd=dict(kd or {}), tokenizer=tok,
-                                                        examples=examples)
+                                                        examples=examples, tail_dirs=[kd_tail] if kd_tail else [])
         for key, value in dict(extra or {}).items():  # KD facts (cache k, tau, alpha...) for the stage JSON
             meter.record(key, value)
-        fingerprint_extra.update({"kd": dict(kd or {}), "kd_cache": str(kd_cache)})
+        fingerprint_extra.update({"kd": dict(kd or {}), "kd_cache": str(kd_cache), "kd_tail": kd_tail})
 
     model = load_model(init_model)
     return run_trainer(model=model, tokenizer=tok, examples=examples, settings=settings, seed=seed,

@@ -454,6 +454,10 @@ def _lr_curve(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
             if "learning_rate" in e and "step" in e]
 
 
+# Ctrl-C is an interruption like a scheduler's SIGTERM: both save a checkpoint so a rerun resumes, not restarts
+CHECKPOINT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 def redeliver_signal(signum: int) -> None:
     """Hand the signal to whoever owned it before training (e.g. the energy meter), then stop this stage."""
     signal.raise_signal(signum)
@@ -461,7 +465,7 @@ def redeliver_signal(signum: int) -> None:
 
 
 def resume_and_train(trainer, stopper, counter, last: str | None, max_steps: int, what: str = "") -> tuple[Any, int]:
-    """Continue the exact token tally stored beside checkpoint ``last`` (if any), then train with SIGTERM/SIGUSR1
+    """Continue the exact token tally stored beside checkpoint ``last`` (if any), then train with SIGTERM/SIGINT/SIGUSR1
     turned into checkpoint-and-stop (the previous handlers restored afterwards). Returns (train result, the step
     resumed from)."""
     start_step = 0
@@ -476,7 +480,7 @@ def resume_and_train(trainer, stopper, counter, last: str | None, max_steps: int
 
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in CHECKPOINT_SIGNALS:
             previous[s] = signal.signal(s, stopper.handler)
     try:
         result = trainer.train(resume_from_checkpoint=last)
@@ -512,7 +516,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
 
     ``examples`` are dicts with ``input_ids`` and ``completion_mask`` (from ``encode_prompt_response``) plus any extra
     fields a custom collator needs. Resumes from ``output_dir/checkpoints`` when a checkpoint of the same config
-    exists; on SIGTERM/SIGUSR1 saves a checkpoint and re-delivers the signal (then raises TrainingInterrupted).
+    exists; on SIGTERM/SIGINT/SIGUSR1 saves a checkpoint and re-delivers the signal (then raises TrainingInterrupted).
     Returns a summary dict (also written to ``output_dir/train_log.json``).
     """
     import torch
