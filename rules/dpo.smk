@@ -91,7 +91,7 @@ rule precompute_reference:
     params:
         dpo=lambda w: experiment(w).sections["dpo"],
         training=lambda w: experiment(w).training,
-        seed=CFG["seed"],
+        seed=lambda w: experiment(w).seed,
         stage_id=lambda w: f"student.reference.{w.exp}",
         role="student",
         pipeline="dpo",

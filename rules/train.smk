@@ -34,7 +34,7 @@ rule train_student:
         method=lambda w: experiment(w).trainer,
         kd=lambda w: experiment(w).sections["kd"] if experiment(w).trainer == "kd" else None,
         dpo=lambda w: experiment(w).sections["dpo"] if experiment(w).trainer == "dpo" else None,
-        seed=CFG["seed"],
+        seed=lambda w: experiment(w).seed,
         stage_id=lambda w: f"student.train.{w.exp}",
         role="student",
         experiment=lambda w: w.exp,

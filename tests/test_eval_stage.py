@@ -73,6 +73,33 @@ def test_lm_eval_backend_runs_embedded_task_offline_and_agrees_with_native(workd
     assert result["metrics"]["flexible_extract"]["stderr"] > 0
     assert meter.tokens["generated_tokens"] == 8  # '7' + EOS per item, padding excluded
     assert meter.records["loglikelihood_requests"] == 0 and meter.records["generate_requests"] == 4
+    # per-item results, keyed by the same ids as the native backend's, so the paired statistics work with both
+    samples = [json.loads(line) for line in (out.parent / "arith.lm_eval.samples.jsonl").read_text().splitlines()]
+    assert sorted(s["id"] for s in samples) == [f"arith-eval-{i}" for i in range(4)]
+    flexible = {s["id"]: s["flexible_correct"] for s in samples}
+    # the native backend's verdicts on the same items (its test above): golds 7, 7, 3, 10 against the answer 7
+    assert flexible == {"arith-eval-0": True, "arith-eval-1": True, "arith-eval-2": False, "arith-eval-3": False}
+    flex = result["metrics"]["flexible_extract"]
+    assert 0.0 <= flex["ci_low"] <= 0.5 <= flex["ci_high"] <= 1.0 and flex["ci_method"].startswith("bootstrap")
+
+
+def test_lm_eval_interval_respects_the_bounds_and_the_exact_confidence():
+    """1 correct in 100: a normal interval would reach below 0 (the bug: [-1.0, 3.0] %); the bootstrap over the
+    per-item results cannot. Without per-item results z comes from the exact confidence, not a rounded one."""
+    from distill_bench.eval.lm_eval_backend import _metrics, per_item_scores
+
+    samples = [{"doc_id": i, "doc": {"id": f"q{i}"}, "filter": filt, "metrics": ["exact_match"],
+                "exact_match": float(i == 0)} for i in range(100) for filt in ("strict-match", "flexible-extract")]
+    items = per_item_scores(samples)
+    assert set(items) == {"strict_match", "flexible_extract"} and items["strict_match"]["q0"] == 1.0
+    res = {"exact_match,strict-match": 0.01, "exact_match_stderr,strict-match": 0.01}
+    strict = _metrics(res, 0.95, items, 1000, 0)["strict_match"]
+    assert 0.0 <= strict["ci_low"] <= 0.01 <= strict["ci_high"] <= 1.0
+    normal = _metrics({"acc,none": 0.5, "acc_stderr,none": 0.1}, 0.954)["acc,none"]
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + 0.954 / 2)   # 1.995, where rounding to 0.95 gave 1.960
+    assert normal["ci_high"] == pytest.approx(0.5 + z * 0.1, rel=1e-12)
 
 
 @pytest.mark.parametrize("where", ["task", "eval.tasks"])

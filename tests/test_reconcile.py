@@ -224,11 +224,13 @@ def _shared_run(tmp_path, monkeypatch, accept: bool, how: str):
         cfg["energy"]["accept_shared_devices"] = True
         (results / "config" / "merged_config.yaml").write_text(yaml.safe_dump(cfg))
     energy = results / "energy"
-    kd_train = next(s for s in plan["stage_ids"] if s.startswith("student.train.kd.") and s.endswith("-2"))
+    kd_trains = [s for s in plan["stage_ids"] if s.startswith("student.train.kd.") and ".temperature-2." in s]
+    kd_train = kd_trains[0]                                     # seed 1: the one found sharing below
     cache = next(s for s in plan["stage_ids"] if s.startswith("teacher.logits."))
-    record = json.loads((energy / f"{kd_train}.json").read_text())
-    record["energy"]["total_j"] = 500.0     # own 700 J < baseline 1200 J: N* = ceil((9000 + 900 tau-2 tail)/500)
-    atomic_write_json(energy / f"{kd_train}.json", record)
+    for stage_id in kd_trains:          # every seed: own 700 J < baseline 1200 J
+        record = json.loads((energy / f"{stage_id}.json").read_text())
+        record["energy"]["total_j"] = 500.0     # N* = ceil((9000 + 900 tau-2 tail) / 500)
+        atomic_write_json(energy / f"{stage_id}.json", record)
     now = dt.datetime.now(dt.timezone.utc)
     if how == "meter":
         rec = json.loads((energy / f"{cache}.json").read_text())
@@ -317,7 +319,7 @@ def test_rollup_fails_naming_the_stages_when_they_exceed_the_device_counter(tmp_
     results, plan = _build_run(tmp_path)
     energy = results / "energy"
     cache = next(s for s in plan["stage_ids"] if s.startswith("teacher.logits."))
-    train = "student.train.sft_gt.tiny.arith"
+    train = "student.train.sft_gt.tiny.arith.s1"
     now = dt.datetime.now(dt.timezone.utc)
     host = json.loads((energy / f"{cache}.json").read_text())["attempts"][0]["host"]
     for stage_id, (a, b) in ((cache, (-80, -40)), (train, (-60, -20))):

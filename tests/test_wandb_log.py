@@ -64,8 +64,12 @@ def _build_finished_run(results: Path) -> dict:
         metric = {"value": acc, "ci_low": acc - 0.05, "ci_high": acc + 0.05, "stderr": 0.02}
         path = results / "eval" / model_id / f"{dataset}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / f"{dataset}.samples.jsonl").write_text("".join(
+            json.dumps({"id": f"q{i}", "strict_correct": i < acc * 100, "flexible_correct": i < acc * 100}) + "\n"
+            for i in range(100)))
         path.write_text(json.dumps({"model_id": model_id, "dataset": dataset, "backend": "native", "n": 100,
-                                    "metrics": {"strict_match": metric, "flexible_extract": metric}}))
+                                    "metrics": {"strict_match": metric, "flexible_extract": metric},
+                                    "samples": f"{dataset}.samples.jsonl"}))
     for exp_id in plan.experiments:
         log = {"trained_tokens": 1000, "steps": 5, "loss_curve": _loss_curve(exp_id),
                "lr_curve": [[s, 0.003 * (6 - s) / 5] for s in (1, 2, 3, 4, 5)], "final_loss": _loss_curve(exp_id)[-1][1]}
@@ -139,13 +143,13 @@ def test_each_experiment_run_holds_its_own_loss_and_lr_curve(logged):
         history = runs[exp_id]["history"]
         assert [(h["_step"], h["train/loss"]) for h in history] == [tuple(p) for p in _loss_curve(exp_id)]
         assert [h["train/lr"] for h in history] == pytest.approx([0.003 * (6 - s) / 5 for s in range(1, 6)])
-    extra = [h.get("train/reward_accuracy") for h in runs["sft.tiny.arith"]["history"]]
+    extra = [h.get("train/reward_accuracy") for h in runs["sft.tiny.arith.s1"]["history"]]
     assert extra == [None, 0.5, None, 0.75, None]
 
 
 def test_summary_metrics_are_the_comparison_row(logged):
     results, plan, _, runs, _ = logged
-    table = pd.read_csv(results / "summary" / "comparison.csv").set_index("experiment")
+    table = pd.read_csv(results / "summary" / "comparison_by_seed.csv").set_index("experiment")
     for exp_id in plan["experiments"]:
         summary, row = runs[exp_id]["summary"], table.loc[exp_id]
         for key in ("strict_acc", "strict_ci_low", "strict_ci_high", "flexible_acc", "total_kwh_oneoff",
@@ -153,16 +157,18 @@ def test_summary_metrics_are_the_comparison_row(logged):
                     "train_tokens_per_s", "trained_tokens"):
             assert summary[key] == pytest.approx(float(row[key]), rel=1e-12), (exp_id, key)
         assert summary["train/final_loss"] == _loss_curve(exp_id)[-1][1]
-    kd = runs["kd.tiny.arith.temperature-1"]["summary"]
-    assert kd["teacher_kwh_amortised"] == pytest.approx(4500 / 3.6e6)  # two KD students share one cache
+    kd = runs["kd.tiny.arith.temperature-1.s2"]["summary"]
+    # two KD students x three seeds share one cache
+    assert kd["teacher_kwh_amortised"] == pytest.approx(1500 / 3.6e6)
+    assert kd["seed"] == 2 and kd["group"] == "kd.tiny.arith.temperature-1" and kd["verdict"] == "better"
     assert kd["teacher_kwh_oneoff"] == pytest.approx(9000 / 3.6e6)
     assert kd["break_even_reuse"] is None and kd["break_even_reuse_text"] == "never"  # inf is not JSON
-    assert runs["sft_gt.tiny.arith"]["summary"]["break_even_reuse_text"] == "n/a"  # the baseline itself
+    assert runs["sft_gt.tiny.arith.s1"]["summary"]["break_even_reuse_text"] == "n/a"  # the baseline itself
 
 
 def test_experiment_config_holds_its_plan_sections_and_lineage(logged):
     _, plan, _, runs, _ = logged
-    exp_id = "kd.tiny.arith.temperature-2"
+    exp_id = "kd.tiny.arith.temperature-2.s3"
     config, exp = runs[exp_id]["config"], plan["experiments"][exp_id]
     assert (config["pipeline"], config["student"], config["dataset"]) == ("kd", "tiny", "arith")
     assert config["lineage"] == exp["lineage"] and config["artifact"] == exp["artifact"]

@@ -49,9 +49,14 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def seed_suffix(seed: int) -> str:
+    """The last component of a seeded experiment id: ``kd.tiny.arith.temperature-2.s1`` trains with seed 1."""
+    return f"s{int(seed)}"
+
+
 @dataclass
 class Experiment:
-    id: str
+    id: str                                  # group id + "." + seed suffix
     pipeline: str                            # what the table shows: sft_gt, kd, sft, dpo, selfdistill, continued
     student: str
     dataset: str
@@ -62,6 +67,8 @@ class Experiment:
     tail_artifact: str | None = None         # KD: the tail at this student's tau, when the cache does not hold it
     init_from: str | None = None             # experiment whose final model this one starts from (else the init)
     lineage: list[str] = field(default_factory=list)   # earlier experiments this one builds on, nearest first
+    seed: int = 0                            # the student's training seed (one of config 'seeds')
+    group: str = ""                          # the id without its seed: the table's row, the seeds its replicates
 
     @property
     def training(self) -> dict:
@@ -97,6 +104,13 @@ class Plan:
         ids += [f"setup.init.{s}" for s in self.used_students()]
         return ids
 
+    def groups(self) -> dict[str, list[str]]:
+        """Group id (an experiment without its seed) -> its seeded experiment ids, in config seed order."""
+        out: dict[str, list[str]] = {}
+        for exp in self.experiments.values():
+            out.setdefault(exp.group, []).append(exp.id)
+        return out
+
     def used_students(self) -> list[str]:
         return sorted({e.student for e in self.experiments.values()})
 
@@ -129,6 +143,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "run_name": self.config["run_name"],
+            "seeds": list(self.config["seeds"]),
+            "groups": self.groups(),
             "experiments": {k: asdict(v) for k, v in self.experiments.items()},
             "artifacts": {k: asdict(v) for k, v in self.artifacts.items()},
             "checkpoint_consumers": self.checkpoint_consumers(),
@@ -239,7 +255,12 @@ def _model_identity(cfg: dict, experiments: dict[str, Experiment], model_id: str
     sections = {s: exp.sections[s] for s in ("training", *TRAINER_SECTIONS[exp.trainer])}
     return {"experiment": exp.id, "trainer": exp.trainer, "sections": sections,
             "student": cfg["students"][exp.student], "dataset": cfg["datasets"][exp.dataset],
-            "upstream": [_model_identity(cfg, experiments, u) for u in exp.lineage[:1]], "seed": cfg["seed"]}
+            "upstream": [_model_identity(cfg, experiments, u) for u in exp.lineage[:1]], "seed": exp.seed}
+
+
+def _student_teacher_label(exp: Experiment) -> str:
+    """Name of an artifact an earlier student produces (self-distillation): its pipeline and seed."""
+    return f"{exp.dataset}-from-{exp.lineage[0].split('.')[0]}-{seed_suffix(exp.seed)}"
 
 
 def _logits_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) -> Artifact:
@@ -249,7 +270,7 @@ def _logits_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) ->
     ident = {"teacher": identity, "dataset": cfg["datasets"][exp.dataset], **params}
     # temperatures precomputed in the cache's own pass (kd.cache_temperatures); any other tau is its own tail artifact
     params["cache_temperatures"] = sorted({float(t) for t in kd["cache_temperatures"]} - {1.0})
-    prefix = exp.dataset if teacher == "teacher" else f"{exp.dataset}-from-{exp.lineage[0].split('.')[0]}"
+    prefix = exp.dataset if teacher == "teacher" else _student_teacher_label(exp)
     art_id = f"{prefix}-k{kd['top_k']}-{kd['value_dtype']}-{stable_hash(ident, 6)}"
     return Artifact(id=art_id, kind="logits", dataset=exp.dataset, params=params,
                     stage_ids=[f"teacher.logits.{art_id}"], teacher=teacher)
@@ -272,7 +293,7 @@ def _synthetic_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any)
 
     syn = exp.sections["synthetic"]
     teacher_hash = stable_hash({"teacher": identity, "dataset": cfg["datasets"][exp.dataset]}, 12)
-    name = exp.dataset if teacher == "teacher" else f"{exp.dataset}-from-{exp.lineage[0].split('.')[0]}"
+    name = exp.dataset if teacher == "teacher" else _student_teacher_label(exp)
     shard_key = generation_shard_key(name, syn, seed=cfg["seed"], teacher=teacher_hash)
     art_id = synthetic_artifact_id(name, syn, seed=cfg["seed"], teacher=teacher_hash)
     shards = syn["shards"]
@@ -298,7 +319,8 @@ def _preference_artifact(cfg: dict, exp: Experiment, experiments: dict[str, Expe
     params = {k: dpo[k] for k in keys}
     ident = {"params": params, "dataset": cfg["datasets"][exp.dataset], "judge": judge_model,
              "sources": {k: _model_identity(cfg, experiments, v) for k, v in sources.items()}}
-    art_id = f"{exp.dataset}-{dpo['judge']}-n{dpo['samples_per_prompt']}-{stable_hash(ident, 6)}"
+    per_seed = f"-{seed_suffix(exp.seed)}" if "student" in sources else ""
+    art_id = f"{exp.dataset}-{dpo['judge']}-n{dpo['samples_per_prompt']}{per_seed}-{stable_hash(ident, 6)}"
     return Artifact(id=art_id, kind="preferences", dataset=exp.dataset, params=params,
                     stage_ids=[f"teacher.sample.{art_id}", f"teacher.judge.{art_id}"],
                     teacher=judge_model or "teacher", sources=sources, judge_model=judge_model)
@@ -321,12 +343,15 @@ def _expand(cfg: dict) -> dict[str, Experiment]:
             suffix_parts += [f"{k.split('.')[-1]}-{_fmt(v)}" for k, v in variant.items()]
             for student in spec["students"]:
                 for dataset in spec["datasets"]:
-                    exp_id = ".".join([spec["pipeline"], student, dataset] + suffix_parts)
-                    if exp_id in experiments:
-                        raise ConfigError(f"config key 'experiments[{index}]': experiment id {exp_id!r} is "
-                                          f"produced twice; give one of the experiments a distinct 'name'")
-                    experiments[exp_id] = Experiment(id=exp_id, pipeline=spec["pipeline"], student=student,
-                                                     dataset=dataset, variant=variant, sections=sections)
+                    group = ".".join([spec["pipeline"], student, dataset] + suffix_parts)
+                    for seed in cfg["seeds"]:
+                        exp_id = f"{group}.{seed_suffix(seed)}"
+                        if exp_id in experiments:
+                            raise ConfigError(f"config key 'experiments[{index}]': experiment id {group!r} is "
+                                              f"produced twice; give one of the experiments a distinct 'name'")
+                        experiments[exp_id] = Experiment(
+                            id=exp_id, pipeline=spec["pipeline"], student=student, dataset=dataset,
+                            variant=variant, sections=copy.deepcopy(sections), seed=int(seed), group=group)
     return experiments
 
 
@@ -334,20 +359,25 @@ def _resolve_reference(exp: Experiment, experiments: dict[str, Experiment]) -> s
     section, key = LINEAGE_KEY[exp.pipeline]
     ref = exp.sections[section][key]
     where = f"{section}.{key}"
-    if ref in experiments:
-        target = experiments[ref]
+    # lineage pairs by seed: seed s of DPO starts from seed s of its SFT student
+    by_group = [e for e in experiments.values() if e.group == ref and e.seed == exp.seed]
+    if ref in experiments and ref not in {e.id for e in by_group}:
+        raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: {ref!r} names one seed; name the "
+                          f"experiment without its seed suffix ({experiments[ref].group!r}), lineage pairs by seed")
+    if by_group:
+        target = by_group[0]
     else:
-        matches = [e for e in experiments.values()
-                   if e.pipeline == ref and e.student == exp.student and e.dataset == exp.dataset]
+        matches = [e for e in experiments.values() if e.pipeline == ref and e.student == exp.student
+                   and e.dataset == exp.dataset and e.seed == exp.seed]
         if not matches:
             raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: no experiment {ref!r} (neither an "
                               f"experiment id nor a pipeline with student {exp.student!r} and dataset "
-                              f"{exp.dataset!r}); experiments: {sorted(experiments)}")
+                              f"{exp.dataset!r}); experiments: {sorted({e.group for e in experiments.values()})}")
         if len(matches) > 1:
             raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: {ref!r} matches several experiments "
-                              f"({sorted(m.id for m in matches)}); name one by its experiment id")
+                              f"({sorted(m.group for m in matches)}); name one by its experiment id")
         target = matches[0]
-    if target.id == exp.id:
+    if target.group == exp.group:
         raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: an experiment cannot start from itself")
     if exp.pipeline == "dpo" and target.pipeline == "dpo":
         raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: DPO starts from a distilled-SFT "

@@ -42,8 +42,13 @@ SUMMARY_COLUMNS = [
     "student_train_kwh", "eval_kwh", "total_kwh_oneoff", "total_kwh_amortised", "net_total_kwh_oneoff",
     "net_total_kwh_amortised", "kwh_per_quality_point", "break_even_reuse", "trained_tokens", "train_tokens_per_s",
     "train_j_per_token", "teacher_tokens", "co2_kg_oneoff", "duration_s_oneoff", "energy_sources", "status",
-    "artifact_consumers",
+    "artifact_consumers", "seed", "group", "missing", "processed_tokens",
+    # the experiment's (all seeds') paired comparison with the baseline
+    "verdict", "delta_vs_baseline", "delta_ci_low", "delta_ci_high", "p_value", "break_even_status",
 ]
+# per-experiment columns of comparison.csv joined onto each seeded run's row of comparison_by_seed.csv
+GROUP_COLUMNS = ["verdict", "delta_vs_baseline", "delta_ci_low", "delta_ci_high", "p_value", "break_even_reuse",
+                 "break_even_status"]
 
 # train_log.json curve keys -> W&B history keys; other "<name>_curve" keys become "train/<name>"
 CURVE_KEYS = {"loss_curve": "train/loss", "lr_curve": "train/lr"}
@@ -111,16 +116,23 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _load_comparison(results_dir: Path):
+    """One row per seeded run (comparison_by_seed.csv, the W&B runs' unit) with its experiment's paired
+    comparison (verdict, delta, N*) from comparison.csv."""
     import pandas as pd
 
-    path = results_dir / "summary" / "comparison.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"comparison table not found: {path} (run `distill-bench rollup {results_dir}` "
-                                f"first; W&B logging reads the roll-up, it does not recompute it)")
-    frame = pd.read_csv(path)
-    if "experiment" not in frame.columns:
-        raise ValueError(f"{path} has no 'experiment' column; columns are {list(frame.columns)}")
-    return frame
+    frames = {}
+    for name in ("comparison_by_seed.csv", "comparison.csv"):
+        path = results_dir / "summary" / name
+        if not path.exists():
+            raise FileNotFoundError(f"comparison table not found: {path} (run `distill-bench rollup {results_dir}` "
+                                    f"first; W&B logging reads the roll-up, it does not recompute it)")
+        frames[name] = pd.read_csv(path)
+        if "experiment" not in frames[name].columns:
+            raise ValueError(f"{path} has no 'experiment' column; columns are {list(frames[name].columns)}")
+    by_seed, groups = frames["comparison_by_seed.csv"], frames["comparison.csv"]
+    joined = groups[["experiment"] + [c for c in GROUP_COLUMNS if c in groups.columns]].rename(
+        columns={"experiment": "group"})
+    return by_seed.merge(joined, on="group", how="left")
 
 
 def _curves(train_log: dict, path: Path) -> dict[int, dict[str, float]]:
@@ -187,9 +199,10 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
         import yaml
 
         config = yaml.safe_load(config_path.read_text()) or {}
-    from distill_bench.report.rollup import load_stages, stages_frame
+    from distill_bench.report.rollup import load_stages, seed_only_stages, stages_frame
 
-    stages = load_stages(results_dir, plan["stage_ids"])  # validated; a missing declared stage is named
+    # validated; a missing declared stage is named (unless it belongs to a seed the roll-up reports as missing)
+    stages = load_stages(results_dir, plan["stage_ids"], seed_only_stages(plan))
     stage_frame = stages_frame(stages)
     comparison = _load_comparison(results_dir)
     unknown = sorted(set(comparison.experiment) - set(plan["experiments"]))
@@ -233,7 +246,9 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
                 for key in SUMMARY_COLUMNS:
                     if key in row:
                         run.summary[key] = _clean(row[key])
-                run.summary["break_even_reuse_text"] = n_star_text(row.get("break_even_reuse"))
+                status = row.get("break_even_status")
+                run.summary["break_even_reuse_text"] = (status if isinstance(status, str) and status not in ("", "ok")
+                                                        else n_star_text(row.get("break_even_reuse")))
         finally:
             run.finish()
         if (path := _run_dir(run)) is not None:
