@@ -371,7 +371,8 @@ class _Planner:
         out: list[StageForecast] = []
         for d in cfg["datasets"]:
             out.append(self.cpu_stage(f"data.prepare.{d}", "data", "examples"))
-        out.append(self.cpu_stage("setup.tokenizer", "setup", "-"))
+        if plan.uses_run_tokenizer():     # pretrained models with their own tokenizers need no run tokenizer
+            out.append(self.cpu_stage("setup.tokenizer", "setup", "-"))
         t = cfg["teacher"]
         if t.get("source") == "train":
             ds = t["train"].get("dataset") or next(iter(cfg["datasets"]))

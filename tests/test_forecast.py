@@ -57,11 +57,11 @@ def test_forecast_arithmetic_on_a_hand_built_config():
     by_id = {s.stage_id: s for s in fc.stages}
     assert set(by_id) == set(build_plan(hand_config()).all_stage_ids())
     # SFT: 1000 loss-bearing tokens x 2 input per trained = 2000 input tokens at 1000 tok/s, after 10 s start-up
-    sft = by_id["student.train.sft_gt.s.d"]
+    sft = by_id["student.train.sft_gt.s.d.s1"]
     assert (sft.tokens, sft.time_s, sft.kind) == (2000, 12.0, "measured")
     assert sft.gpu_kwh == pytest.approx((2000 * 0.5 + 10 * 100) / 3.6e6)   # tokens x J/token + start-up at idle
     assert sft.host_kwh == pytest.approx(12.0 * 36 / 3.6e6)
-    kd = by_id["student.train.kd.s.d"]
+    kd = by_id["student.train.kd.s.d.s1"]
     assert kd.time_s == pytest.approx(10 + 2000 / 500) and kd.gpu_kwh == pytest.approx((2000 * 1.0 + 1000) / 3.6e6)
     # synthetic: 100 prompts x 2 samples x 50 new tokens over 2 shards = 5000 generated tokens per shard
     shards = [s for s in fc.stages if ".generate." in s.stage_id]
@@ -95,7 +95,7 @@ def test_a_student_too_big_for_one_card_is_flagged():
     cfg["students"]["s"]["name_or_path"] = "allenai/OLMo-2-1124-13B"
     cal = hand_calibration()
     cal["hardware"]["card"]["memory_gb"] = 80
-    sft = next(s for s in forecast_config(cfg, "card", cal).stages if s.stage_id == "student.train.sft_gt.s.d")
+    sft = next(s for s in forecast_config(cfg, "card", cal).stages if s.stage_id == "student.train.sft_gt.s.d.s1")
     assert sft.kind == "does not fit" and any("DOES NOT FIT" in b for b in sft.basis)
 
 
@@ -121,7 +121,7 @@ def test_cpu_forecast_of_the_embedded_default(tmp_path, capsys):
     plan = build_plan(validate_config(yaml.safe_load((ROOT / "workflow_config.yaml").read_text())))
     assert [s["stage_id"] for s in data["stages"]] == plan.all_stage_ids()
     assert all(s["time_s"] > 0 and s["gpu_kwh"] == 0 and s["kwh"] > 0 for s in data["stages"])
-    assert "| student.train.sft_gt.tiny.arith |" in capsys.readouterr().out
+    assert "| student.train.sft_gt.tiny.arith.s1 |" in capsys.readouterr().out
 
 
 def test_cluster_forecast_and_study_comparison():
@@ -138,11 +138,11 @@ def test_cluster_forecast_and_study_comparison():
 def test_forecast_vs_measured_writes_ratios_per_stage(tmp_path):
     cfg = hand_config()
     fc = forecast_config(cfg, "h100")
-    sft = next(s for s in fc.stages if s.stage_id == "student.train.sft_gt.s.d")
+    sft = next(s for s in fc.stages if s.stage_id == "student.train.sft_gt.s.d.s1")
     measured = {sft.stage_id: {"duration_s": 2 * sft.time_s, "energy": {"total_kwh": 3 * sft.kwh},
                                "devices": {"gpu": {"devices": [{"name": "NVIDIA H100 80GB HBM3"}]}}}}
     text = forecast_vs_measured(cfg, measured)
-    row = next(line for line in text.splitlines() if line.startswith("| student.train.sft_gt.s.d"))
+    row = next(line for line in text.splitlines() if line.startswith("| student.train.sft_gt.s.d.s1"))
     assert "| 2.00 |" in row and "| 3.00 |" in row and text.startswith("# Forecast vs measured (h100")
     path = write_forecast_vs_measured(cfg, measured, tmp_path)
     assert path.read_text() == text

@@ -239,7 +239,7 @@ def test_rollup_writes_forecast_vs_measured_for_every_stage(run_dir):
     rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ")][1:-1]
     assert rows == plan["stage_ids"]
     # the hand-chosen energies come back as measured kWh: student.train rows measured 1000 J
-    sft = next(line for line in text.splitlines() if line.startswith("| student.train.sft_gt.tiny.arith |"))
+    sft = next(line for line in text.splitlines() if line.startswith("| student.train.sft_gt.tiny.arith.s1 |"))
     assert f"| {1000 / 3.6e6:.3g} |" in sft
 
 
