@@ -79,9 +79,15 @@ def test_leases_never_give_one_device_to_two_live_processes(tmp_path):
         wait_for(lambda: logs[i].exists() and logs[i].read_text().strip(), what=f"holder {i} to lease")
         _, uuid, pid, t = json.loads(logs[i].read_text().splitlines()[0])
         time.sleep(0.1)
+        # The lock file's holder record still names this live process: it holds the device at least until now.
+        # (A clock read after the kill is no bound: the kernel drops the flock at exit, before wait() returns, so
+        # the next holder may log its acquisition before this process reads the clock.)
+        holder = json.loads((lock_dir / f"{uuid}.lock").read_text())
+        assert holder["pid"] == pid and holder["stage_id"] == f"w{pid}"
+        held_until = time.time()
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
-        intervals.append((uuid, pid, t, time.time()))   # it held the device at least until it was dead
+        intervals.append((uuid, pid, t, held_until))
     for p in procs:
         assert p.wait(timeout=120) == 0
     for path in logs[:12]:
