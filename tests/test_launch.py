@@ -107,3 +107,50 @@ def test_settings_reject_bad_distributed_and_attention_keys():
         TrainSettings.from_dict({"token_budget": 5, "max_length": 8, "attn_implementation": "flash"})
     with pytest.raises(ValueError, match="training.nodes"):
         TrainSettings.from_dict({"token_budget": 5, "max_length": 8, "nodes": 0})
+
+
+def test_dpo_through_two_processes_trains_the_declared_tokens_once(tmp_path, monkeypatch):
+    """DPO takes the same torchrun launch as SFT; its tally is summed over ranks once, not once per rank."""
+    import datasets
+
+    from distill_bench.train.stage import train_student as stage
+
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    common = _setup(tmp_path)
+    rows = [{"prompt": f"what is {i} plus {i}?", "chosen": f"{i}+{i}={2 * i}. #### {2 * i}", "rejected": "no idea"}
+            for i in range(8)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "pairs"))
+    meter = FakeMeter()
+    training = dict(token_budget=1, max_length=64, batch_size=2, grad_accum=1, lr=1e-3, warmup_ratio=0.0,
+                    lr_scheduler="constant", precision="fp32", save_steps=200, gpus=2)
+    summary = stage(meter=meter, out_dir=str(tmp_path / "dpo"), training=training, dpo={"beta": 0.1, "epochs": 1},
+                    **{**common, "pipeline": "dpo", "dataset": str(tmp_path / "pairs")})
+    assert summary["trained_tokens"] == summary["declared_token_budget"] == meter.tokens["trained_tokens"]
+    assert meter.metrics["distributed"]["world_size"] == 2
+    assert "torch.distributed.run" in meter.metrics["launch_command"]
+    assert meter.metrics["speed"]["world_size"] == 2 and meter.metrics["speed"]["window_steps"] >= 1
+    assert (tmp_path / "dpo" / "final" / "model.safetensors").is_file()
+
+
+def test_final_save_gathers_fsdp_weights_on_every_rank_and_writes_on_rank_zero(tmp_path):
+    """Under FSDP the full-weight gather is a collective: every rank joins it, only rank 0 writes."""
+    from types import SimpleNamespace
+
+    from distill_bench.train.trainer import save_final_model
+
+    calls, saved = [], []
+
+    class Model:
+        def save_pretrained(self, path, state_dict=None):
+            saved.append(state_dict)
+            Path(path).mkdir(parents=True, exist_ok=True)
+
+    for rank in (0, 1):
+        trainer = SimpleNamespace(is_fsdp_enabled=True, model=Model(), model_wrapped="wrapped",
+                                  args=SimpleNamespace(process_index=rank),
+                                  accelerator=SimpleNamespace(get_state_dict=lambda m, r=rank: calls.append((r, m))
+                                                              or {"w": r}))
+        save_final_model(trainer, tmp_path / f"final{rank}", None)
+    assert calls == [(0, "wrapped"), (1, "wrapped")]
+    assert saved == [{"w": 0}] and (tmp_path / "final0").is_dir() and not (tmp_path / "final1").exists()

@@ -213,6 +213,18 @@ def test_compare_joins_two_runs(run_dir, tmp_path_factory):
     assert (out / "comparison_of_runs.csv").exists()
 
 
+def test_rollup_writes_forecast_vs_measured_for_every_stage(run_dir):
+    results, plan = run_dir
+    rollup_run(results, plots=False)
+    text = (results / "summary" / "forecast_vs_measured.md").read_text()
+    assert text.startswith("# Forecast vs measured (cpu")   # no GPU in these stage JSONs
+    rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ")][1:-1]
+    assert rows == plan["stage_ids"]
+    # the hand-chosen energies come back as measured kWh: student.train rows measured 1000 J
+    sft = next(line for line in text.splitlines() if line.startswith("| student.train.sft_gt.tiny.arith |"))
+    assert f"| {1000 / 3.6e6:.3g} |" in sft
+
+
 @pytest.mark.parametrize("content, reason", [
     ("{not json", "unreadable"),
     ("{}", "no metrics"),

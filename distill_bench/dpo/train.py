@@ -166,9 +166,11 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
     from transformers.utils.logging import disable_progress_bar as quiet_transformers
 
     from distill_bench.dpo.stage import REFERENCE_INFO, read_pairs
-    from distill_bench.models.build import load_model, resolve_model_ref, save_model_dir
+    from distill_bench.models.build import load_model, resolve_model_ref
     from distill_bench.models.tokenizer import load_tokenizer
-    from distill_bench.train.trainer import (TrainSettings, check_or_write_fingerprint, mean_loss,
+    from distill_bench.train.optim import trainer_optimizer
+    from distill_bench.train.step_clock import step_clock_callback
+    from distill_bench.train.trainer import (TrainSettings, check_or_write_fingerprint, mean_loss, save_final_model,
                                              resume_and_train, run_fingerprint, stop_if_interrupted,
                                              training_callbacks, write_train_log)
 
@@ -241,8 +243,11 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
     args = _dpo_config(settings, cfg, ckpt_dir, max_steps, seed, use_cpu)
     StopOnSignal, SaveCounts = training_callbacks()
     stopper, counter = StopOnSignal(), SaveCounts(meter)
+    clock = step_clock_callback(counter, max_steps)
     trainer = _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
-                                   processing_class=tok, callbacks=[stopper, counter])
+                                   processing_class=tok, callbacks=[stopper, counter, clock])
+    if trainer_optimizer(settings) is not None:   # DPOTrainer takes no optimizer_cls_and_kwargs argument; the
+        trainer.optimizer_cls_and_kwargs = trainer_optimizer(settings)   # optimizer is built from it in train()
     counter.trainer = trainer
     _check_trl_tokenization(trainer.train_dataset, enc)
 
@@ -263,20 +268,17 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
         "reward_accuracy_final": acc[-1][1] if acc else None, "reward_margin_final": margins[-1][1] if margins else None,
         "lr": float(settings.lr), "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
         "settings": dataclasses.asdict(settings), "dpo": dict(cfg), "seed": int(seed), "trainer": "DPOTrainer",
-        "fingerprint": fp, "init_model": str(init_model), "pairs_dir": str(pairs),
+        "fingerprint": fp, "init_model": str(init_model), "pairs_dir": str(pairs), "speed": clock.speed,
     }
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([trained, input_tokens], dtype=torch.long, device=trainer.args.device)
-        torch.distributed.all_reduce(t)
-        summary["trained_tokens"], summary["input_tokens"] = int(t[0]), int(t[1])
+    # counter.totals() is already the sum over ranks (a second all-reduce would count every token world times)
 
     stop_if_interrupted(trainer, stopper, counter, summary, max_steps, out, functools.partial(_report, meter))
 
     if summary["trained_tokens"] != declared:
         raise RuntimeError(f"DPO trained {summary['trained_tokens']} tokens but declared {declared} "
                            f"({len(enc)} pairs x {epochs} epochs): the batches consumed do not match the pairs")
+    save_final_model(trainer, out / "final", tok)
     if trainer.args.process_index == 0:
-        save_model_dir(trainer.model, out / "final", tok)
         write_train_log(out, summary)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     counter.flush()
@@ -301,7 +303,7 @@ def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
     meter.set_primary_tokens("trained_tokens")
     for key in ("final_loss", "mean_loss", "steps", "max_steps", "resumed_from_step", "trained_tokens_this_attempt",
                 "loss_curve", "reward_accuracy_final", "reward_margin_final", "reward_accuracy_curve",
-                "reward_margin_curve", "lr"):
+                "reward_margin_curve", "lr", "speed"):
         meter.record(key, summary[key])
     meter.record("trained_tokens_total", int(summary["trained_tokens"]))
     meter.record("training_completed", bool(final))

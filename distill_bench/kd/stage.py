@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import functools
+
 import numpy as np
-import torch
 
 from distill_bench.kd.cache import (CacheMismatchError, CacheReader, CacheWriter, check_disk_space, corpus_hash,
                                     estimate_cache_bytes, example_hash, iter_shard_sizes, loss_positions,
@@ -25,6 +26,18 @@ log = logging.getLogger(__name__)
 SHARD_RAM_BYTES = 1 << 30        # cap on un-encoded rows held per shard before it is written
 CHUNK_ELEMENTS = 1 << 27         # positions x vocab per LM-head / top-k chunk (512 MiB float32; +39 % cache
                                  # throughput over 64 MiB chunks on an H100, docs/BENCHMARKS.md)
+
+
+def _no_grad(fn):
+    """torch.no_grad() without importing torch when this module is imported (the stage registry resolves it)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def cache_temperatures(kd: Mapping[str, Any]) -> list[float]:
@@ -73,9 +86,11 @@ def _head_only_ok(model) -> bool:
         and model.base_model is not model
 
 
-@torch.no_grad()
+@_no_grad
 def _topk_rows(z: torch.Tensor, k: int, temperatures: Sequence[float]) -> tuple[torch.Tensor, ...]:
     """[c, V] logits -> top-k ids, top-k log-probs at tau=1, [c, T] tail logits log sum_tail exp(l/tau)."""
+    import torch
+
     z = z.float()
     logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
     vals, ids = torch.topk(logp, k, dim=-1, sorted=True)
@@ -87,11 +102,13 @@ def _topk_rows(z: torch.Tensor, k: int, temperatures: Sequence[float]) -> tuple[
     return ids, vals, torch.stack(tails, dim=1)
 
 
-@torch.no_grad()
+@_no_grad
 def _loss_position_logits(model, batch: Sequence[Mapping[str, Any]], *, pad_token_id: int, device: torch.device,
                           head_only: bool | None):
     """Teacher forward on one right-padded batch: (logits of loss positions s..e as a function, n, per-example
     counts), the LM head applied only to the loss positions when the model allows it."""
+    import torch
+
     lengths = [len(ex["input_ids"]) for ex in batch]
     width = max(lengths)
     input_ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
@@ -120,12 +137,14 @@ def _loss_position_logits(model, batch: Sequence[Mapping[str, Any]], *, pad_toke
     return source, int(rows_t.numel()), counts
 
 
-@torch.no_grad()
+@_no_grad
 def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatures: Sequence[float],
                  pad_token_id: int, device: torch.device, head_only: bool | None = None,
                  vocab_size: int | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Teacher forward on one right-padded batch; per example (ids, log-probs, tail) at its loss positions only.
     ``vocab_size``: the tokenizer's id space; output rows beyond it (a padded embedding matrix) are cut."""
+    import torch
+
     source, n, counts = _loss_position_logits(model, batch, pad_token_id=pad_token_id, device=device,
                                               head_only=head_only)
     vocab = _vocab_size(model) if vocab_size is None else int(vocab_size)
@@ -157,6 +176,8 @@ def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str
     The disk-space check runs before the first forward pass. ``tokenizer_size``: the teacher tokenizer's length;
     output rows beyond it (a padded embedding matrix) are excluded from the distribution (``real_vocab_size``).
     """
+    import torch
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
     vocab = real_vocab_size(model, tokenizer_size)
     k = int(k)
@@ -220,13 +241,15 @@ def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str
     return manifest, stats
 
 
-@torch.no_grad()
+@_no_grad
 def teacher_tails(model, batch: Sequence[Mapping[str, Any]], cached_ids: Sequence[np.ndarray], *, temperature: float,
                   pad_token_id: int, device: torch.device, head_only: bool | None = None,
                   vocab_size: int | None = None) -> list[np.ndarray]:
     """Per example, the exact full-vocabulary tail at ``temperature`` of its loss positions: log sum over the ids
     outside the cached top-k (``cached_ids[b]``, [n_b, k]) of exp(l_j / tau), l the teacher's log-probs.
     ``vocab_size``: the cache's id space (output rows beyond a tokenizer are cut there too)."""
+    import torch
+
     source, n, counts = _loss_position_logits(model, batch, pad_token_id=pad_token_id, device=device,
                                               head_only=head_only)
     if [len(c) for c in cached_ids] != counts:
@@ -258,6 +281,8 @@ def build_tail(model, encoded: Sequence[Mapping[str, Any] | None], cache_dir: st
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One teacher pass over the cache's corpus computing only the tail column at ``temperature`` (same length-sorted
     batching as the cache); written as its own artifact next to the cache (``write_tail_dir``)."""
+    import torch
+
     reader = CacheReader(cache_dir, verify=True)
     manifest = reader.manifest
     if corpus_hash(encoded) != manifest.get("corpus_hash"):
@@ -296,6 +321,8 @@ def check_top_k_fits(k: int, vocab_size: int, tokenizer: str) -> None:
 
 
 def _load_teacher(ref: str, device: torch.device):
+    import torch
+
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     try:
         from distill_bench.models.build import load_model
@@ -310,6 +337,8 @@ def _load_teacher(ref: str, device: torch.device):
 def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: str, kd: Mapping[str, Any],
                  training: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """Stage: teacher top-k logit cache for the train split of ``dataset`` (see module docstring)."""
+    import torch
+
     from distill_bench.data.io import load_dataset_dir
     from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
     from distill_bench.models.vocab import vocabulary_hash
@@ -369,6 +398,8 @@ def cache_tail(*, meter, teacher: str, tokenizer: str, dataset: str, kd_cache: s
                kd: Mapping[str, Any], training: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """Stage: the exact tail at one more temperature (``kd.temperature``) for an existing top-k cache, so adding a
     temperature to a KD sweep runs only this teacher pass, not a new cache."""
+    import torch
+
     from distill_bench.data.io import load_dataset_dir
     from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
 

@@ -171,10 +171,14 @@ def tokenizer_source_for_model(ref: str | os.PathLike) -> str | None:
     return target  # hub id: its tokenizer travels with it
 
 
-def save_model_dir(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """save_pretrained (model + optional tokenizer) into a temp sibling dir, then rename over ``out_dir``."""
+def save_model_dir(model, out_dir: str | os.PathLike, tokenizer=None, state_dict=None) -> Path:
+    """save_pretrained (model + optional tokenizer) into a temp sibling dir, then rename over ``out_dir``.
+    ``state_dict``: the weights to write instead of the module's own (e.g. gathered from FSDP shards)."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        if state_dict is None:
+            model.save_pretrained(str(tmp))
+        else:
+            model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 

@@ -403,6 +403,9 @@ def rollup_run(results_dir: str | Path, print_table: bool = False, plots: bool =
     md = markdown_table(comparison, references, stage_frame) + reconcile.comparison_notes(comparison, record,
                                                                                           accept_shared)
     atomic_write_text(out / "comparison.md", md)
+    from distill_bench.forecast import write_forecast_vs_measured   # the forecast's calibration check
+
+    write_forecast_vs_measured(config, stages, out)
     if plots:
         from distill_bench.report.plots import plot_energy_by_role, plot_pareto, plot_run_timeline
 

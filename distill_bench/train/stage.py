@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 log = logging.getLogger(__name__)
 
 PLAIN_PIPELINES = ("sft_gt", "sft", "continued")  # SFT on a dataset dir's prompt/response columns
+
+
+class TrainLayout(NamedTuple):
+    """GPUs per node and nodes: all the launcher needs to know (DPO's settings are built inside the workers)."""
+    gpus: int
+    nodes: int
 
 
 def check_model_tokenizer(init_model: str, tokenizer_dir: str, run_tokenizer) -> str:
@@ -42,7 +48,13 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
     pipeline = method or pipeline
     if pipeline == "dpo":
         from distill_bench.dpo.train import train_dpo  # lazy: only DPO runs need it
+        from distill_bench.train.launch import launch_train, wants_launch
 
+        layout = TrainLayout(int(training.get("gpus", 1)), int(training.get("nodes", 1)))
+        if wants_launch(layout):  # the same multi-GPU launch as SFT and KD: this process keeps the meter
+            return launch_train(meter=meter, settings=layout, stage_kwargs=dict(
+                pipeline=pipeline, dataset=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir,
+                training=dict(training), seed=seed, dpo=dict(dpo or {})))
         return train_dpo(meter=meter, pairs=dataset, tokenizer=tokenizer, init_model=init_model, out_dir=out_dir,
                          dpo=dict(dpo or {}), training=training, seed=seed)
     from distill_bench.models.build import load_model

@@ -22,8 +22,10 @@ from distill_bench.artifacts import short_hash
 from distill_bench.energy.atomic import atomic_write_json
 from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_in
+from distill_bench.train.optim import trainer_optimizer
 from distill_bench.train.speed import (compile_decoder_layers, resolve_attention, resolve_compile,
                                        resolve_pad_multiple, resolve_padding_free)
+from distill_bench.train.step_clock import step_clock_callback
 from distill_bench.train.varlen import CONFIG_NAME as VARLEN
 from distill_bench.train.varlen import register as register_varlen
 
@@ -37,6 +39,8 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_wi
 _RESULT_KEYS = ("token_budget", "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                 "lr_scheduler", "precision", "gpus", "max_grad_norm")
 DISTRIBUTED = ("ddp", "fsdp")
+# HF optimizer names (auto keeps HF's default), and adamw_fused_clip: the clip folded into fused AdamW (train/optim.py)
+OPTIMIZERS = ("auto", "adamw_torch_fused", "adamw_torch", "adamw_fused_clip")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", VARLEN)
 
 
@@ -78,6 +82,8 @@ class TrainSettings:
     attn_implementation: str | None = "auto"
     torch_compile: bool | str = "auto"  # false, true/"model" (HF compiles the whole model), "layers" (each decoder
                                         # layer), "auto" = layers on a GPU (distill_bench.train.speed)
+    optim: str = "auto"               # auto = HF's default (fused AdamW); adamw_torch = foreach; adamw_fused_clip =
+                                      # the gradient clip inside fused AdamW (distill_bench.train.optim)
     stale_checkpoints: str = "refuse"  # checkpoints of another config: "refuse" (error) or "set_aside" (renamed
                                        # to checkpoints.stale-<time>, training starts fresh; never mixed, never lost)
 
@@ -113,6 +119,11 @@ class TrainSettings:
         if self.stale_checkpoints not in STALE_CHECKPOINT_POLICIES:
             raise ValueError(f"training.stale_checkpoints must be one of {STALE_CHECKPOINT_POLICIES}, "
                              f"got {self.stale_checkpoints!r}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"training.optim must be one of {OPTIMIZERS}, got {self.optim!r}")
+        if self.optim == "adamw_fused_clip" and self.distributed == "fsdp" and self.gpus * self.nodes > 1:
+            raise ValueError("training.optim adamw_fused_clip clips by the local gradient norm: not with "
+                             "training.distributed fsdp (sharded gradients); use adamw_torch_fused there")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"training.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         resolve_compile(self.torch_compile, on_gpu=False)
@@ -393,7 +404,8 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         # exact integer step count: HF reads a float >= 1 as steps, so a ratio of 1.0 must not reach it as a float
         warmup_steps=int(math.ceil(float(settings.warmup_ratio) * max_steps)),
         lr_scheduler_type=settings.lr_scheduler,
-        max_grad_norm=float(settings.max_grad_norm),
+        # adamw_fused_clip clips inside the optimizer step (train/optim.py), so HF's own clip is off
+        max_grad_norm=0.0 if settings.optim == "adamw_fused_clip" else float(settings.max_grad_norm),
         bf16=settings.precision == "bf16",
         fp16=settings.precision == "fp16",
         activation_checkpointing=bool(settings.gradient_checkpointing),  # TRL defaults it on
@@ -416,6 +428,7 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         data_seed=int(seed),
         eval_strategy="no",
         save_only_model=False,                 # optimizer + scheduler + RNG needed to resume exactly
+        **({} if settings.optim in ("auto", "adamw_fused_clip") else {"optim": settings.optim}),
     )
 
 
@@ -533,8 +546,6 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
-    from distill_bench.models.build import save_model_dir
-
     from datasets.utils.logging import disable_progress_bar as quiet_datasets
     from transformers.utils.logging import disable_progress_bar as quiet_transformers
 
@@ -598,10 +609,14 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
     args = _sft_config(settings, ckpt_dir, max_steps, seed, use_cpu, compile_mode)
     StopOnSignal, SaveCounts = training_callbacks()
     stopper, counter = StopOnSignal(), SaveCounts(meter)
+    clock = step_clock_callback(counter, max_steps)
     if meter is not None:
         meter.set_primary_tokens("trained_tokens")
     kwargs = dict(trainer_kwargs or {})
-    callbacks = list(kwargs.pop("callbacks", []) or []) + [stopper, counter]
+    callbacks = list(kwargs.pop("callbacks", []) or []) + [stopper, counter, clock]
+    optimizer = trainer_optimizer(settings)   # None: HF builds the optimizer training.optim names
+    if optimizer is not None:
+        kwargs.setdefault("optimizer_cls_and_kwargs", optimizer)
     trainer = _counting_trainer_class(base_cls)(
         model=model, args=args, train_dataset=Dataset.from_list(_with_labels(stream)), processing_class=tokenizer,
         data_collator=collator, callbacks=callbacks, **kwargs)
@@ -633,6 +648,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         "pad_to_multiple_of": multiple,
         "torch_compile": compile_mode,
         "attn_implementation": attn or own_attn,
+        "speed": clock.speed,
     }
     if hasattr(trainer, "data_wait_fraction"):  # KD: time waiting for the cache reads, as a share of step time
         summary["data_wait_fraction"] = trainer.data_wait_fraction()
@@ -646,14 +662,26 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
                            f"{settings.token_budget}: the batches consumed do not match the stream")
     if attn == VARLEN:
         model.set_attn_implementation(own_attn)   # the saved model must load without distill_bench's kernel
+    save_final_model(trainer, out / "final", tokenizer)
     if trainer.args.process_index == 0:
-        save_model_dir(trainer.model, out / "final", tokenizer)
         write_train_log(out, summary)
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     counter.flush()
     _report(meter, summary, final=True)
     return summary
+
+
+def save_final_model(trainer, out_dir: Path, tokenizer) -> None:
+    """Rank 0 writes the final model. Under FSDP every rank first joins the gather of the full weights (a
+    collective): rank 0 saving its sharded module alone would hang on the gather or write only its shard."""
+    from distill_bench.models.build import save_model_dir
+
+    state = None
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.args.process_index == 0:
+        save_model_dir(trainer.model, out_dir, tokenizer, state_dict=state)
 
 
 def mean_loss(curve: list[tuple[int, float]]) -> float | None:
@@ -676,7 +704,7 @@ def _report(meter, summary: Mapping[str, Any], final: bool) -> None:
     meter.set_primary_tokens("trained_tokens")
     for key in ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
                 "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile",
-                "attn_implementation"):
+                "attn_implementation", "speed"):
         meter.record(key, summary[key])
     meter.record("trained_tokens_total", int(summary["trained_tokens"]))
     meter.record("token_budget", int(summary["token_budget"]))
