@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -261,3 +262,50 @@ def test_config_hook_logs_only_when_enabled(logged, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     dirs = log_from_config(results, {"report": {"wandb": {"enabled": True, "project": "p3", "dir": str(tmp_path)}}})
     assert {read_offline_run(d)["project"] for d in dirs} == {"p3"}
+
+
+def _log_has_exit_record(run_dir: Path) -> bool:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for raw in wandb_log._records(next(Path(run_dir).glob("*.wandb"))):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "exit":
+            return True
+    return False
+
+
+def test_returned_run_dirs_hold_complete_logs_even_when_wandb_flushes_after_finish(logged, tmp_path, monkeypatch):
+    """wandb-core may write a run's transaction log out after ``run.finish()`` returns; a loaded machine makes that
+    gap long. Stand in a gap of 0.5 s per run (the log holds only its header until then): every returned directory
+    must still decode to its named run."""
+    wandb, restorers = sys.modules["wandb"], []
+    real_init = wandb.init
+
+    def init_with_late_flush(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        real_finish = run.finish
+
+        def finish(*a, **k):
+            real_finish(*a, **k)
+            sync_dir = Path(run.settings.sync_dir)
+            wait_until = time.monotonic() + 60
+            while not _log_has_exit_record(sync_dir):  # the real log, fully written, then held back
+                assert time.monotonic() < wait_until, f"{sync_dir} never got its exit record"
+                time.sleep(0.02)
+            log = next(sync_dir.glob("*.wandb"))
+            full = log.read_bytes()
+            log.write_bytes(full[:7])
+            timer = threading.Timer(0.5, log.write_bytes, args=(full,))
+            timer.start()
+            restorers.append(timer)
+
+        run.finish = finish
+        return run
+
+    monkeypatch.setattr(wandb, "init", init_with_late_flush)
+    dirs = log_run_to_wandb(logged[0], mode="offline", dir=tmp_path)
+    names = sorted(read_offline_run(d)["name"] for d in dirs)
+    for timer in restorers:
+        timer.join()
+    assert names == sorted(list(logged[1]["experiments"]) + ["stages"])

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import struct
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -173,14 +174,51 @@ def _table(wandb, frame, columns: list[str]):
     return wandb.Table(columns=cols, data=data)
 
 
-def _run_dir(run) -> str | None:
+def _run_dir(run, timeout_s: float) -> str | None:
+    """The run's local directory once its transaction log is complete (None for a run with no local files).
+
+    ``run.finish()`` returns before wandb-core has written the log out (wandb 0.31, offline: the file can still
+    hold only its header), so the returned directory is only handed on once the log ends in its exit record.
+    """
     sync_dir = getattr(getattr(run, "settings", None), "sync_dir", None)
-    return str(sync_dir) if sync_dir and Path(sync_dir).is_dir() else None
+    if not sync_dir or not Path(sync_dir).is_dir():
+        return None
+    wait_for_complete_log(sync_dir, timeout_s=timeout_s)
+    return str(sync_dir)
+
+
+def offline_log_complete(run_dir: str | Path) -> bool:
+    """Whether the run's ``.wandb`` transaction log has been written out up to its final exit record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    logs = sorted(Path(run_dir).glob("*.wandb"))
+    if not logs:
+        return False
+    try:
+        for raw in _records(logs[0]):
+            record = pb.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "exit":
+                return True
+    except Exception:  # a log caught mid-write (truncated record): not complete yet
+        return False
+    return False
+
+
+def wait_for_complete_log(run_dir: str | Path, *, timeout_s: float = 120.0, poll_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not offline_log_complete(run_dir):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"W&B run {run_dir}: its transaction log has no exit record {timeout_s:.0f} s after "
+                               f"run.finish() (wandb-core did not write it out; is the wandb service alive?)")
+        time.sleep(poll_s)
 
 
 def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT, entity: str | None = None,
-                     mode: str = "offline", group: str | None = None, dir: str | Path | None = None) -> list[str]:
-    """Log a finished (rolled-up) run directory to W&B; returns the local W&B run directories written.
+                     mode: str = "offline", group: str | None = None, dir: str | Path | None = None,
+                     flush_timeout_s: float = 120.0) -> list[str]:
+    """Log a finished (rolled-up) run directory to W&B; returns the local W&B run directories written, each with
+    a complete transaction log (waited for up to ``flush_timeout_s`` per run).
 
     ``dir`` is where W&B keeps its local files (default: the results directory, so ``results/wandb/``);
     ``group`` defaults to the run name so all of one run's experiments appear together.
@@ -251,7 +289,7 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
                                                         else n_star_text(row.get("break_even_reuse")))
         finally:
             run.finish()
-        if (path := _run_dir(run)) is not None:
+        if (path := _run_dir(run, flush_timeout_s)) is not None:
             written.append(path)
 
     run = wandb.init(name="stages", job_type="energy", config={"run_name": run_name, "energy": config.get("energy"),
@@ -271,7 +309,7 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
         run.summary["n_stages"] = len(stage_frame)
     finally:
         run.finish()
-    if (path := _run_dir(run)) is not None:
+    if (path := _run_dir(run, flush_timeout_s)) is not None:
         written.append(path)
     return written
 
