@@ -374,3 +374,24 @@ def test_run_timeline_draws_gpu_power_of_the_stages_in_this_run(tmp_path):
         plots.plt.Axes.broken_barh = real_bar
     assert out.stat().st_size > 0
     assert seen["bars"] == [(5.0, 35.0), (48.0, 32.0)], "only this run's attempts, on the run's clock"
+
+
+def test_run_timeline_of_a_gpu_run_with_cpu_only_stages_beside_the_gpu_ones(tmp_path):
+    """A GPU run's CPU-only stages (data prep, merges, judges) sample no GPU columns; the picture still draws."""
+    from distill_bench.report import plots
+
+    rows = []
+    for stage_id, role, (a, b), columns in (("teacher.train", "setup", (5, 40), {"gpu0_power_w": 300.0}),
+                                            ("teacher.merge", "teacher", (41, 44), {}),
+                                            ("student.train.kd", "student", (48, 80), {"gpu0_power_w": 200.0})):
+        record = stage(stage_id, (a, b, {"gpu0": 10.0 * (b - a)} if columns else {}), role=role)
+        record["power"] = {"timeline": f"{stage_id}.timeline.csv"}
+        t = [i * 0.5 for i in range(int((b - a) / 0.5))]
+        pd.DataFrame({"attempt": 1, "t_s": t, **columns, "proc_cpu_pct": 100.0}).to_csv(
+            tmp_path / f"{stage_id}.timeline.csv", index=False)
+        (tmp_path / f"{stage_id}.json").write_text(json.dumps(record))
+        rows.append({"stage_id": stage_id, "path": str(tmp_path / f"{stage_id}.json")})
+    record = reconcile.reconcile(snapshot(0, {"gpu0": 0.0}), snapshot(100, {"gpu0": 20000.0}),
+                                 {r["stage_id"]: json.loads(Path(r["path"]).read_text()) for r in rows})
+    out = plots.plot_run_timeline(pd.DataFrame(rows), tmp_path / "run_timeline.png", record)
+    assert out.stat().st_size > 0

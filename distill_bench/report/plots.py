@@ -247,8 +247,10 @@ def plot_run_timeline(stages: pd.DataFrame, out: Path, reconciliation: dict | No
 
     gpu_columns = sorted({c for a in attempts if a["samples"] is not None for c in a["samples"].columns
                           if c.startswith("gpu") and c.endswith("_power_w")})
-    has_gpu = any(a["samples"] is not None and a["samples"][gpu_columns].notna().any().any()
-                  for a in attempts) if gpu_columns else False
+    # CPU-only stages of a GPU run (no lease, CUDA_VISIBLE_DEVICES empty) carry no GPU columns at all
+    has_gpu = any(a["samples"] is not None
+                  and a["samples"][[c for c in gpu_columns if c in a["samples"]]].notna().any().any()
+                  for a in attempts)
     if has_gpu:
         for column in gpu_columns:
             parts = []
