@@ -381,7 +381,8 @@ def test_run_timeline_of_a_gpu_run_with_cpu_only_stages_beside_the_gpu_ones(tmp_
     from distill_bench.report import plots
 
     rows = []
-    for stage_id, role, (a, b), columns in (("teacher.train", "setup", (5, 40), {"gpu0_power_w": 300.0}),
+    for stage_id, role, (a, b), columns in (("data.prepare", "data", (1, 4), {}),     # first, as in a real run
+                                            ("teacher.train", "setup", (5, 40), {"gpu0_power_w": 300.0}),
                                             ("teacher.merge", "teacher", (41, 44), {}),
                                             ("student.train.kd", "student", (48, 80), {"gpu0_power_w": 200.0})):
         record = stage(stage_id, (a, b, {"gpu0": 10.0 * (b - a)} if columns else {}), role=role)
