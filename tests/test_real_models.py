@@ -299,14 +299,14 @@ def test_kd_with_different_local_vocabularies_is_a_planning_error_naming_both(ch
     cfg["experiments"] = cfg["experiments"][1:]
     plan = build_plan(load_config(cfg))
     assert plan.tokenizer_of("teacher") == checkpoints["qwen2_tied"]
-    assert plan.tokenizer_of("sft.s.d") == checkpoints["olmo2_untied"]
+    assert plan.tokenizer_of("sft.s.d.s1") == checkpoints["olmo2_untied"]
 
 
 def test_kd_between_one_vocabulary_with_other_pad_and_template_plans(checkpoints):
     from distill_bench.config import build_plan, load_config
 
     plan = build_plan(load_config(_local_kd_config(checkpoints, "qwen2_untied_padded", "qwen2_tied")))
-    assert "kd.s.d" in plan.experiments and not plan.uses_run_tokenizer()
+    assert "kd.s.d.s1" in plan.experiments and not plan.uses_run_tokenizer()
     assert "setup.tokenizer" not in plan.setup_stage_ids()
 
 
