@@ -110,26 +110,6 @@ def plot_energy_by_role(comparison: pd.DataFrame, out: Path) -> Path:
     return out
 
 
-def read_timeline(stage_json: Path) -> pd.DataFrame | None:
-    """The meter's power timeline of one stage: t_s, summed GPU power (W) and process CPU utilisation (%)."""
-    import json
-
-    with open(stage_json) as fh:
-        stage = json.load(fh)
-    ref = (stage.get("power") or {}).get("timeline")
-    if not ref:
-        return None
-    path = Path(ref) if Path(ref).is_absolute() else stage_json.parent / Path(ref).name
-    if not path.exists() or path.stat().st_size == 0:
-        return None
-    frame = pd.read_csv(path)
-    power_cols = [c for c in frame.columns if c.endswith("_power_w")]
-    out = pd.DataFrame({"t_s": frame["t_s"]})
-    out["gpu_w"] = frame[power_cols].sum(axis=1, min_count=1) if power_cols else float("nan")
-    out["cpu_pct"] = frame["proc_cpu_pct"] if "proc_cpu_pct" in frame else float("nan")
-    return out
-
-
 ROLE_COLORS = {"setup": "#8C8C8C", "data": "#937860", "teacher": "#DD8452", "student": "#4C72B0",
                "eval": "#55A868", "idle": "#CCB974"}
 
