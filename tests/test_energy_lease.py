@@ -401,12 +401,13 @@ def test_sigkilled_attempt_keeps_its_seconds_and_joules(tmp_path):
     out.unlink()   # Snakemake deletes a failed job's outputs; the ledger remains
     assert subprocess.run([sys.executable, str(script), str(out), "quick"], env=env).returncode == 0
     rec = load_stage_json(out)
+    shown = json.dumps(rec["attempts"], indent=1)
     killed, done = rec["attempts"]
-    assert killed["status"] == "interrupted" and "died without a final write" in killed["error"]
-    assert killed["duration_s"] >= 2.0            # at most ledger_interval_s (+ a tick) lost of ~3 s
-    assert killed["energy"]["cpu_j"] > 0
-    assert done["status"] == "complete" and rec["status"] == "complete"
-    assert rec["duration_s"] == pytest.approx(killed["duration_s"] + done["duration_s"])
+    assert killed["status"] == "interrupted" and "died without a final write" in killed["error"], shown
+    assert killed["duration_s"] >= 2.0, shown     # at most ledger_interval_s (+ a tick) lost of ~3 s
+    assert killed["energy"]["cpu_j"] > 0, shown
+    assert done["status"] == "complete" and rec["status"] == "complete", shown
+    assert rec["duration_s"] == pytest.approx(killed["duration_s"] + done["duration_s"]), shown
     assert ledger_path_for(out).exists()
 
 

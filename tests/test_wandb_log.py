@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -308,4 +310,31 @@ def test_returned_run_dirs_hold_complete_logs_even_when_wandb_flushes_after_fini
     names = sorted(read_offline_run(d)["name"] for d in dirs)
     for timer in restorers:
         timer.join()
+    assert names == sorted(list(logged[1]["experiments"]) + ["stages"])
+
+
+PARENT_WITH_WANDB = textwrap.dedent("""
+    import subprocess, sys, wandb
+    run = wandb.init(project="parent", mode="offline", dir=sys.argv[1], reinit="create_new",
+                     settings=wandb.Settings(silent=True, x_disable_stats=True, console="off"))
+    run.finish()   # the parent's service lives on, its token in the environment its children inherit
+    job = subprocess.run([sys.executable, "-c", sys.argv[2], sys.argv[3]], cwd=sys.argv[4], timeout=240)
+    sys.exit(job.returncode)
+""")
+
+
+def test_a_job_launched_by_a_process_with_a_live_wandb_service_still_writes_complete_logs(logged, tmp_path):
+    """As a Snakemake job launched with ``-d`` from a notebook or test session that used wandb: another working
+    directory, a relative W&B dir, and the parent's service token inherited. Its runs must still be written out."""
+    job_dir = tmp_path / "job"
+    shutil.copytree(logged[0], job_dir / "results")
+    job = ("import sys; from distill_bench.report.wandb_log import log_run_to_wandb\n"
+           "open('dirs.txt', 'w').write('\\n'.join(log_run_to_wandb('results', dir=sys.argv[1], "
+           "flush_timeout_s=20)))")
+    parent = subprocess.run([sys.executable, "-c", PARENT_WITH_WANDB, str(tmp_path / "parent"), job, "wandb_out",
+                             str(job_dir)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert parent.returncode == 0, parent.stderr[-3000:]
+    dirs = (job_dir / "dirs.txt").read_text().split()
+    names = sorted(read_offline_run(job_dir / d)["name"] for d in dirs)
     assert names == sorted(list(logged[1]["experiments"]) + ["stages"])

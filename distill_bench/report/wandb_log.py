@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import struct
 import time
 import warnings
@@ -174,6 +175,17 @@ def _table(wandb, frame, columns: list[str]):
     return wandb.Table(columns=cols, data=data)
 
 
+def _own_service(wandb) -> None:
+    """Make this process start its own wandb service instead of attaching to one whose token it inherited.
+
+    wandb passes its service token to child processes in the environment, so a workflow job started from a Python
+    process that had used wandb (a notebook, a test session) attaches to that parent's service. With wandb 0.31, a
+    job attached so from another working directory (Snakemake's ``-d``) never got its offline logs written out.
+    A process that already set wandb up keeps the service it has.
+    """
+    os.environ.pop(wandb.env.SERVICE, None)
+
+
 def _run_dir(run, timeout_s: float) -> str | None:
     """The run's local directory once its transaction log is complete (None for a run with no local files).
 
@@ -249,6 +261,7 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
                          f"{', '.join(unknown)} (stale roll-up? rerun `distill-bench rollup`)")
 
     wandb = import_wandb()
+    _own_service(wandb)
     run_name = plan.get("run_name") or config.get("run_name") or results_dir.resolve().name
     group = group or run_name
     wandb_dir = Path(dir) if dir is not None else results_dir
