@@ -3,7 +3,9 @@ for sft_gt and kd (real top-k cache built by `build_cache`): padded vs `training
 `training.pad_to_multiple_of`, eager vs `training.torch_compile` (layers / model), SDPA vs flex vs varlen attention,
 DataLoader workers. Variant names spell their settings (sft_padfree_layers_m64 = padding-free, layer compile,
 lengths x64); `*_gpu_defaults` leave every speed key at `auto`, as a user's run resolves them, and
-`sft_gpu_defaults_syncs` puts the old per-step host synchronisations back for comparison. `--batch` sets the rows
+`sft_gpu_defaults_syncs` puts the old per-step host synchronisations back for comparison, `*_foreach` swaps the
+fused AdamW step for foreach AdamW (`training.optim: adamw_torch`), `*_fusedclip` folds the gradient clip into fused
+AdamW (`training.optim: adamw_fused_clip`). `--batch` sets the rows
 per micro-batch (4 by default, as in every table of docs/BENCHMARKS.md unless it says otherwise).
 One entry point, JSON under --out, one table printed last.
 
@@ -505,6 +507,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="variant to profile (torch.profiler, 3 steps) in one extra run")
     ap.add_argument("--timed-s", type=float, default=20.0, help="target steady-state seconds per variant")
     ap.add_argument("--max-wall-s", type=float, default=110.0, help="stop a variant's training past this (s)")
+    ap.add_argument("--fixed-cost-s", type=float, default=None,
+                    help="expected set-up + compile seconds per run for the budget's skip rule (default: per variant)")
     ap.add_argument("--checks", default="sdpa,flex_attention",
                     help="attention kernels for the padding-free check (sdpa, eager, flex_attention, varlen)")
     a = ap.parse_args()
@@ -598,6 +602,15 @@ def main() -> None:
         ("sft_gpu_defaults_syncs", False, {**gpu_defaults, "_with_host_syncs": True}, "sdpa", 0.12, 10, 70, False,
          True),
         ("kd_gpu_defaults", True, dict(gpu_defaults), "sdpa", 0.13, 10, 70, False, True),
+        # the optimizer step: HF's default fused AdamW vs foreach AdamW (training.optim)
+        ("sft_gpu_defaults_foreach", False, {**gpu_defaults, "optim": "adamw_torch"}, "sdpa", 0.12, 10, 70, False,
+         True),
+        ("kd_gpu_defaults_foreach", True, {**gpu_defaults, "optim": "adamw_torch"}, "sdpa", 0.13, 10, 70, False,
+         True),
+        ("sft_gpu_defaults_fusedclip", False, {**gpu_defaults, "optim": "adamw_fused_clip"}, "sdpa", 0.12, 10, 70,
+         False, True),
+        ("kd_gpu_defaults_fusedclip", True, {**gpu_defaults, "optim": "adamw_fused_clip"}, "sdpa", 0.13, 10, 70,
+         False, True),
         ("sft_gpu_defaults_ckpt", False, {**gpu_defaults, "gradient_checkpointing": True}, "sdpa", 0.16, 10, 70, False,
          True),
         ("kd_pad_eager", True, {**pad, **m0}, "sdpa", 0.25, 5, 25, False, True),
@@ -638,7 +651,7 @@ def main() -> None:
         elif rep == PROFILE_RUN:
             warm = min(warm, 20)
             steps = warm + 5
-        need = fixed + steps * step_s * 1.3
+        need = (fixed if a.fixed_cost_s is None else a.fixed_cost_s) + steps * step_s * 1.3
         if not quick and left(a.budget_s) < need:
             log(f"skip {name} (rep {rep}): needs ~{need:.0f}s, {left(a.budget_s):.0f}s left")
             runs.append({"variant": name, "repeat": rep,

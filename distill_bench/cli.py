@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate-config": ("distill_bench.config.cli:validate_main", "validate a workflow config and print the plan"),
     "stage": ("distill_bench.cli:stage_main", "run one workflow stage without Snakemake"),
     "rollup": ("distill_bench.report.cli:rollup_main", "roll stage JSONs up into the comparison table"),
+    "forecast": ("distill_bench.forecast:forecast_main", "forecast each stage's time and kWh before queueing a run"),
     "compare": ("distill_bench.report.cli:compare_main", "compare several run directories"),
     "wandb": ("distill_bench.report.wandb_log:wandb_main", "log a finished run to Weights & Biases (offline by default)"),
 }

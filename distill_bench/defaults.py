@@ -61,3 +61,8 @@ def section_defaults(name: str, *path: str) -> dict[str, Any]:
 def allowed_values(name: str, key: str) -> tuple[Any, ...]:
     """The ``enum`` of ``<section>.<key>``: the values a settings object accepts."""
     return tuple(_section_schema(name)["properties"][key]["enum"])
+
+
+def top_level_default(key: str) -> Any:
+    """The default of a top-level config key (``seed``, ``seeds``, ``run_name``...)."""
+    return copy.deepcopy(_schema()["properties"][key]["default"])

@@ -37,3 +37,23 @@ def missing_local_path(ref: str) -> bool:
     if Path(ref).expanduser().exists():
         return False
     return ref.startswith(LOCAL_PREFIXES) or not could_be_hub_id(ref) or (os.sep != "/" and os.sep in ref)
+
+
+def _offline_mode() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_error(target: str, what: str, exc: BaseException, config_key: str | None = None) -> FileNotFoundError:
+    """The error for a model/tokenizer that would not load; for a hub id it says to point the config at a local
+    copy, since the usual cause is an offline node (HF_HUB_OFFLINE=1 or no network) without the id in its cache."""
+    target = str(target)
+    if is_local_ref(target) or not could_be_hub_id(target):
+        return FileNotFoundError(f"could not load a {what} from {target!r}: {exc}")
+    mode = "HF_HUB_OFFLINE is set" if _offline_mode() else "the hub could not be reached or refused it"
+    key = f" ({config_key})" if config_key else ""
+    name = target.rsplit("/", 1)[-1]
+    return FileNotFoundError(
+        f"could not load a {what} from hub id {target!r}{key}: it is not in the local Hugging Face cache and {mode}. "
+        f"On a machine with network run `huggingface-cli download {target} --local-dir /models/{name}`, copy that "
+        f"directory here and point the config at the local copy (name_or_path: /models/{name}). [{exc}]")

@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -113,6 +114,16 @@ def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str,
     energy = dict(meter_args.get("energy") or {})
     settings = EnergySettings.from_dict(energy)
     role = meter_args.get("role") or STAGES[name][1]
+    fn = functools.partial(fn, **kwargs)   # bound here: stage arguments may share names with run_stage's own
+    overhead = harness_overhead_s()
+    if overhead is not None and lease is not None:   # waiting for a free GPU is queueing (the lease block has it)
+        overhead = max(0.0, overhead - float(getattr(lease, "waited_s", 0.0) or 0.0))
+
+    def with_overhead(meter):
+        if overhead is not None:
+            meter.record("harness_overhead_s", round(overhead, 3))
+        return fn(meter=meter)
+
     return run_stage(
         stage=name,
         stage_id=meter_args["stage_id"],
@@ -124,9 +135,26 @@ def run_named_stage(name: str, *, out_json: str | Path, meter_args: Mapping[str,
         settings=settings,
         lease=lease.describe() if lease is not None else None,
         output_accepted=output_accepted,
-        # bound here: stage arguments may share names with run_stage's own (e.g. pipeline)
-        fn=functools.partial(fn, **kwargs),
+        fn=with_overhead,
     )
+
+
+def harness_overhead_s() -> float | None:
+    """Seconds from this process's start (interpreter start, imports, Snakemake's unpickling) to now, just before
+    the stage is handed to its meter: time the stage costs but no meter sees. None where the start is unknown."""
+    try:
+        import psutil  # optional: the /proc fallback below covers Linux without it
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - psutil missing or no /proc: an unknown overhead, never a failed stage
+        pass
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return max(0.0, time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK")))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def log_to_rule_log(snakemake: Any) -> logging.Logger:

@@ -97,6 +97,27 @@ def model_dir_for(model_id):
     return f"{R}/models/students/{model_id}/final"
 
 
+def tokenizer_dir_for(model_id):
+    """The tokenizer a stage uses with a model: the run's (results/tokenizer) for models built from an arch, else
+    the model's own, read from its directory (a pretrained model's model_ref.json names it; trained ones carry it).
+    A student in training uses its init's."""
+    if PLAN.tokenizer_of(model_id) is None:
+        return f"{R}/tokenizer"
+    return model_dir_for(model_id)
+
+
+def run_tokenizer_input(model_id):
+    """{"tokenizer": results/tokenizer} for a model that uses the run's tokenizer, else nothing (its own)."""
+    return (
+        {"tokenizer": f"{R}/tokenizer"} if PLAN.tokenizer_of(model_id) is None else {}
+    )
+
+
+def init_student_inputs(wildcards):
+    """A student built from an arch reads the run's tokenizer; a pretrained one its own (named in its pointer)."""
+    return {**METER_INPUTS, **run_tokenizer_input(f"init.{wildcards.student}")}
+
+
 def artifact_dir(artifact_id):
     """Where a shared teacher artifact lives: a logit cache, a synthetic set, or a preference-pair set."""
     art = PLAN.artifacts[artifact_id]
@@ -152,6 +173,20 @@ def preference_artifact(wildcards):
 
 
 # from dpo.smk
+def sample_inputs(wildcards):
+    """Sources that all use the run's tokenizer share it; otherwise each source reads its own from its model dir."""
+    art = preference_artifact(wildcards)
+    inputs = {
+        **METER_INPUTS,
+        "model_dirs": [model_dir_for(m) for m in art.sources.values()],
+    }
+    if all(PLAN.tokenizer_of(m) is None for m in art.sources.values()):
+        inputs["tokenizer"] = f"{R}/tokenizer"
+    inputs["dataset"] = f"{R}/data/{art.dataset}"
+    return inputs
+
+
+# from dpo.smk
 def judge_model_path(artifact):
     judge = artifact.judge_model
     if judge is None:
@@ -168,7 +203,7 @@ def eval_inputs(wildcards):
     inputs = {
         **METER_INPUTS,
         "model": model_dir_for(wildcards.model_id),
-        "tokenizer": f"{R}/tokenizer",
+        "tokenizer": tokenizer_dir_for(wildcards.model_id),
     }
     if wildcards.eval_name in CFG["datasets"]:
         inputs["dataset"] = f"{R}/data/{wildcards.eval_name}"
@@ -194,7 +229,11 @@ def train_inputs(wildcards):
     """
     exp = experiment(wildcards)
     init = model_dir_for(exp.init_from) if exp.init_from else init_dir(exp.student)
-    inputs = {**METER_INPUTS, "tokenizer": f"{R}/tokenizer", "init_model": init}
+    inputs = {
+        **METER_INPUTS,
+        "tokenizer": tokenizer_dir_for(f"init.{exp.student}"),
+        "init_model": init,
+    }
     if exp.trainer == "dpo" and exp.sections["dpo"]["precompute_ref_logprobs"]:
         inputs["dataset"] = f"{R}/models/students/{exp.id}/reference_pairs"
     elif exp.trainer in ("sft", "dpo"):

@@ -4,12 +4,7 @@
 
 rule sample_preferences:
     input:
-        **METER_INPUTS,
-        model_dirs=lambda w: [
-            model_dir_for(m) for m in preference_artifact(w).sources.values()
-        ],
-        tokenizer=f"{R}/tokenizer",
-        dataset=lambda w: f"{R}/data/{preference_artifact(w).dataset}",
+        unpack(sample_inputs),
     output:
         out_dir=directory(f"{R}/teacher/preferences/{{artifact}}/candidates"),
         energy_json=stage_energy_json("sample_preferences"),
@@ -38,8 +33,9 @@ rule sample_preferences:
 rule judge_preferences:
     input:
         **METER_INPUTS,
+        # the judge reads candidates with its own tokenizer; the run's is the fallback of a judge dir without one
+        **run_tokenizer_input("teacher"),
         candidates=f"{R}/teacher/preferences/{{artifact}}/candidates",
-        tokenizer=f"{R}/tokenizer",
         judge_inputs=lambda w: (
             [model_dir_for("teacher")]
             if preference_artifact(w).judge_model == "teacher"
@@ -74,7 +70,7 @@ rule precompute_reference:
     input:
         **METER_INPUTS,
         pairs=lambda w: artifact_dir(experiment(w).artifact),
-        tokenizer=f"{R}/tokenizer",
+        tokenizer=lambda w: tokenizer_dir_for(f"init.{experiment(w).student}"),
         init_model=lambda w: model_dir_for(experiment(w).init_from),
     output:
         out_dir=directory(f"{R}/models/students/{{exp}}/reference_pairs"),
@@ -91,7 +87,7 @@ rule precompute_reference:
     params:
         dpo=lambda w: experiment(w).sections["dpo"],
         training=lambda w: experiment(w).training,
-        seed=CFG["seed"],
+        seed=lambda w: experiment(w).seed,
         pipeline="dpo",
         experiment=lambda w: w.exp,
     script:

@@ -8,7 +8,7 @@ rule cache_logits:
     input:
         **METER_INPUTS,
         teacher=lambda w: model_dir_for(logits_artifact(w).teacher),
-        tokenizer=f"{R}/tokenizer",
+        tokenizer=lambda w: tokenizer_dir_for(logits_artifact(w).teacher),
         dataset=lambda w: f"{R}/data/{logits_artifact(w).dataset}",
     output:
         out_dir=directory(f"{R}/teacher/logits/{{artifact}}"),
@@ -35,7 +35,7 @@ rule cache_tail:
     input:
         **METER_INPUTS,
         teacher=lambda w: model_dir_for(logits_artifact(w).teacher),
-        tokenizer=f"{R}/tokenizer",
+        tokenizer=lambda w: tokenizer_dir_for(logits_artifact(w).teacher),
         dataset=lambda w: f"{R}/data/{logits_artifact(w).dataset}",
         kd_cache=lambda w: artifact_dir(logits_artifact(w).base),
     output:

@@ -114,7 +114,7 @@ rule prepare_teacher:
     """Embedded: train the teacher here (role setup). Cluster: point at the HF id / path (tokenizer checked)."""
     input:
         **METER_INPUTS,
-        tokenizer=f"{R}/tokenizer",
+        **run_tokenizer_input("teacher"),
         dataset=f"{R}/data/{TEACHER_DATASET}",
     output:
         out_dir=directory(f"{R}/models/teacher"),
@@ -138,8 +138,7 @@ rule prepare_teacher:
 
 rule init_student:
     input:
-        **METER_INPUTS,
-        tokenizer=f"{R}/tokenizer",
+        unpack(init_student_inputs),
     output:
         out_dir=directory(f"{R}/models/init/{{student}}"),
         energy_json=stage_energy_json("init_student"),

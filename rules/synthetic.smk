@@ -8,7 +8,9 @@ rule generate_synthetic:
         teacher=lambda w: model_dir_for(
             synthetic_artifact_by_shard_key(w.shard_key).teacher
         ),
-        tokenizer=f"{R}/tokenizer",
+        tokenizer=lambda w: tokenizer_dir_for(
+            synthetic_artifact_by_shard_key(w.shard_key).teacher
+        ),
         dataset=lambda w: f"{R}/data/{synthetic_artifact_by_shard_key(w.shard_key).dataset}",
     output:
         out_dir=directory(

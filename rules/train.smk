@@ -28,7 +28,7 @@ rule train_student:
         dpo=lambda w: (
             experiment(w).sections["dpo"] if experiment(w).trainer == "dpo" else None
         ),
-        seed=CFG["seed"],
+        seed=lambda w: experiment(w).seed,
         experiment=lambda w: w.exp,
     script:
         "../scripts/stage.py"

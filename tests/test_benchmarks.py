@@ -57,3 +57,63 @@ def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_pa
     prof = json.loads((tmp_path / "profile" / "sft_pad_eager_profile.json").read_text())
     assert prof["steps"] == 3 and prof["wall_s"] > 0
     assert "per variant, over its repeats" in out
+
+
+def test_workstation_benchmark_runs_every_stage_of_the_config_and_scales_it(tmp_path):
+    out = run("gpu_workstation.py", tmp_path)
+    res = json.loads((tmp_path / "gpu_workstation.json").read_text())
+    stages = res["stages"]
+    assert [k for k, r in stages.items() if r.get("error") or r.get("skipped")] == []
+    for label in ("teacher.generate", "teacher.logits", "student.train.sft.qwen05", "student.train.kd.qwen05",
+                  "student.train.sft.smol360", "student.train.dpo.qwen05", "teacher.sample.qwen05",
+                  "eval.kd.qwen05", "eval.teacher", "student.logits.qwen05"):
+        assert stages[label]["tokens"] > 0 and stages[label]["steady_tok_per_s"] > 0, label
+    budget = res["sections"]["training"]["token_budget"]
+    for label in ("student.train.sft.qwen05", "student.train.kd.qwen05", "student.train.sft.smol360"):
+        assert stages[label]["tokens"] == budget                              # counted exactly
+        assert stages[label]["loss_last"] < stages[label]["loss_first"], label  # it learns
+    assert stages["student.train.dpo.qwen05"]["loss_last"] != stages["student.train.dpo.qwen05"]["loss_first"]
+    # random weights never stop: every teacher prompt generates max_new_tokens, counted with the teacher's tokenizer
+    syn = res["sections"]["synthetic"]
+    assert stages["teacher.generate"]["tokens"] == syn["n_prompts"] * syn["max_new_tokens"]
+    scaled = res["scaled"]
+    assert not [r for r in scaled["rows"] if r.get("missing")]
+    assert {r["jobs"] for r in scaled["rows"] if r["stage"] == "eval students"} == {13}
+    assert scaled["per_seed_s"] > 0 and scaled["three_seeds_s"] == 3 * scaled["per_seed_s"]
+    assert "Scaled to configs/workstation.yaml" in out and "| teacher.logits |" in out
+
+
+def test_multi_gpu_benchmark_runs_sft_kd_dpo_and_loss_check_through_the_launch(tmp_path):
+    out = run("gpu_multi.py", tmp_path, "--runs", "sft,kd,losscheck,dpo")
+    res = json.loads((tmp_path / "multi_gpu.json").read_text())
+    runs = {r["run"]: r for r in res["runs"]}
+    assert set(runs) == {"sft", "kd", "losscheck_gpus1", "losscheck_gpus2", "dpo"}
+    assert all(r["status"] == "complete" and r["trained_tokens"] > 0 for r in runs.values()), runs
+    for name in ("sft", "kd", "losscheck_gpus2", "dpo"):   # the stage re-launched itself on two processes
+        assert runs[name]["distributed"]["world_size"] == 2 and runs[name]["speed"]["world_size"] == 2
+        assert runs[name]["speed"]["window_steps"] >= 1 and runs[name]["speed"]["input_tokens_per_s"] > 0
+    assert runs["sft"]["mfu"] > 0 and res["kd_cache"]["tokens"]["cached_positions"] > 0
+    assert res["losscheck"]["max_rel_diff"] < 1e-4   # fp32 on CPU: only the order of float sums differs
+    assert "losscheck: " in out
+
+
+def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+               SESSION_QUICK_RUNS="sft", SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_fusedclip")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_perf_session.sh"), "--quick"], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["multi_gpu.json", "session.tar.gz", "steps.tsv", "summary.txt", "trainer_runs.json"]
+    steps = [line.split("\t") for line in (tmp_path / "out" / "steps.tsv").read_text().splitlines()[1:]]
+    assert [(s[0], s[1]) for s in steps] == [("a_multi", "0"), ("c_optimizer", "0")]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "sft | complete" in summary and "sft_gpu_defaults_fusedclip" in summary
+
+
+def test_harness_overhead_benchmark_times_stage_imports(tmp_path):
+    out = run("harness_overhead.py", tmp_path)
+    res = json.loads((tmp_path / "harness_overhead.json").read_text())
+    assert res["python_floor_s"] > 0 and len(res["rows"]) == 3
+    assert all(r["imports_s"] > 0 and r["process_s"] >= r["imports_s"] for r in res["rows"])
+    assert "stage:prepare_data" in out

@@ -52,6 +52,15 @@ BAD_CONFIGS = [
     ("override with an unknown key", lambda c: _with(c, "experiments.0.overrides", {"training": {"epochs": 3}}),
      "experiments[0].overrides.training.epochs"),
     ("alpha out of range", lambda c: _with(c, "kd.alpha", 1.5), "kd.alpha"),
+    ("empty seed list", lambda c: _with(c, "seeds", []), "seeds"),
+    ("duplicate seeds", lambda c: _with(c, "seeds", [1, 2, 1]), "seeds"),
+    ("non-integer seed", lambda c: _with(c, "seeds", [1, 2.5]), "seeds[1]"),
+    ("integral float seed", lambda c: _with(c, "seeds", [1.0]), "seeds[0]"),
+    ("string seed", lambda c: _with(c, "seeds", ["one"]), "seeds[0]"),
+    ("kd.top_k above the vocabulary in an override",
+     lambda c: _with(c, "experiments.1.overrides", {"kd": {"top_k": 100000}}), "experiments[1].overrides.kd.top_k"),
+    ("kd.top_k above the vocabulary in a grid",
+     lambda c: _with(c, "experiments.1.grid", {"kd.top_k": [8, 100000]}), "experiments[1].grid.kd.top_k"),
     ("real dataset without a path", lambda c: _with(c, "datasets.arith", {"source": "tulu3"}), "datasets.arith.path"),
     ("missing local dataset path", lambda c: _with(c, "datasets.arith", {"source": "tulu3", "path": "/no/such/dir"}),
      "datasets.arith.path"),
@@ -90,7 +99,8 @@ def test_defaults_are_filled_without_touching_the_input(embedded):
 def test_grid_expands_into_one_experiment_per_point_sharing_one_cache(embedded):
     plan = build_plan(validate_config(embedded))
     kd = [e for e in plan.experiments.values() if e.pipeline == "kd"]
-    assert sorted(e.sections["kd"]["temperature"] for e in kd) == [1.0, 2.0]
+    assert sorted({e.sections["kd"]["temperature"] for e in kd}) == [1.0, 2.0]
+    assert len(kd) == 2 * len(embedded["seeds"])
     assert len({e.artifact for e in kd}) == 1, "a temperature sweep must reuse one logit cache"
     cache = plan.artifacts[kd[0].artifact]
     assert sorted(cache.consumers) == sorted(e.id for e in kd)
@@ -101,7 +111,46 @@ def test_changing_one_experiment_changes_only_its_parameters(embedded):
     before = build_plan(validate_config(embedded))
     after = build_plan(validate_config(cfg))
     changed = [e for e in before.experiments if before.experiments[e].sections != after.experiments[e].sections]
-    assert changed == ["sft_gt.tiny.arith"]
+    assert changed == ["sft_gt.tiny.arith.s1", "sft_gt.tiny.arith.s2", "sft_gt.tiny.arith.s3"]
+
+
+def test_every_student_experiment_runs_once_per_seed_and_lineage_pairs_by_seed(embedded):
+    plan = build_plan(validate_config({**embedded, "seeds": [4, 7]}))
+    assert all(e.id == f"{e.group}.s{e.seed}" for e in plan.experiments.values())
+    assert sorted(plan.groups()["kd.tiny.arith.temperature-2"]) == ["kd.tiny.arith.temperature-2.s4",
+                                                                     "kd.tiny.arith.temperature-2.s7"]
+    for exp in plan.experiments.values():
+        assert all(plan.experiments[u].seed == exp.seed for u in exp.lineage), exp.id
+    assert plan.experiments["dpo.tiny.arith.s7"].init_from == "sft.tiny.arith.s7"
+    assert plan.experiments["selfdistill.tiny.arith.s4"].init_from == "sft_gt.tiny.arith.s4"
+    # teacher artifacts do not depend on the student seed: one logit cache, one synthetic set, all seeds consume
+    teacher_logits = [a for a in plan.artifacts.values() if a.kind == "logits" and a.teacher == "teacher"]
+    assert len(teacher_logits) == 1 and len(teacher_logits[0].consumers) == 4
+    synthetic = [a for a in plan.artifacts.values() if a.kind == "synthetic"]
+    assert len(synthetic) == 1 and len(synthetic[0].consumers) == 2
+    # artifacts an earlier student produces are per seed
+    selfdistill_caches = {plan.experiments[f"selfdistill.tiny.arith.s{s}"].artifact for s in (4, 7)}
+    assert len(selfdistill_caches) == 2
+
+
+def test_adding_a_seed_leaves_the_other_seeds_and_artifacts_unchanged(embedded):
+    before = build_plan(validate_config({**embedded, "seeds": [1, 2]}))
+    after = build_plan(validate_config({**embedded, "seeds": [1, 2, 3]}))
+    assert set(after.experiments) - set(before.experiments) == {f"{g}.s3" for g in before.groups()}
+    for exp_id, exp in before.experiments.items():
+        again = after.experiments[exp_id]
+        assert (again.sections, again.artifact, again.lineage) == (exp.sections, exp.artifact, exp.lineage)
+    for art_id, art in before.artifacts.items():
+        assert after.artifacts[art_id].params == art.params and after.artifacts[art_id].stage_ids == art.stage_ids
+
+
+def test_lineage_naming_one_seed_is_refused(embedded):
+    cfg = copy.deepcopy(embedded)
+    cfg["seeds"] = [1, 2]
+    next(e for e in cfg["experiments"] if e["pipeline"] == "dpo")["overrides"] = {
+        "dpo": {"start_from": "sft.tiny.arith.s1"}}
+    with pytest.raises(ConfigError, match="names one seed"):
+        build_plan(validate_config(cfg))
 
 
 def test_filter_change_reuses_generation_shards(embedded):

@@ -176,3 +176,42 @@ def test_empty_after_mapping_names_the_mapping_filter(tmp_path):
 def test_eval_taking_everything_is_an_error():
     with pytest.raises(DataSourceError, match=r"n_eval=7; nothing left for train"):
         run("tulu3", n_eval=7)
+
+
+GSM8K = FIX / "gsm8k"
+
+
+def test_gsm8k_main_layout_maps_question_answer_and_final_line():
+    dsd, stats = run("gsm8k", path=GSM8K / "train.jsonl", n_eval=2)
+    rows = {r["prompt"][:20]: r for s in ("train", "eval") for r in dsd[s]}
+    assert stats["dropped"]["no_final_answer"] == 1 and len(rows) == 6
+    natalia = rows["Natalia sold clips t"]
+    assert natalia["answer"] == "72"
+    assert natalia["response"].endswith("#### 72") and "<<48/2=24>>" in natalia["response"]
+    assert all(r["source"] == "gsm8k" and r["id"].startswith("d-train-") for r in rows.values())
+
+
+def test_gsm8k_eval_split_comes_from_test_and_train_never_contains_an_eval_prompt():
+    dsd, stats = run("gsm8k", path=GSM8K, n_eval=4, eval_split="test")
+    train = [dict(r) for r in dsd["train"]]
+    evals = [dict(r) for r in dsd["eval"]]
+    assert {r["id"].split("-")[1] for r in evals} == {"test"} and len(evals) == 4
+    assert {r["answer"] for r in evals} == {"18", "3", "70000", "10"}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    assert stats["dropped"]["eval_overlap"] == 1 and stats["eval_split"] == "test"
+    assert len(train) == 5  # 7 rows - one without '#### ' - one also in test
+
+
+def test_gsm8k_eval_split_from_a_single_file_is_refused():
+    with pytest.raises(DataSourceError, match=r"eval_split='test'.*one file"):
+        run("gsm8k", path=GSM8K / "train.jsonl", n_eval=1, eval_split="test")
+
+
+def test_gsm8k_answers_score_with_the_lm_eval_extractors():
+    from distill_bench.eval.scoring import exact_match, extract_flexible, extract_strict
+
+    dsd, _ = run("gsm8k", path=GSM8K, n_eval=4, eval_split="test")
+    for row in dsd["eval"]:
+        # the reference solution itself scores under both of lm-eval's gsm8k filters, against either gold form
+        assert exact_match(extract_strict(row["response"]), row["answer"])
+        assert exact_match(extract_flexible(row["response"]), row["response"])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from distill_bench.config import load_config
-from distill_bench.defaults import allowed_values, schema, section_defaults
+from distill_bench.config import build_plan
+from distill_bench.defaults import allowed_values, schema, section_defaults, top_level_default
 from distill_bench.dpo.config import DEFAULTS as DPO_DEFAULTS
 from distill_bench.dpo.config import normalize_dpo
 from distill_bench.energy.settings import EnergySettings
@@ -18,7 +19,7 @@ from distill_bench.eval.common import parse_eval_config
 from distill_bench.generation.settings import GenerationSettings
 from distill_bench.report.wandb_log import WANDB_CONFIG_DEFAULTS
 from distill_bench.synthetic.ids import DECODING_DEFAULTS, FILTER_DEFAULTS, NEUTRAL_KEYS
-from distill_bench.train.trainer import SCHEDULERS, TrainSettings
+from distill_bench.train.trainer import OPTIMIZERS, SCHEDULERS, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 # fields that wire a settings object into the workflow (file paths), not config keys with a default
@@ -94,3 +95,51 @@ def test_schema_accepts_every_training_setting():
         "experiments": [{"pipeline": "sft_gt", "students": ["s"], "datasets": ["a"]}]})
     s = TrainSettings.from_dict(cfg["training"])
     assert (s.max_grad_norm, s.logging_steps, s.num_threads, s.lr_scheduler) == (0.5, 5, 2, "polynomial")
+
+
+def test_optimizers_and_seeds_come_from_the_schema():
+    """training.optim's choices are the schema's enum; a config without `seeds` trains each student once per the
+    schema's default seeds (the experiment ids carry them)."""
+    assert OPTIMIZERS == allowed_values("training", "optim")
+    for optim in OPTIMIZERS:
+        TrainSettings.from_dict({"optim": optim})
+    with pytest.raises(ValueError, match="training.optim"):
+        TrainSettings.from_dict({"optim": "sgd"})
+    cfg = load_config({"datasets": {"a": {"source": "embedded"}}, "students": {"s": {"arch": {
+        "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}}},
+        "teacher": {"arch": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}},
+        "experiments": [{"pipeline": "sft_gt", "students": ["s"], "datasets": ["a"]}]})
+    assert cfg["seeds"] == top_level_default("seeds")
+    assert sorted(build_plan(cfg).experiments) == [f"sft_gt.s.a.s{seed}" for seed in top_level_default("seeds")]
+
+
+def _schema_keys_with_defaults() -> set[str]:
+    root = schema()
+    keys: set[str] = set()
+
+    def walk(node: dict) -> None:
+        for key, sub in (node.get("properties") or {}).items():
+            if "default" in sub:
+                keys.add(key)
+            if "properties" in sub:
+                walk(sub)
+
+    walk(root)
+    for section in root["$defs"].values():
+        walk(section)
+    return keys
+
+
+@pytest.mark.parametrize("rel", ["distill_bench/forecast.py", "distill_bench/report/rollup.py",
+                                 "distill_bench/report/stats.py", "distill_bench/report/reconcile.py"])
+def test_forecast_and_report_read_no_literal_config_default(rel):
+    """Structural guard: ``eval_cfg.get("bootstrap_samples", 1000)`` in the roll-up or ``tr.get("gpus", 1)`` in the
+    forecast would be a second source of a config default; they read the validated config or the schema's defaults."""
+    keys = _schema_keys_with_defaults()
+    tree = ast.parse((ROOT / rel).read_text())
+    literal = sorted({node.args[0].value for node in ast.walk(tree)
+                      if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                      and node.func.attr == "get" and len(node.args) == 2
+                      and isinstance(node.args[0], ast.Constant) and node.args[0].value in keys
+                      and isinstance(node.args[1], ast.Constant) and node.args[1].value is not None})
+    assert not literal, f"{rel}: config keys {literal} read with a literal default; take the schema's"

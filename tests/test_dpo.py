@@ -428,6 +428,7 @@ def test_dpo_on_two_processes_goes_through_the_launch_and_counts_tokens_once(env
                training={**TRAINING, "batch_size": 2, "gpus": 2, "logging_steps": 1}, **common)
     assert "torch.distributed.run" in two.metrics["launch_command"]
     assert two.metrics["distributed"]["world_size"] == 2
+    assert two.metrics["speed"]["world_size"] == 2 and two.metrics["speed"]["window_steps"] >= 1
     declared = s1["declared_token_budget"]
     assert s2["trained_tokens"] == declared == s1["trained_tokens"]
     assert one.tokens["trained_tokens"] == two.tokens["trained_tokens"] == declared

@@ -107,3 +107,26 @@ def test_settings_reject_bad_distributed_and_attention_keys():
         TrainSettings.from_dict({"token_budget": 5, "max_length": 8, "attn_implementation": "flash"})
     with pytest.raises(ValueError, match="training.nodes"):
         TrainSettings.from_dict({"token_budget": 5, "max_length": 8, "nodes": 0})
+
+
+def test_final_save_gathers_fsdp_weights_on_every_rank_and_writes_on_rank_zero(tmp_path):
+    """Under FSDP the full-weight gather is a collective: every rank joins it, only rank 0 writes."""
+    from types import SimpleNamespace
+
+    from distill_bench.train.trainer import save_final_model
+
+    calls, saved = [], []
+
+    class Model:
+        def save_pretrained(self, path, state_dict=None):
+            saved.append(state_dict)
+            Path(path).mkdir(parents=True, exist_ok=True)
+
+    for rank in (0, 1):
+        trainer = SimpleNamespace(is_fsdp_enabled=True, model=Model(), model_wrapped="wrapped",
+                                  args=SimpleNamespace(process_index=rank),
+                                  accelerator=SimpleNamespace(get_state_dict=lambda m, r=rank: calls.append((r, m))
+                                                              or {"w": r}))
+        save_final_model(trainer, tmp_path / f"final{rank}", None)
+    assert calls == [(0, "wrapped"), (1, "wrapped")]
+    assert saved == [{"w": 0}] and (tmp_path / "final0").is_dir() and not (tmp_path / "final1").exists()

@@ -22,19 +22,20 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("planning", ["distill_bench.config", "distill_bench.config.load", "distill_bench.config.plan",
                   "distill_bench.config.preflight",
                   "distill_bench.config.snapshot", "distill_bench.hardware", "distill_bench.synthetic.ids",
-                  "distill_bench.dpo.config"]),
+                  "distill_bench.dpo.config", "distill_bench.models.vocab", "distill_bench.forecast"]),
     ("data", ["distill_bench.data", "distill_bench.data.io", "distill_bench.data.task", "distill_bench.data.preprocess",
               "distill_bench.artifacts"]),
-    ("models", ["distill_bench.models", "distill_bench.models.build", "distill_bench.models.tokenizer"]),
+    ("models", ["distill_bench.models", "distill_bench.models.build", "distill_bench.models.tokenizer",
+                "distill_bench.models.random_checkpoint"]),
     ("engines", ["distill_bench.train", "distill_bench.train.collate", "distill_bench.train.head",
                  "distill_bench.train.budget", "distill_bench.train.speed", "distill_bench.train.varlen",
-                 "distill_bench.train.trainer", "distill_bench.train.launch", "distill_bench.kd", "distill_bench.kd.cache",
+                 "distill_bench.train.optim", "distill_bench.train.step_clock", "distill_bench.train.trainer", "distill_bench.train.launch", "distill_bench.kd", "distill_bench.kd.cache",
                  "distill_bench.kd.loss", "distill_bench.kd.trainer", "distill_bench.dpo", "distill_bench.dpo.pairs",
                  "distill_bench.dpo.judges", "distill_bench.dpo.train", "distill_bench.generation",
                  "distill_bench.generation.*", "distill_bench.eval", "distill_bench.eval.scoring",
                  "distill_bench.eval.common", "distill_bench.eval.native", "distill_bench.eval.lm_eval_backend",
                  "distill_bench.synthetic", "distill_bench.synthetic.filters"]),
-    ("stages", ["distill_bench.*.stage", "distill_bench.report", "distill_bench.report.rollup",
+    ("stages", ["distill_bench.*.stage", "distill_bench.report", "distill_bench.report.rollup", "distill_bench.report.stats",
                 "distill_bench.report.reconcile", "distill_bench.report.run_check",
                 "distill_bench.report.compare", "distill_bench.report.html", "distill_bench.report.plots"]),
     ("entry", ["distill_bench.cli", "distill_bench.__main__", "distill_bench.stages", "distill_bench.*.cli",
@@ -42,7 +43,8 @@ LAYERS: list[tuple[str, list[str]]] = [
 ]
 # inside the engines layer the train package's foundation sits below everything that trains
 TRAIN_FOUNDATION = ["distill_bench.train.collate", "distill_bench.train.head", "distill_bench.train.budget",
-                    "distill_bench.train.speed", "distill_bench.train.varlen"]
+                    "distill_bench.train.speed", "distill_bench.train.varlen", "distill_bench.train.optim",
+                    "distill_bench.train.step_clock"]
 # the Snakefile imports these at parse time: planning a grid must not pay for torch
 PLANNING_IMPORTS = ["distill_bench.config", "distill_bench.hardware"]
 

@@ -209,12 +209,21 @@ def test_row_new_dataset_retrains_the_trained_tokenizer_and_so_everything(comple
 def test_row_new_seed_trains_only_the_new_seeds_students(completed, tmp_path):
     from distill_bench.config.load import _schema
 
-    if "seeds" not in _schema().get("properties", {}):
-        pytest.skip("needs the `seeds:` list (branch seeds), not in this tree yet")
-    plan = replan(completed, tmp_path, lambda c: c.update(seeds=[c["seed"], c["seed"] + 1]))
-    assert plan["train_student"] and all("seed" in s for s in plan["train_student"])
-    assert not set(plan) & {"prepare_data", "prepare_tokenizer", "prepare_teacher", "cache_logits",
-                            "generate_synthetic", "merge_synthetic"}
+    default_seeds = _schema()["properties"]["seeds"]["default"]
+    new_seed = max(default_seeds) + 1
+
+    def add_seed(cfg):
+        cfg["seeds"] = [*(cfg.get("seeds") or default_seeds), new_seed]
+
+    plan = replan(completed, tmp_path, add_seed)
+    assert plan["train_student"] and all(s.endswith(f".s{new_seed}") for s in plan["train_student"])
+    assert all(f".s{new_seed}," in s for s in plan["evaluate"] if not s.startswith(("teacher,", "init.")))
+    # the teacher's artifacts are shared by every seed; only artifacts built from the new seed's own students
+    # (the self-distillation cache of its sft_gt student, preference pairs sampled from its sft student) are new
+    assert not set(plan) & {"prepare_data", "prepare_tokenizer", "prepare_teacher", "generate_synthetic",
+                            "merge_synthetic", "cache_tail"}
+    built_from_students = plan.get("cache_logits", []) + plan.get("sample_preferences", [])
+    assert built_from_students and all(f"-s{new_seed}-" in a for a in built_from_students)
 
 
 def test_row_energy_settings_rerun_only_the_hardware_check_and_idle_baseline(completed, tmp_path):

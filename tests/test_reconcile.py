@@ -226,11 +226,13 @@ def _shared_run(tmp_path, monkeypatch, accept: bool, how: str):
         cfg["energy"]["accept_shared_devices"] = True
         (results / "config" / "merged_config.yaml").write_text(yaml.safe_dump(cfg))
     energy = results / "energy"
-    kd_train = next(s for s in plan["stage_ids"] if s.startswith("student.train.kd.") and s.endswith("-2"))
+    kd_trains = [s for s in plan["stage_ids"] if s.startswith("student.train.kd.") and ".temperature-2." in s]
+    kd_train = kd_trains[0]                                     # seed 1: the one found sharing below
     cache = next(s for s in plan["stage_ids"] if s.startswith("teacher.logits."))
-    record = json.loads((energy / f"{kd_train}.json").read_text())
-    record["energy"]["total_j"] = 500.0     # own 700 J < baseline 1200 J: N* = ceil((9000 + 900 tau-2 tail)/500)
-    atomic_write_json(energy / f"{kd_train}.json", record)
+    for stage_id in kd_trains:          # every seed: own 700 J < baseline 1200 J
+        record = json.loads((energy / f"{stage_id}.json").read_text())
+        record["energy"]["total_j"] = 500.0     # N* = ceil((9000 + 900 tau-2 tail) / 500)
+        atomic_write_json(energy / f"{stage_id}.json", record)
     now = dt.datetime.now(dt.timezone.utc)
     if how == "meter":
         rec = json.loads((energy / f"{cache}.json").read_text())
@@ -319,7 +321,7 @@ def test_rollup_fails_naming_the_stages_when_they_exceed_the_device_counter(tmp_
     results, plan = _build_run(tmp_path)
     energy = results / "energy"
     cache = next(s for s in plan["stage_ids"] if s.startswith("teacher.logits."))
-    train = "student.train.sft_gt.tiny.arith"
+    train = "student.train.sft_gt.tiny.arith.s1"
     now = dt.datetime.now(dt.timezone.utc)
     host = json.loads((energy / f"{cache}.json").read_text())["attempts"][0]["host"]
     for stage_id, (a, b) in ((cache, (-80, -40)), (train, (-60, -20))):
@@ -374,3 +376,25 @@ def test_run_timeline_draws_gpu_power_of_the_stages_in_this_run(tmp_path):
         plots.plt.Axes.broken_barh = real_bar
     assert out.stat().st_size > 0
     assert seen["bars"] == [(5.0, 35.0), (48.0, 32.0)], "only this run's attempts, on the run's clock"
+
+
+def test_run_timeline_of_a_gpu_run_with_cpu_only_stages_beside_the_gpu_ones(tmp_path):
+    """A GPU run's CPU-only stages (data prep, merges, judges) sample no GPU columns; the picture still draws."""
+    from distill_bench.report import plots
+
+    rows = []
+    for stage_id, role, (a, b), columns in (("data.prepare", "data", (1, 4), {}),     # first, as in a real run
+                                            ("teacher.train", "setup", (5, 40), {"gpu0_power_w": 300.0}),
+                                            ("teacher.merge", "teacher", (41, 44), {}),
+                                            ("student.train.kd", "student", (48, 80), {"gpu0_power_w": 200.0})):
+        record = stage(stage_id, (a, b, {"gpu0": 10.0 * (b - a)} if columns else {}), role=role)
+        record["power"] = {"timeline": f"{stage_id}.timeline.csv"}
+        t = [i * 0.5 for i in range(int((b - a) / 0.5))]
+        pd.DataFrame({"attempt": 1, "t_s": t, **columns, "proc_cpu_pct": 100.0}).to_csv(
+            tmp_path / f"{stage_id}.timeline.csv", index=False)
+        (tmp_path / f"{stage_id}.json").write_text(json.dumps(record))
+        rows.append({"stage_id": stage_id, "path": str(tmp_path / f"{stage_id}.json")})
+    record = reconcile.reconcile(snapshot(0, {"gpu0": 0.0}), snapshot(100, {"gpu0": 20000.0}),
+                                 {r["stage_id"]: json.loads(Path(r["path"]).read_text()) for r in rows})
+    out = plots.plot_run_timeline(pd.DataFrame(rows), tmp_path / "run_timeline.png", record)
+    assert out.stat().st_size > 0

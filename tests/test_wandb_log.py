@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -64,8 +67,12 @@ def _build_finished_run(results: Path) -> dict:
         metric = {"value": acc, "ci_low": acc - 0.05, "ci_high": acc + 0.05, "stderr": 0.02}
         path = results / "eval" / model_id / f"{dataset}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / f"{dataset}.samples.jsonl").write_text("".join(
+            json.dumps({"id": f"q{i}", "strict_correct": i < acc * 100, "flexible_correct": i < acc * 100}) + "\n"
+            for i in range(100)))
         path.write_text(json.dumps({"model_id": model_id, "dataset": dataset, "backend": "native", "n": 100,
-                                    "metrics": {"strict_match": metric, "flexible_extract": metric}}))
+                                    "metrics": {"strict_match": metric, "flexible_extract": metric},
+                                    "samples": f"{dataset}.samples.jsonl"}))
     for exp_id in plan.experiments:
         log = {"trained_tokens": 1000, "steps": 5, "loss_curve": _loss_curve(exp_id),
                "lr_curve": [[s, 0.003 * (6 - s) / 5] for s in (1, 2, 3, 4, 5)], "final_loss": _loss_curve(exp_id)[-1][1]}
@@ -139,13 +146,13 @@ def test_each_experiment_run_holds_its_own_loss_and_lr_curve(logged):
         history = runs[exp_id]["history"]
         assert [(h["_step"], h["train/loss"]) for h in history] == [tuple(p) for p in _loss_curve(exp_id)]
         assert [h["train/lr"] for h in history] == pytest.approx([0.003 * (6 - s) / 5 for s in range(1, 6)])
-    extra = [h.get("train/reward_accuracy") for h in runs["sft.tiny.arith"]["history"]]
+    extra = [h.get("train/reward_accuracy") for h in runs["sft.tiny.arith.s1"]["history"]]
     assert extra == [None, 0.5, None, 0.75, None]
 
 
 def test_summary_metrics_are_the_comparison_row(logged):
     results, plan, _, runs, _ = logged
-    table = pd.read_csv(results / "summary" / "comparison.csv").set_index("experiment")
+    table = pd.read_csv(results / "summary" / "comparison_by_seed.csv").set_index("experiment")
     for exp_id in plan["experiments"]:
         summary, row = runs[exp_id]["summary"], table.loc[exp_id]
         for key in ("strict_acc", "strict_ci_low", "strict_ci_high", "flexible_acc", "total_kwh_oneoff",
@@ -153,16 +160,18 @@ def test_summary_metrics_are_the_comparison_row(logged):
                     "train_tokens_per_s", "trained_tokens"):
             assert summary[key] == pytest.approx(float(row[key]), rel=1e-12), (exp_id, key)
         assert summary["train/final_loss"] == _loss_curve(exp_id)[-1][1]
-    kd = runs["kd.tiny.arith.temperature-1"]["summary"]
-    assert kd["teacher_kwh_amortised"] == pytest.approx(4500 / 3.6e6)  # two KD students share one cache
+    kd = runs["kd.tiny.arith.temperature-1.s2"]["summary"]
+    # two KD students x three seeds share one cache
+    assert kd["teacher_kwh_amortised"] == pytest.approx(1500 / 3.6e6)
+    assert kd["seed"] == 2 and kd["group"] == "kd.tiny.arith.temperature-1" and kd["verdict"] == "better"
     assert kd["teacher_kwh_oneoff"] == pytest.approx(9000 / 3.6e6)
     assert kd["break_even_reuse"] is None and kd["break_even_reuse_text"] == "never"  # inf is not JSON
-    assert runs["sft_gt.tiny.arith"]["summary"]["break_even_reuse_text"] == "n/a"  # the baseline itself
+    assert runs["sft_gt.tiny.arith.s1"]["summary"]["break_even_reuse_text"] == "n/a"  # the baseline itself
 
 
 def test_experiment_config_holds_its_plan_sections_and_lineage(logged):
     _, plan, _, runs, _ = logged
-    exp_id = "kd.tiny.arith.temperature-2"
+    exp_id = "kd.tiny.arith.temperature-2.s3"
     config, exp = runs[exp_id]["config"], plan["experiments"][exp_id]
     assert (config["pipeline"], config["student"], config["dataset"]) == ("kd", "tiny", "arith")
     assert config["lineage"] == exp["lineage"] and config["artifact"] == exp["artifact"]
@@ -255,3 +264,77 @@ def test_config_hook_logs_only_when_enabled(logged, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     dirs = log_from_config(results, {"report": {"wandb": {"enabled": True, "project": "p3", "dir": str(tmp_path)}}})
     assert {read_offline_run(d)["project"] for d in dirs} == {"p3"}
+
+
+def _log_has_exit_record(run_dir: Path) -> bool:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for raw in wandb_log._records(next(Path(run_dir).glob("*.wandb"))):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "exit":
+            return True
+    return False
+
+
+def test_returned_run_dirs_hold_complete_logs_even_when_wandb_flushes_after_finish(logged, tmp_path, monkeypatch):
+    """wandb-core may write a run's transaction log out after ``run.finish()`` returns; a loaded machine makes that
+    gap long. Stand in a gap of 0.5 s per run (the log holds only its header until then): every returned directory
+    must still decode to its named run."""
+    wandb, restorers = sys.modules["wandb"], []
+    real_init = wandb.init
+
+    def init_with_late_flush(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        real_finish = run.finish
+
+        def finish(*a, **k):
+            real_finish(*a, **k)
+            sync_dir = Path(run.settings.sync_dir)
+            wait_until = time.monotonic() + 60
+            while not _log_has_exit_record(sync_dir):  # the real log, fully written, then held back
+                assert time.monotonic() < wait_until, f"{sync_dir} never got its exit record"
+                time.sleep(0.02)
+            log = next(sync_dir.glob("*.wandb"))
+            full = log.read_bytes()
+            log.write_bytes(full[:7])
+            timer = threading.Timer(0.5, log.write_bytes, args=(full,))
+            timer.start()
+            restorers.append(timer)
+
+        run.finish = finish
+        return run
+
+    monkeypatch.setattr(wandb, "init", init_with_late_flush)
+    dirs = log_run_to_wandb(logged[0], mode="offline", dir=tmp_path)
+    names = sorted(read_offline_run(d)["name"] for d in dirs)
+    for timer in restorers:
+        timer.join()
+    assert names == sorted(list(logged[1]["experiments"]) + ["stages"])
+
+
+PARENT_WITH_WANDB = textwrap.dedent("""
+    import subprocess, sys, wandb
+    run = wandb.init(project="parent", mode="offline", dir=sys.argv[1], reinit="create_new",
+                     settings=wandb.Settings(silent=True, x_disable_stats=True, console="off"))
+    run.finish()   # the parent's service lives on, its token in the environment its children inherit
+    job = subprocess.run([sys.executable, "-c", sys.argv[2], sys.argv[3]], cwd=sys.argv[4], timeout=240)
+    sys.exit(job.returncode)
+""")
+
+
+def test_a_job_launched_by_a_process_with_a_live_wandb_service_still_writes_complete_logs(logged, tmp_path):
+    """As a Snakemake job launched with ``-d`` from a notebook or test session that used wandb: another working
+    directory, a relative W&B dir, and the parent's service token inherited. Its runs must still be written out."""
+    job_dir = tmp_path / "job"
+    shutil.copytree(logged[0], job_dir / "results")
+    job = ("import sys; from distill_bench.report.wandb_log import log_run_to_wandb\n"
+           "open('dirs.txt', 'w').write('\\n'.join(log_run_to_wandb('results', dir=sys.argv[1], "
+           "flush_timeout_s=20)))")
+    parent = subprocess.run([sys.executable, "-c", PARENT_WITH_WANDB, str(tmp_path / "parent"), job, "wandb_out",
+                             str(job_dir)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert parent.returncode == 0, parent.stderr[-3000:]
+    dirs = (job_dir / "dirs.txt").read_text().split()
+    names = sorted(read_offline_run(job_dir / d)["name"] for d in dirs)
+    assert names == sorted(list(logged[1]["experiments"]) + ["stages"])

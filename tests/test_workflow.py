@@ -19,7 +19,8 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def snakemake(*args: str, cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def snakemake(*args: str, cwd: Path, check: bool = True, timeout: int = 2400) -> subprocess.CompletedProcess:
+    """A hang guard, not a speed target: the tiny run took over 900 s on a loaded 2-core machine."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(cwd), *args], cwd=ROOT,
@@ -55,9 +56,12 @@ def test_embedded_default_dry_run_plans_every_stage(tmp_path):
             "rollup"} <= rules
     caching = [w["artifact"] for r, w in planned_jobs(proc.stdout) if r == "cache_logits"]
     kd_students = [w for r, w in planned_jobs(proc.stdout) if r == "train_student" and w["exp"].startswith("kd.")]
-    teacher_caches = [a for a in caching if "-from-" not in a]      # the other is self-distillation's own cache
-    assert len(teacher_caches) == 1 and len(kd_students) == 2, "one teacher logit cache must feed both KD students"
-    assert len(caching) == 2
+    teacher_caches = [a for a in caching if "-from-" not in a]      # the others: self-distillation's, one per seed
+    seeds = yaml.safe_load((ROOT / "workflow_config.yaml").read_text())["seeds"]
+    assert len(seeds) >= 3
+    assert len(teacher_caches) == 1 and len(kd_students) == 2 * len(seeds), \
+        "one teacher logit cache must feed both KD students at every seed"
+    assert len(caching) == 1 + len(seeds)
     assert not (tmp_path / "results").exists(), "a dry-run reads no energy counters and writes no run snapshot"
 
 
@@ -68,7 +72,7 @@ def test_cluster_example_dry_run_shows_gpu_resources_without_network(tmp_path):
     assert len(trains) == 27
     evals = {(w["model_id"], w["eval_name"]) for r, w in jobs if r == "evaluate"}
     for task in ("gsm8k", "mmlu", "ifeval"):
-        assert ("teacher", task) in evals and ("kd.olmo2_1b.tulu3", task) in evals
+        assert ("teacher", task) in evals and ("kd.olmo2_1b.tulu3.s1", task) in evals
     blocks = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)
     train_block = next(b for b in blocks if b.strip().startswith(("rule train_student", "localrule train_student")))
     assert "gpu=1" in train_block and "gpu_model=h100" in train_block
@@ -157,8 +161,8 @@ def test_changing_one_experiments_hyperparameter_reruns_only_its_jobs(tiny_run, 
         next(e for e in cfg["experiments"] if e["pipeline"] == "continued")["overrides"]["training"] = {"lr": 1e-3}
 
     jobs = _replan(tiny_run, tmp_path, mutate)
-    assert [w["exp"] for r, w in jobs if r == "train_student"] == ["continued.tiny.arith"]
-    assert [w["model_id"] for r, w in jobs if r == "evaluate"] == ["continued.tiny.arith"]
+    assert [w["exp"] for r, w in jobs if r == "train_student"] == ["continued.tiny.arith.s1"]
+    assert [w["model_id"] for r, w in jobs if r == "evaluate"] == ["continued.tiny.arith.s1"]
     assert not {r for r, _ in jobs} & {"prepare_teacher", "cache_logits", "generate_synthetic", "init_student"}
 
 
@@ -168,10 +172,35 @@ def test_changing_a_checkpoint_others_build_on_reruns_its_lineage(tiny_run, tmp_
 
     jobs = _replan(tiny_run, tmp_path, mutate)
     trained = sorted(w["exp"] for r, w in jobs if r == "train_student")
-    assert trained == ["continued.tiny.arith", "selfdistill.tiny.arith", "sft_gt.tiny.arith"]
+    assert trained == ["continued.tiny.arith.s1", "selfdistill.tiny.arith.s1", "sft_gt.tiny.arith.s1"]
     caches = [w["artifact"] for r, w in jobs if r == "cache_logits"]
     assert len(caches) == 1 and "-from-sft_gt-" in caches[0], "only the self-distillation cache is rebuilt"
     assert not {r for r, _ in jobs} & {"prepare_teacher", "generate_synthetic", "sample_preferences"}
+
+
+def test_adding_a_seed_plans_only_that_seeds_jobs(tiny_run, tmp_path):
+    """seeds [1] -> [1, 2]: seed 2 of every student experiment trains and is evaluated; the teacher artifacts of the
+    teacher (logit cache, synthetic set) are reused; seed 1's jobs and the shared setup do not rerun. Seed 2's own
+    upstream-dependent artifacts (self-distillation's cache from sft_gt seed 2, DPO pairs sampled from sft seed 2)
+    are new, because their teacher is a seed-2 student."""
+    def mutate(cfg):
+        cfg["seeds"] = [1, 2]
+
+    jobs = _replan(tiny_run, tmp_path, mutate)
+    groups = ["sft_gt.tiny.arith", "kd.tiny.arith.temperature-1", "kd.tiny.arith.temperature-2", "sft.tiny.arith",
+              "selfdistill.tiny.arith", "continued.tiny.arith", "dpo.tiny.arith"]
+    assert sorted(w["exp"] for r, w in jobs if r == "train_student") == sorted(f"{g}.s2" for g in groups)
+    assert sorted(w["model_id"] for r, w in jobs if r == "evaluate") == sorted(f"{g}.s2" for g in groups)
+    assert [w["artifact"] for r, w in jobs if r == "cache_logits"] == [
+        a for r, a in [(r, w["artifact"]) for r, w in jobs if r == "cache_logits"] if "-from-sft_gt-s2-" in a]
+    assert len([1 for r, _ in jobs if r == "cache_logits"]) == 1
+    planned = {r for r, _ in jobs}
+    assert not planned & {"prepare_data", "prepare_tokenizer", "prepare_teacher", "init_student",
+                          "generate_synthetic", "merge_synthetic", "idle_baseline"}
+    assert all(w.get("exp", w.get("model_id", "")).endswith(".s2") for r, w in jobs
+               if r in ("train_student", "evaluate", "precompute_reference"))
+    assert planned <= {"train_student", "evaluate", "cache_logits", "sample_preferences", "judge_preferences",
+                       "precompute_reference", "config_snapshot", "rollup", "wandb_log", "all"}, planned
 
 
 def test_unchanged_config_plans_nothing_even_reformatted(tiny_run, tmp_path):
@@ -205,7 +234,7 @@ def test_lm_eval_backend_runs_offline_and_the_table_carries_its_scores(tmp_path)
     table = pd.read_csv(tmp_path / "results" / "summary" / "comparison.csv")
     assert list(table.eval_backend) == ["lm_eval"]
     assert table.strict_stderr.notna().all() and table.flexible_stderr.notna().all()
-    result = json.loads((tmp_path / "results" / "eval" / "sft_gt.tiny.arith" / "arith.json").read_text())
+    result = json.loads((tmp_path / "results" / "eval" / "sft_gt.tiny.arith.s1" / "arith.json").read_text())
     assert result["backend"] == "lm_eval"
     assert "harness_version" in json.dumps(result) or "lm_eval_version" in json.dumps(result)
 
@@ -240,15 +269,15 @@ def test_reports_open_in_headless_chromium_with_table_and_figures(tiny_run, tmp_
 
 def test_self_distillation_builds_the_earlier_student_first(tmp_path):
     """Issue 7: the self-distillation teacher is an earlier experiment's model, resolved through the DAG."""
-    proc = snakemake("-n", "results/models/students/selfdistill.tiny.arith/final", "--configfile", str(TINY),
+    proc = snakemake("-n", "results/models/students/selfdistill.tiny.arith.s1/final", "--configfile", str(TINY),
                      cwd=tmp_path)
     jobs = planned_jobs(proc.stdout)
-    assert ("train_student", {"exp": "sft_gt.tiny.arith"}) in jobs
+    assert ("train_student", {"exp": "sft_gt.tiny.arith.s1"}) in jobs
     blocks = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)
     cache = next(b for b in blocks if re.match(r"\s*(local)?rule cache_logits:", b))
-    assert "results/models/students/sft_gt.tiny.arith/final" in cache, "the cache's teacher is the sft_gt student"
+    assert "results/models/students/sft_gt.tiny.arith.s1/final" in cache, "the cache's teacher is the sft_gt student"
     train = next(b for b in blocks if re.match(r"\s*(local)?rule train_student:", b) and "selfdistill" in b)
-    assert "results/models/students/sft_gt.tiny.arith/final" in train, "and it is also where the student starts"
+    assert "results/models/students/sft_gt.tiny.arith.s1/final" in train, "and it is also where the student starts"
 
 
 def test_compare_joins_two_runs_with_different_token_budgets(tiny_run, tmp_path):

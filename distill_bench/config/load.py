@@ -181,15 +181,14 @@ def _semantic_checks(cfg: dict) -> None:
             problems.append(f"config key 'teacher.train.dataset': unknown dataset {tds!r}; known: {sorted(datasets)}")
     else:
         problems += _model_ref_problems("teacher.name_or_path", teacher.get("name_or_path"))
-        if cfg["tokenizer"]["source"] == "train":
-            problems.append("config key 'tokenizer.source': a pretrained teacher brings its own tokenizer; set "
-                            "tokenizer.source to the teacher's id or path, not 'train'")
+    problems += _model_tokenizer_problems("teacher", teacher, teacher["source"] == "pretrained")
     for name, spec in students.items():
         key = f"students.{name}"
         if spec["init"] == "scratch" and "arch" not in spec:
             problems.append(f"config key '{key}.arch': needed when init is 'scratch'")
         if spec["init"] == "pretrained":
             problems += _model_ref_problems(f"{key}.name_or_path", spec.get("name_or_path"))
+        problems += _model_tokenizer_problems(key, spec, spec["init"] == "pretrained")
     tok = cfg["tokenizer"]["source"]
     if tok != "train":
         problems += _path_problem("tokenizer.source", "tokenizer", tok)
@@ -201,11 +200,40 @@ def _semantic_checks(cfg: dict) -> None:
                     did = f" (did you mean {hint[0]!r}?)" if hint else ""
                     problems.append(f"config key 'experiments[{index}].{field}': unknown {field[:-1]} "
                                     f"{item!r}{did}; defined: {sorted(known)}")
-    if cfg["tokenizer"]["source"] == "train" and cfg["kd"]["top_k"] > cfg["tokenizer"]["vocab_size"]:
-        problems.append(f"config key 'kd.top_k': {cfg['kd']['top_k']} exceeds tokenizer.vocab_size "
-                        f"{cfg['tokenizer']['vocab_size']}")
+    problems += _top_k_problems(cfg)
+    for index, value in enumerate(cfg["seeds"]):
+        if not isinstance(value, int) or isinstance(value, bool):   # the schema lets 1.0 pass as an integer
+            problems.append(f"config key 'seeds[{index}]': {value!r} is not an integer")
     if problems:
         raise ConfigError("invalid workflow config:\n  " + "\n  ".join(problems))
+
+
+def _model_tokenizer_problems(key: str, spec: Mapping[str, Any], pretrained: bool) -> list[str]:
+    """A per-model tokenizer belongs to a pretrained model; one built from an arch uses tokenizer.source."""
+    tok = spec.get("tokenizer")
+    if not tok:
+        return []
+    if not pretrained:
+        return [f"config key '{key}.tokenizer': only a pretrained model takes its own tokenizer; a model built "
+                f"from an arch uses tokenizer.source"]
+    return _path_problem(f"{key}.tokenizer", "tokenizer", tok)
+
+
+def _top_k_problems(cfg: dict) -> list[str]:
+    """kd.top_k against the trained tokenizer's vocabulary, at the top level, in overrides and in grids (a
+    pretrained tokenizer's real size is checked where the logit cache is built)."""
+    if cfg["tokenizer"]["source"] != "train":
+        return []
+    vocab = cfg["tokenizer"]["vocab_size"]
+    candidates = [("kd.top_k", cfg["kd"]["top_k"])]
+    for index, exp in enumerate(cfg["experiments"]):
+        override = ((exp.get("overrides") or {}).get("kd") or {}).get("top_k")
+        if override is not None:
+            candidates.append((f"experiments[{index}].overrides.kd.top_k", override))
+        for value in (exp.get("grid") or {}).get("kd.top_k") or []:
+            candidates.append((f"experiments[{index}].grid.kd.top_k", value))
+    return [f"config key '{key}': {value} exceeds tokenizer.vocab_size {vocab}"
+            for key, value in candidates if value > vocab]
 
 
 def _model_ref_problems(key: str, ref: str | None) -> list[str]:

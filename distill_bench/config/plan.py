@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from distill_bench.config.load import SECTIONS, ConfigError
+from distill_bench.models.vocab import vocabulary_hash_from_files
 from distill_bench.synthetic.ids import generation_shard_key, synthetic_artifact_id
 
 # datasets whose eval split has a verifiable final answer, scored by exact match on their own held-out split
-VERIFIABLE_SOURCES = {"embedded", "openr1_math"}
+VERIFIABLE_SOURCES = {"embedded", "openr1_math", "gsm8k"}
 # pipelines that start from an earlier experiment's model, and the section naming it
 LINEAGE_KEY = {"dpo": ("dpo", "start_from"), "selfdistill": ("selfdistill", "from"),
                "continued": ("selfdistill", "from")}
@@ -85,9 +86,14 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def seed_suffix(seed: int) -> str:
+    """The last component of a seeded experiment id: ``kd.tiny.arith.temperature-2.s1`` trains with seed 1."""
+    return f"s{int(seed)}"
+
+
 @dataclass
 class Experiment:
-    id: str
+    id: str                                  # group id + "." + seed suffix
     pipeline: str                            # what the table shows: sft_gt, kd, sft, dpo, selfdistill, continued
     student: str
     dataset: str
@@ -98,6 +104,8 @@ class Experiment:
     tail_artifact: str | None = None         # KD: the tail at this student's tau, when the cache does not hold it
     init_from: str | None = None             # experiment whose final model this one starts from (else the init)
     lineage: list[str] = field(default_factory=list)   # earlier experiments this one builds on, nearest first
+    seed: int = 0                            # the student's training seed (one of config 'seeds')
+    group: str = ""                          # the id without its seed: the table's row, the seeds its replicates
 
     @property
     def training(self) -> dict:
@@ -128,9 +136,17 @@ class Plan:
 
     def setup_stage_ids(self) -> list[str]:
         ids = [stage_id("prepare_data", dataset=d) for d in self.config["datasets"]]
-        ids += [stage_id("prepare_tokenizer"), stage_id("prepare_teacher")]
+        ids += [stage_id("prepare_tokenizer")] if self.uses_run_tokenizer() else []
+        ids += [stage_id("prepare_teacher")]
         ids += [stage_id("init_student", student=s) for s in self.used_students()]
         return ids
+
+    def groups(self) -> dict[str, list[str]]:
+        """Group id (an experiment without its seed) -> its seeded experiment ids, in config seed order."""
+        out: dict[str, list[str]] = {}
+        for exp in self.experiments.values():
+            out.setdefault(exp.group, []).append(exp.id)
+        return out
 
     def used_students(self) -> list[str]:
         return sorted({e.student for e in self.experiments.values()})
@@ -144,6 +160,15 @@ class Plan:
         ids += [eval_stage_id(m, d) for m, d in self.eval_units]
         return ids
 
+    def tokenizer_of(self, model_id: str) -> str | None:
+        """None when ``model_id`` uses the run's tokenizer (results/tokenizer), else its own tokenizer's id/path."""
+        return model_tokenizer(self.config, self.experiments, model_id)
+
+    def uses_run_tokenizer(self) -> bool:
+        """Whether any model of the run needs results/tokenizer (trained, or copied from tokenizer.source)."""
+        models = ["teacher"] + [f"init.{s}" for s in self.used_students()]
+        return any(self.tokenizer_of(m) is None for m in models)
+
     def checkpoint_consumers(self) -> dict[str, list[str]]:
         """Experiment id -> the experiments that build on its model (directly or further down the lineage)."""
         out: dict[str, list[str]] = {}
@@ -155,6 +180,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "run_name": self.config["run_name"],
+            "seeds": list(self.config["seeds"]),
+            "groups": self.groups(),
             "experiments": {k: asdict(v) for k, v in self.experiments.items()},
             "artifacts": {k: asdict(v) for k, v in self.artifacts.items()},
             "checkpoint_consumers": self.checkpoint_consumers(),
@@ -172,6 +199,58 @@ def reference_stage_id(exp: Experiment) -> str | None:
 
 def eval_stage_id(model_id: str, dataset: str) -> str:
     return stage_id("evaluate", model_id=model_id, eval_name=dataset)
+
+
+def model_tokenizer(cfg: dict, experiments: dict[str, Experiment], model_id: str) -> str | None:
+    """The tokenizer a model reads and writes text with: None = the run's tokenizer (``tokenizer.source``, the one
+    trained for the embedded task), which every model built from an ``arch`` uses; a pretrained model uses its own
+    (``name_or_path``) unless its ``tokenizer`` key names another (e.g. the instruct variant's, for a base model
+    without a chat template). A trained experiment keeps its student's."""
+    if model_id == "teacher":
+        spec = cfg["teacher"]
+        pretrained = spec.get("source") == "pretrained"
+    else:
+        student = model_id[len("init."):] if model_id.startswith("init.") else experiments[model_id].student
+        spec = cfg["students"][student]
+        pretrained = spec.get("init") == "pretrained"
+    if spec.get("tokenizer"):
+        return spec["tokenizer"]
+    return spec.get("name_or_path") if pretrained else None
+
+
+def _tokenizer_label(cfg: dict, experiments: dict[str, Experiment], model_id: str) -> str:
+    ref = model_tokenizer(cfg, experiments, model_id)
+    if ref is not None:
+        return ref
+    source = cfg["tokenizer"]["source"]
+    return "the run's trained tokenizer" if source == "train" else source
+
+
+def check_kd_vocabularies(cfg: dict, experiments: dict[str, Experiment], artifacts: dict[str, Artifact]) -> None:
+    """Refuse a KD experiment whose teacher and student vocabularies differ, where both are readable locally
+    (a directory or the HF cache); otherwise the train stage compares them before it trains (kd/trainer.py)."""
+    run_source = cfg["tokenizer"]["source"]
+    for art in artifacts.values():
+        if art.kind != "logits":
+            continue
+        for consumer in art.consumers:
+            student = f"init.{experiments[consumer].student}"
+            refs = []
+            for model_id in (art.teacher, student):
+                ref = model_tokenizer(cfg, experiments, model_id)
+                refs.append(ref if ref is not None else (None if run_source == "train" else run_source))
+            if refs[0] == refs[1] and refs[0] is not None or refs == [None, None]:
+                continue  # one tokenizer: the same id/path, or both the run's
+            hashes = [vocabulary_hash_from_files(r) for r in refs]
+            if None in hashes or hashes[0] == hashes[1]:
+                continue
+            names = [_tokenizer_label(cfg, experiments, m) for m in (art.teacher, student)]
+            raise ConfigError(
+                f"experiment {consumer!r} (pipeline kd): logit distillation needs one vocabulary, but the teacher "
+                f"{art.teacher!r} uses tokenizer {names[0]!r} (vocabulary hash {hashes[0][:12]}) and student "
+                f"{experiments[consumer].student!r} uses {names[1]!r} (vocabulary hash {hashes[1][:12]}); "
+                f"distil across vocabularies with the text pipelines (sft, dpo) instead, or pick a student of the "
+                f"teacher's family")
 
 
 # teacher.train keys that replace the student protocol's training.* for the embedded teacher (token_budget is
@@ -192,7 +271,8 @@ def teacher_training(cfg: dict) -> dict | None:
 def _base_teacher_identity(cfg: dict) -> dict:
     t = cfg["teacher"]
     if t["source"] == "pretrained":
-        return {"source": "pretrained", "name_or_path": t["name_or_path"], "tokenizer": cfg["tokenizer"]}
+        own = {"own_tokenizer": t["tokenizer"]} if t.get("tokenizer") else {}
+        return {"source": "pretrained", "name_or_path": t["name_or_path"], "tokenizer": cfg["tokenizer"], **own}
     return {"source": "train", "arch": t.get("arch"), "train": t["train"], "training": teacher_training(cfg),
             "tokenizer": cfg["tokenizer"], "datasets": cfg["datasets"], "seed": cfg["seed"]}
 
@@ -210,7 +290,12 @@ def _model_identity(cfg: dict, experiments: dict[str, Experiment], model_id: str
     sections = {s: exp.sections[s] for s in ("training", *TRAINER_SECTIONS[exp.trainer])}
     return {"experiment": exp.id, "trainer": exp.trainer, "sections": sections,
             "student": cfg["students"][exp.student], "dataset": cfg["datasets"][exp.dataset],
-            "upstream": [_model_identity(cfg, experiments, u) for u in exp.lineage[:1]], "seed": cfg["seed"]}
+            "upstream": [_model_identity(cfg, experiments, u) for u in exp.lineage[:1]], "seed": exp.seed}
+
+
+def _student_teacher_label(exp: Experiment) -> str:
+    """Name of an artifact an earlier student produces (self-distillation): its pipeline and seed."""
+    return f"{exp.dataset}-from-{exp.lineage[0].split('.')[0]}-{seed_suffix(exp.seed)}"
 
 
 def _logits_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) -> Artifact:
@@ -220,7 +305,7 @@ def _logits_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any) ->
     ident = {"teacher": identity, "dataset": cfg["datasets"][exp.dataset], **params}
     # temperatures precomputed in the cache's own pass (kd.cache_temperatures); any other tau is its own tail artifact
     params["cache_temperatures"] = sorted({float(t) for t in kd["cache_temperatures"]} - {1.0})
-    prefix = exp.dataset if teacher == "teacher" else f"{exp.dataset}-from-{exp.lineage[0].split('.')[0]}"
+    prefix = exp.dataset if teacher == "teacher" else _student_teacher_label(exp)
     art_id = f"{prefix}-k{kd['top_k']}-{kd['value_dtype']}-{stable_hash(ident, 6)}"
     return Artifact(id=art_id, kind="logits", dataset=exp.dataset, params=params,
                     stage_ids=[stage_id("cache_logits", artifact=art_id)], teacher=teacher)
@@ -242,7 +327,7 @@ def _synthetic_artifact(cfg: dict, exp: Experiment, teacher: str, identity: Any)
 
     syn = exp.sections["synthetic"]
     teacher_hash = stable_hash({"teacher": identity, "dataset": cfg["datasets"][exp.dataset]}, 12)
-    name = exp.dataset if teacher == "teacher" else f"{exp.dataset}-from-{exp.lineage[0].split('.')[0]}"
+    name = exp.dataset if teacher == "teacher" else _student_teacher_label(exp)
     shard_key = generation_shard_key(name, syn, seed=cfg["seed"], teacher=teacher_hash)
     art_id = synthetic_artifact_id(name, syn, seed=cfg["seed"], teacher=teacher_hash)
     shards = syn["shards"]
@@ -268,7 +353,8 @@ def _preference_artifact(cfg: dict, exp: Experiment, experiments: dict[str, Expe
     params = {k: dpo[k] for k in keys}
     ident = {"params": params, "dataset": cfg["datasets"][exp.dataset], "judge": judge_model,
              "sources": {k: _model_identity(cfg, experiments, v) for k, v in sources.items()}}
-    art_id = f"{exp.dataset}-{dpo['judge']}-n{dpo['samples_per_prompt']}-{stable_hash(ident, 6)}"
+    per_seed = f"-{seed_suffix(exp.seed)}" if "student" in sources else ""
+    art_id = f"{exp.dataset}-{dpo['judge']}-n{dpo['samples_per_prompt']}{per_seed}-{stable_hash(ident, 6)}"
     return Artifact(id=art_id, kind="preferences", dataset=exp.dataset, params=params,
                     stage_ids=[stage_id(rule, artifact=art_id) for rule in ("sample_preferences", "judge_preferences")],
                     teacher=judge_model or "teacher", sources=sources, judge_model=judge_model)
@@ -291,12 +377,15 @@ def _expand(cfg: dict) -> dict[str, Experiment]:
             suffix_parts += [f"{k.split('.')[-1]}-{_fmt(v)}" for k, v in variant.items()]
             for student in spec["students"]:
                 for dataset in spec["datasets"]:
-                    exp_id = ".".join([spec["pipeline"], student, dataset] + suffix_parts)
-                    if exp_id in experiments:
-                        raise ConfigError(f"config key 'experiments[{index}]': experiment id {exp_id!r} is "
-                                          f"produced twice; give one of the experiments a distinct 'name'")
-                    experiments[exp_id] = Experiment(id=exp_id, pipeline=spec["pipeline"], student=student,
-                                                     dataset=dataset, variant=variant, sections=sections)
+                    group = ".".join([spec["pipeline"], student, dataset] + suffix_parts)
+                    for seed in cfg["seeds"]:
+                        exp_id = f"{group}.{seed_suffix(seed)}"
+                        if exp_id in experiments:
+                            raise ConfigError(f"config key 'experiments[{index}]': experiment id {group!r} is "
+                                              f"produced twice; give one of the experiments a distinct 'name'")
+                        experiments[exp_id] = Experiment(
+                            id=exp_id, pipeline=spec["pipeline"], student=student, dataset=dataset,
+                            variant=variant, sections=copy.deepcopy(sections), seed=int(seed), group=group)
     return experiments
 
 
@@ -304,20 +393,25 @@ def _resolve_reference(exp: Experiment, experiments: dict[str, Experiment]) -> s
     section, key = LINEAGE_KEY[exp.pipeline]
     ref = exp.sections[section][key]
     where = f"{section}.{key}"
-    if ref in experiments:
-        target = experiments[ref]
+    # lineage pairs by seed: seed s of DPO starts from seed s of its SFT student
+    by_group = [e for e in experiments.values() if e.group == ref and e.seed == exp.seed]
+    if ref in experiments and ref not in {e.id for e in by_group}:
+        raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: {ref!r} names one seed; name the "
+                          f"experiment without its seed suffix ({experiments[ref].group!r}), lineage pairs by seed")
+    if by_group:
+        target = by_group[0]
     else:
-        matches = [e for e in experiments.values()
-                   if e.pipeline == ref and e.student == exp.student and e.dataset == exp.dataset]
+        matches = [e for e in experiments.values() if e.pipeline == ref and e.student == exp.student
+                   and e.dataset == exp.dataset and e.seed == exp.seed]
         if not matches:
             raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: no experiment {ref!r} (neither an "
                               f"experiment id nor a pipeline with student {exp.student!r} and dataset "
-                              f"{exp.dataset!r}); experiments: {sorted(experiments)}")
+                              f"{exp.dataset!r}); experiments: {sorted({e.group for e in experiments.values()})}")
         if len(matches) > 1:
             raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: {ref!r} matches several experiments "
-                              f"({sorted(m.id for m in matches)}); name one by its experiment id")
+                              f"({sorted(m.group for m in matches)}); name one by its experiment id")
         target = matches[0]
-    if target.id == exp.id:
+    if target.group == exp.group:
         raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: an experiment cannot start from itself")
     if exp.pipeline == "dpo" and target.pipeline == "dpo":
         raise ConfigError(f"config key '{where}' of experiment {exp.id!r}: DPO starts from a distilled-SFT "
@@ -375,4 +469,5 @@ def build_plan(cfg: dict) -> Plan:
     eval_units += [(f"init.{s}", d) for s in students for d in scored + tasks]
     eval_units += [(e.id, d) for e in experiments.values()
                    for d in ([e.dataset] if e.dataset in scored else []) + tasks]
+    check_kd_vocabularies(cfg, experiments, artifacts)
     return Plan(config=cfg, experiments=experiments, artifacts=artifacts, eval_units=eval_units)

@@ -1,4 +1,4 @@
-"""Real-dataset preprocessors: Tulu-3 SFT mixture, OpenR1-Math, Codeforces CoTs -> the common record schema.
+"""Real-dataset preprocessors: Tulu-3 SFT mixture, OpenR1-Math, Codeforces CoTs, GSM8K -> the common record schema.
 
 Why one pipeline for all three: the fair comparison needs every dataset to come out in the same shape (prompt,
 response, answer-or-null, source) with the same deterministic subsampling, the same length rule (the chat-templated
@@ -22,10 +22,16 @@ Column mapping (documented choices):
   ``generation`` (else the assistant turn of ``messages``); answer = null (programs are not exact-match checkable).
   Rows whose ``finish_reason`` is present and not ``stop`` are truncated generations and are dropped (``unfinished``).
   id = ``id`` (made unique by suffixing the source row index when repeated).
+* ``gsm8k`` (openai/gsm8k, config ``main``): prompt = ``question``, response = ``answer`` as published (the worked
+  solution with its ``<<a*b=c>>`` calculator annotations and the final ``#### N`` line, the layout lm-eval's gsm8k
+  task scores against), answer = the text after ``#### `` (rows without that line are dropped: ``no_final_answer``).
+  id = ``gsm8k-<split>-<row>``. With ``eval_split`` (``test`` for GSM8K) the eval rows come from that split and
+  train rows whose prompt also appears in eval are dropped (``eval_overlap``).
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -35,7 +41,7 @@ import numpy as np
 from distill_bench.data.task import RECORD_FEATURES, normalize_prompt
 from distill_bench.refs import missing_local_path
 
-FAMILIES = ("tulu3", "openr1_math", "codeforces_cots")
+FAMILIES = ("tulu3", "openr1_math", "codeforces_cots", "gsm8k")
 _FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow", ".csv": "csv"}
 _TRUE = {"1", "true", "yes", "on"}
 _CHUNK = 2048
@@ -165,6 +171,19 @@ def _map_codeforces_cots(row: Mapping[str, Any]):
     return prompt, response, None, row.get("id"), ()
 
 
+GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def _map_gsm8k(row: Mapping[str, Any]):
+    prompt, response = _text(row.get("question")), _text(row.get("answer"))
+    if not prompt or not response:
+        return "empty_text"
+    match = GSM8K_FINAL.search(response)
+    if match is None or not match.group(1).strip():
+        return "no_final_answer"
+    return prompt, response, match.group(1).strip(), None, ()
+
+
 # family -> (mapper, required column groups: each group needs at least one of its columns, optional columns)
 _MAPPERS: dict[str, tuple[Callable, tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
     "tulu3": (_map_tulu3, (("messages",),), ("id",)),
@@ -172,6 +191,7 @@ _MAPPERS: dict[str, tuple[Callable, tuple[tuple[str, ...], ...], tuple[str, ...]
                     ("answer", "uuid")),
     "codeforces_cots": (_map_codeforces_cots, (("prompt", "messages"), ("generation", "messages")),
                         ("id", "finish_reason")),
+    "gsm8k": (_map_gsm8k, (("question",), ("answer",)), ()),
 }
 
 
@@ -207,7 +227,7 @@ def chat_token_lengths(tokenizer: Any, prompts: list[str], responses: list[str])
 def _empty_error(dataset_name: str, where: str, stats: dict[str, Any], max_length: int | None) -> DataSourceError:
     counts = ", ".join(f"{k}={v}" for k, v in sorted(stats["dropped"].items()) if v)
     if stats["mapped"] == 0:
-        reasons = [k for k in ("no_exchange", "empty_text", "unfinished") if stats["dropped"].get(k)]
+        reasons = [k for k in ("no_exchange", "empty_text", "unfinished", "no_final_answer") if stats["dropped"].get(k)]
         what = (f"the record mapping filter ({'/'.join(reasons) or 'no rows read'}) removed every row: "
                 "none has a usable prompt/response pair")
     elif stats["length_ok"] == 0:
@@ -221,7 +241,8 @@ def _empty_error(dataset_name: str, where: str, stats: dict[str, Any], max_lengt
 
 def records_from_source(ds: datasets.Dataset, *, family: str, dataset_name: str, seed: int, n_eval: int,
                         n_train: int | None, tokenizer: Any = None, max_length: int | None = None,
-                        where: str | None = None, source_split: str = "train") -> tuple[datasets.DatasetDict, dict]:
+                        where: str | None = None, source_split: str = "train",
+                        exclude_prompts: set[str] | None = None) -> tuple[datasets.DatasetDict, dict]:
     """Map, filter, dedupe and carve a loaded source into (DatasetDict(train, eval), stats). See module docstring."""
     if family not in _MAPPERS:
         raise DataSourceError(f"datasets.{dataset_name}.source: unknown family {family!r}; known: {FAMILIES}")
@@ -239,8 +260,8 @@ def records_from_source(ds: datasets.Dataset, *, family: str, dataset_name: str,
 
     stats: dict[str, Any] = {"family": family, "rows_in_source": len(ds), "rows_read": 0, "mapped": 0,
                              "length_ok": 0, "kept": 0, "multi_turn_truncated": 0,
-                             "dropped": {"no_exchange": 0, "empty_text": 0, "unfinished": 0, "max_length": 0,
-                                         "duplicate_prompt": 0}}
+                             "dropped": {"no_exchange": 0, "empty_text": 0, "unfinished": 0, "no_final_answer": 0,
+                                         "max_length": 0, "duplicate_prompt": 0, "eval_overlap": 0}}
     kept: list[dict[str, Any]] = []
     seen_prompts: set[str] = set()
     seen_ids: set[str] = set()
@@ -270,6 +291,9 @@ def records_from_source(ds: datasets.Dataset, *, family: str, dataset_name: str,
                 continue
             stats["length_ok"] += 1
             key = normalize_prompt(prompt)
+            if exclude_prompts and key in exclude_prompts:
+                stats["dropped"]["eval_overlap"] += 1
+                continue
             if key in seen_prompts:
                 stats["dropped"]["duplicate_prompt"] += 1
                 continue
@@ -284,7 +308,7 @@ def records_from_source(ds: datasets.Dataset, *, family: str, dataset_name: str,
     if not kept:
         raise _empty_error(dataset_name, where, stats, max_length)
     eval_rows, train_rows = kept[:n_eval], kept[n_eval:]
-    if not train_rows:
+    if not train_rows and n_train != 0:
         raise DataSourceError(f"dataset {dataset_name!r} from {where}: only {len(kept)} usable rows after filtering, "
                               f"all taken by datasets.{dataset_name}.n_eval={n_eval}; nothing left for train")
     if n_eval and len(eval_rows) < n_eval:
@@ -302,12 +326,32 @@ def _to_dataset(rows: Iterable[dict[str, Any]]) -> datasets.Dataset:
 
 def preprocess(*, family: str, path: str, dataset_name: str, seed: int, n_eval: int, n_train: int | None = None,
                split: str = "train", subset: str | None = None, tokenizer: Any = None,
-               max_length: int | None = None) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-    """Load ``path`` (hub id or local) and turn it into the common-schema DatasetDict plus filter statistics."""
+               max_length: int | None = None, eval_split: str | None = None
+               ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """Load ``path`` (hub id or local) and turn it into the common-schema DatasetDict plus filter statistics.
+
+    ``eval_split`` (e.g. GSM8K's ``test``): eval rows come from that split of the source, train rows from ``split``
+    (minus any prompt that is also in eval); otherwise both are carved, disjoint, out of ``split``.
+    """
     if family not in _MAPPERS:
         raise DataSourceError(f"datasets.{dataset_name}.source: unknown family {family!r}; known: {FAMILIES}")
-    ds = load_source(path, dataset_name=dataset_name, split=split, subset=subset)
     where = f"{path!r} (datasets.{dataset_name}.path)"
-    return records_from_source(ds, family=family, dataset_name=dataset_name, seed=seed, n_eval=n_eval,
-                               n_train=n_train, tokenizer=tokenizer, max_length=max_length, where=where,
-                               source_split=split)
+    ds = load_source(path, dataset_name=dataset_name, split=split, subset=subset)
+    common = dict(family=family, dataset_name=dataset_name, seed=seed, tokenizer=tokenizer, max_length=max_length)
+    if not eval_split or eval_split == split:
+        return records_from_source(ds, n_eval=n_eval, n_train=n_train, where=where, source_split=split, **common)
+    if Path(path).expanduser().is_file():
+        raise DataSourceError(f"datasets.{dataset_name}.eval_split={eval_split!r} needs a source with splits "
+                              f"(a hub id or a directory of per-split files), but {path!r} is one file")
+    held_out = load_source(path, dataset_name=dataset_name, split=eval_split, subset=subset)
+    eval_dsd, eval_stats = records_from_source(held_out, n_eval=n_eval, n_train=0, where=f"{where} split "
+                                               f"{eval_split!r}", source_split=eval_split, **common)
+    exclude = {normalize_prompt(p) for p in eval_dsd["eval"]["prompt"]}
+    train_dsd, stats = records_from_source(ds, n_eval=0, n_train=n_train, where=f"{where} split {split!r}",
+                                           source_split=split, exclude_prompts=exclude, **common)
+    for reason, count in eval_stats["dropped"].items():
+        stats["dropped"][reason] += count
+    for key in ("rows_in_source", "rows_read", "mapped", "length_ok", "kept"):
+        stats[key] += eval_stats[key]
+    stats["n_eval"], stats["eval_split"] = eval_stats["n_eval"], eval_split
+    return datasets.DatasetDict({"train": train_dsd["train"], "eval": eval_dsd["eval"]}), stats

@@ -18,7 +18,7 @@ from distill_bench.data.task import generate_task
 log = logging.getLogger(__name__)
 
 SOURCES = ("embedded",) + FAMILIES
-_SPEC_KEYS = {"source", "path", "split", "subset", "n_train", "n_eval", "max_length", "task"}
+_SPEC_KEYS = {"source", "path", "split", "eval_split", "subset", "n_train", "n_eval", "max_length", "task"}
 _TASK_KEYS = {"min_steps", "max_steps", "max_operand", "ops"}
 
 
@@ -31,7 +31,8 @@ def _load_tokenizer(tokenizer: Any) -> Any:
         return AutoTokenizer.from_pretrained(tokenizer)
     except OSError as exc:
         raise FileNotFoundError(f"cannot load the tokenizer {tokenizer!r} used for the dataset length filter "
-                                f"(tokenizer.source / its path): {exc}") from exc
+                                f"(tokenizer.source / its path; on an offline node point it at a local copy): "
+                                f"{exc}") from exc
 
 
 def _length_filter_dict(dsd: datasets.DatasetDict, tokenizer: Any, max_length: int, name: str) -> tuple[
@@ -85,7 +86,8 @@ def build_dataset(*, dataset_name: str, spec: Mapping[str, Any], seed: int,
                              f"(an HF hub id or a local parquet/jsonl/arrow path)")
         dsd, pstats = preprocess(family=source, path=spec["path"], dataset_name=dataset_name, seed=seed,
                                  n_eval=n_eval, n_train=spec.get("n_train"), split=spec.get("split") or "train",
-                                 subset=spec.get("subset"), tokenizer=tok, max_length=max_length)
+                                 subset=spec.get("subset"), tokenizer=tok, max_length=max_length,
+                                 eval_split=spec.get("eval_split"))
         stats.update(pstats)
         if pstats.get("train_short_by"):
             log.warning("dataset %s: only %d train rows available after filtering (n_train=%s)",

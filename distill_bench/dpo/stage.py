@@ -60,11 +60,16 @@ def _device_model(path: str):
 # --------------------------------------------------------------------------------------------- sampling
 
 
-def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, dataset: str, out_dir: str,
-                      dpo: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """Sample ``dpo.samples_per_prompt`` candidates per prompt from each source model of ``dpo.sample_source``."""
+def sample_candidates(*, meter, models: Mapping[str, str], dataset: str, out_dir: str,
+                      dpo: Mapping[str, Any], seed: int, tokenizer: str | None = None) -> dict[str, Any]:
+    """Sample ``dpo.samples_per_prompt`` candidates per prompt from each source model of ``dpo.sample_source``.
+
+    ``tokenizer``: the one every source shares (the run's); None = each source model's own (teacher and student of
+    different families), so each source's prompts are templated and its generated tokens counted by its tokenizer.
+    """
     from distill_bench.generation import GenerationSettings, resolve_backend
     from distill_bench.generation.prompts import load_tokenizer
+    from distill_bench.models.build import tokenizer_source_for_model
     from distill_bench.models.stage import load_split
 
     cfg = normalize_dpo(dpo)
@@ -106,8 +111,9 @@ def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, datas
     run = ChunkedRun()
     resumed_chunks = 0
     all_rows: list[dict] = []
-    tok = None
     for s_index, source in enumerate(wanted):
+        tok = None
+        tok_src = tokenizer if tokenizer else models[source]
         fingerprint = {"source": source, "model": str(models[source]), "tokenizer": str(tokenizer),
                        "dataset": str(dataset), "dataset_hash": dataset_hash_or_none(dataset), "decoding": decoding,
                        "backend": backend, "n_prompts": total, "seed": int(seed), "chunk_prompts": per_chunk,
@@ -120,7 +126,10 @@ def sample_candidates(*, meter, models: Mapping[str, str], tokenizer: str, datas
             checkpoint.start()
             model = models[source] if backend == "vllm" else _device_model(models[source])
             if tok is None:
-                tok = tokenizer if backend == "vllm" else load_tokenizer(tokenizer)
+                if backend == "vllm" and not tokenizer:
+                    tok = tokenizer_source_for_model(tok_src) or tok_src
+                else:
+                    tok = tok_src if backend == "vllm" else load_tokenizer(tok_src)
 
             def row_of(i: int, r, source=source) -> dict[str, Any]:
                 return {"prompt_id": ids[i], "prompt": prompts[i], "answer": answers[i], "source": source,
@@ -204,7 +213,7 @@ def _judge_tokenizer(judge_model: str, fallback: str):
 
 
 def judge_candidates(*, meter, candidates: str, out_dir: str, dpo: Mapping[str, Any], judge_model: str | None,
-                     tokenizer: str, seed: int) -> dict[str, Any]:
+                     seed: int, tokenizer: str | None = None) -> dict[str, Any]:
     """Score every candidate with ``dpo.judge`` and write best-vs-worst pairs (``DatasetDict``, split ``train``)."""
     import datasets
 

@@ -31,6 +31,7 @@ from distill_bench.dpo.pairs import (REF_COLUMNS, REFERENCE_INFO, encode_pairs, 
 from distill_bench.models.build import (check_model_tokenizer, load_model, resolve_model_ref,
                                        tokenizer_source_for_model)
 from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
+from distill_bench.train.optim import trainer_optimizer
 from distill_bench.train.trainer import (TrainingJob, TrainSettings, check_even_split, checkpoints_dir, mean_loss,
                                          prepare_process, run_training, training_arguments)
 from distill_bench.dpo.judges import sequence_logprobs
@@ -123,7 +124,7 @@ def _curve(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 
 DPO_REPORT_KEYS = ("final_loss", "mean_loss", "steps", "max_steps", "resumed_from_step", "trained_tokens_this_attempt",
                    "loss_curve", "reward_accuracy_final", "reward_margin_final", "reward_accuracy_curve",
-                   "reward_margin_curve", "lr")
+                   "reward_margin_curve", "lr", "speed")
 
 
 def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: str, dpo: Mapping[str, Any],
@@ -192,6 +193,9 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
         trainer = _dpo_trainer_class()(model=model, ref_model=ref_model, args=args,
                                        train_dataset=Dataset.from_list(rows), processing_class=tok,
                                        callbacks=callbacks)
+        optimizer = trainer_optimizer(settings)
+        if optimizer is not None:   # DPOTrainer takes no optimizer_cls_and_kwargs argument; the optimizer is built
+            trainer.optimizer_cls_and_kwargs = optimizer   # from it in train()
         _check_trl_tokenization(trainer.train_dataset, enc)
         return trainer
 

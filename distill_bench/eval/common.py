@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from distill_bench.defaults import allowed_values, section_defaults
+from distill_bench.models.tokenizer import tokenizer_ref
 
 # the schema's `eval` section
 DEFAULTS = section_defaults("eval")
@@ -90,9 +91,12 @@ def resolve_model(model: str | os.PathLike) -> str:
 
 def check_model_dir(model: str | os.PathLike, tokenizer: str | os.PathLike | None) -> str:
     """Fail before loading anything: the model must resolve and a tokenizer must be findable. Returns the
-    resolved model path / id."""
+    resolved model path / id.
+
+    ``tokenizer`` (None = the model's own) may be a model directory holding a ``model_ref.json`` pointer: the
+    pointer's configured tokenizer (else its model) is what is checked and loaded."""
     target = resolve_model(model)
-    tok = Path(tokenizer) if tokenizer else Path(target)
+    tok = Path(tokenizer_ref(tokenizer if tokenizer else model))  # a model_ref.json pointer names its tokenizer
     if tok.exists() and not any((tok / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                              "tokenizer.model")):
         raise FileNotFoundError(f"no tokenizer in {str(tok)!r} (expected tokenizer.json / tokenizer_config.json)"

@@ -17,18 +17,22 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Mapping
 
 import yaml
 
 from distill_bench.atomic import atomic_write_json, atomic_write_text, short_hash
 from distill_bench.eval.common import check_model_dir, load_split, parse_eval_config, samples_path
+from distill_bench.eval.scoring import bootstrap_ci
+from distill_bench.models.tokenizer import tokenizer_ref
 
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 EMBEDDED_TASKS = {p.stem for p in TASK_DIR.glob("*.yaml")}
 # lm-eval metric keys -> the names the comparison table uses for both backends
 METRIC_NAMES = {"exact_match,strict-match": "strict_match", "exact_match,flexible-extract": "flexible_extract"}
-NORMAL_Z = {0.9: 1.6448536269514722, 0.95: 1.959963984540054, 0.99: 2.5758293035489004}
+# per-item correctness fields of the samples file, shared with the native backend's
+ITEM_FIELDS = {"strict_match": "strict_correct", "flexible_extract": "flexible_correct"}
 
 
 def harness_version() -> str:
@@ -66,6 +70,16 @@ def embedded_task_config(name: str, data_jsonl: str | os.PathLike, max_new_token
     cfg["dataset_kwargs"] = {"data_files": {cfg["test_split"]: str(data_jsonl)}}
     cfg["generation_kwargs"]["max_gen_toks"] = int(max_new_tokens)
     return cfg
+
+
+def dataset_task(dataset: str | None, split: str) -> str:
+    """Our local task for a dataset's split: ``distill_gsm8k`` (lm-eval's gsm8k prompt, stops, filters and metric)
+    when its records come from GSM8K, else ``distill_arith`` (the same filters and metric, the prompt as is)."""
+    if dataset:
+        rows = load_split(dataset, split, 1)
+        if "source" in rows.column_names and len(rows) and rows[0]["source"] == "gsm8k":
+            return "distill_gsm8k"
+    return "distill_arith"
 
 
 def export_split_jsonl(dataset: str, split: str, limit: int | None, path: Path) -> Path:
@@ -144,12 +158,28 @@ def counting_lm(model_dir: str, tokenizer: str, batch_size: int, device: str | N
                         max_length=max_length)
 
 
-def _metrics(task_results: Mapping[str, Any], confidence: float) -> dict[str, dict[str, Any]]:
-    z = NORMAL_Z.get(round(confidence, 2))
-    if z is None:
-        from statistics import NormalDist
+def per_item_scores(samples: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """lm-eval's logged samples (one per document and filter) -> {metric name: {item id: score}}; the item id is
+    the document's own ``id`` when it has one (our embedded task: the native backend's ids), else lm-eval's doc_id."""
+    out: dict[str, dict[str, float]] = {}
+    for s in samples:
+        doc = s.get("doc") if isinstance(s.get("doc"), Mapping) else {}
+        item = str(doc.get("id", s.get("doc_id")))
+        for metric in s.get("metrics") or []:
+            value = s.get(metric)
+            if isinstance(value, bool) or isinstance(value, (int, float)):
+                name = f"{metric},{s.get('filter', 'none')}"
+                out.setdefault(METRIC_NAMES.get(name, name), {})[item] = float(value)
+    return out
 
-        z = NormalDist().inv_cdf(0.5 + confidence / 2)
+
+def _metrics(task_results: Mapping[str, Any], confidence: float, items: Mapping[str, Mapping[str, float]]
+             | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Value and stderr as lm-eval reports them; the interval is the percentile bootstrap over the per-item results
+    where lm-eval logged them (it stays inside the metric's range, e.g. [0, 1]), else value ± z * stderr with z
+    from the exact confidence."""
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    items = items or {}
     out = {}
     for key, value in task_results.items():
         if "_stderr," in key or key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -157,27 +187,54 @@ def _metrics(task_results: Mapping[str, Any], confidence: float) -> dict[str, di
         metric, _, filt = key.partition(",")
         se = task_results.get(f"{metric}_stderr,{filt}")
         se = float(se) if isinstance(se, (int, float)) and not math.isnan(se) else None
-        out[METRIC_NAMES.get(key, key)] = {
-            "value": float(value), "stderr": se,
-            "ci_low": float(value) - z * se if se is not None else None,
-            "ci_high": float(value) + z * se if se is not None else None}
+        name = METRIC_NAMES.get(key, key)
+        per_item = list((items.get(name) or {}).values())
+        if per_item:
+            low, high = bootstrap_ci(per_item, n_boot, confidence, seed)
+            ci = {"ci_low": low, "ci_high": high, "ci_method": "bootstrap over lm-eval's per-item results"}
+        else:
+            ci = {"ci_low": float(value) - z * se if se is not None else None,
+                  "ci_high": float(value) + z * se if se is not None else None, "ci_method": "normal (stderr)"}
+        out[name] = {"value": float(value), "stderr": se, **ci}
     return out
+
+
+def sample_lines(task: str, samples: list[Mapping[str, Any]]) -> list[str]:
+    """One JSON line per document (lm-eval logs one sample per document and filter), with the per-item fields the
+    roll-up's paired statistics read (``id``, ``strict_correct``, ``flexible_correct``), as the native backend."""
+    by_doc: dict[Any, dict[str, Any]] = {}
+    for s in samples:
+        doc = s.get("doc") if isinstance(s.get("doc"), Mapping) else {}
+        row = by_doc.setdefault(s.get("doc_id"), {"task": task, "doc_id": s.get("doc_id"),
+                                                  "id": str(doc.get("id", s.get("doc_id"))),
+                                                  "target": s.get("target"), "resps": s.get("resps"),
+                                                  "filtered_resps": {}, "metrics": {}})
+        filt = s.get("filter", "none")
+        row["filtered_resps"][filt] = s.get("filtered_resps")
+        for metric in s.get("metrics") or []:
+            if metric in s:
+                name = METRIC_NAMES.get(f"{metric},{filt}", f"{metric},{filt}")
+                row["metrics"][name] = s[metric]
+                if name in ITEM_FIELDS:
+                    row[ITEM_FIELDS[name]] = bool(s[metric])
+    return [json.dumps(row, default=str) for row in by_doc.values()]
 
 
 def evaluate_lm_eval(*, meter, model: str, tokenizer: str | None, dataset: str | None, out_json: str,
                      eval: Mapping[str, Any], model_id: str, seed: int, split: str = "eval",
                      task: str | None = None) -> dict[str, Any]:
-    """Run lm-eval on ``model`` for ``task`` and write one result JSON. ``task=None`` means our embedded task over
-    ``dataset`` (the workflow's per-dataset eval); a standard task (gsm8k, mmlu, ...) needs no dataset."""
+    """Run lm-eval on ``model`` for ``task`` and write one result JSON. ``task=None`` means our local task over
+    ``dataset`` (the workflow's per-dataset eval: lm-eval's own gsm8k task for a GSM8K-source dataset, else
+    ``distill_arith``); a standard task (gsm8k, mmlu, ...) needs no dataset."""
     cfg = parse_eval_config(eval)
-    tasks = [task or "distill_arith"]
+    tasks = [task or dataset_task(dataset, split)]
     manager = task_manager()
     # every configured task is checked, so a typo in eval.tasks fails the first eval stage, before any model loads
     check_task_names(tasks + [t for t in cfg["tasks"] or [] if t not in tasks], manager)
     if any(t in EMBEDDED_TASKS for t in tasks) and not dataset:
         raise ValueError(f"lm-eval task {tasks[0]!r} is our embedded task and needs the dataset directory")
     target = check_model_dir(model, tokenizer)
-    tokenizer = tokenizer or target
+    tokenizer = tokenizer_ref(tokenizer or model)   # HFLM loads a path/id: a pointer dir names the tokenizer
     model = target
     import lm_eval
 
@@ -208,7 +265,8 @@ def evaluate_lm_eval(*, meter, model: str, tokenizer: str | None, dataset: str |
     for name, t in loaded.items():
         res = results["results"].get(name, {})
         n = results.get("n-samples", {}).get(name, {})
-        per_task[name] = {"metrics": _metrics(res, cfg["confidence"]),
+        items = per_item_scores((results.get("samples") or {}).get(name) or [])
+        per_task[name] = {"metrics": _metrics(res, cfg["confidence"], items, cfg["bootstrap_samples"], int(seed)),
                           "n": int(n.get("effective", n.get("original", 0)) or 0),
                           "version": results.get("versions", {}).get(name),
                           # embedded: hash the filled YAML with the dataset dir, not the temporary JSONL path
@@ -220,15 +278,13 @@ def evaluate_lm_eval(*, meter, model: str, tokenizer: str | None, dataset: str |
     spath = samples_path(out_json)
     lines = []
     for name, samples in (results.get("samples") or {}).items():
-        for s in samples:
-            lines.append(json.dumps({"task": name, "doc_id": s.get("doc_id"), "target": s.get("target"),
-                                     "resps": s.get("resps"), "filtered_resps": s.get("filtered_resps"),
-                                     **{k: s[k] for k in s if k.startswith("exact_match")}}, default=str))
+        lines += sample_lines(name, samples)
     atomic_write_text(spath, "\n".join(lines) + ("\n" if lines else ""))
     single = per_task[tasks[0]] if len(tasks) == 1 else None
     out = {"model_id": model_id, "dataset": str(dataset), "split": split, "backend": "lm_eval",
            "harness": "lm-evaluation-harness", "harness_version": harness_version(), "seed": int(seed),
-           "tasks": per_task, "ci_method": "normal (lm-eval bootstrap stderr)", "confidence": cfg["confidence"],
+           "tasks": per_task, "ci_method": "bootstrap over per-item results (normal from stderr where lm-eval logs "
+                                           "none)", "confidence": cfg["confidence"],
            "n": single["n"] if single else sum(v["n"] for v in per_task.values()),
            "metrics": single["metrics"] if single else
            {f"{t}/{k}": v for t, r in per_task.items() for k, v in r["metrics"].items()},

@@ -9,6 +9,7 @@ from distill_bench.atomic import atomic_write_json, atomic_write_text
 from distill_bench.eval.common import (check_model_dir, gold_of, load_split, parse_eval_config,
                                        samples_path)
 from distill_bench.eval.scoring import bootstrap_ci, per_item, stderr
+from distill_bench.models.tokenizer import tokenizer_ref
 
 
 def evaluate_native(*, meter, model: str, tokenizer: str | None, dataset: str | None, out_json: str, eval: Mapping[str, Any],
@@ -20,7 +21,7 @@ def evaluate_native(*, meter, model: str, tokenizer: str | None, dataset: str | 
     if not dataset:
         raise ValueError("native evaluation needs a dataset (eval.backend: native scores a verifiable dataset split)")
     target = check_model_dir(model, tokenizer)
-    tokenizer = tokenizer or target
+    tokenizer = tokenizer or model   # a pointer dir: load_tokenizer follows it to the configured tokenizer
     rows = load_split(dataset, split, cfg["limit"])
     tok = load_tokenizer(tokenizer)
     settings = GenerationSettings(backend="auto", batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
@@ -35,7 +36,7 @@ def evaluate_native(*, meter, model: str, tokenizer: str | None, dataset: str | 
     prompts = list(rows["prompt"])
     steady: list[tuple[int, float]] = []
     t0 = time.perf_counter()
-    results = generate(model_obj, tok if backend == "hf" else tokenizer, prompts, settings,
+    results = generate(model_obj, tok if backend == "hf" else tokenizer_ref(tokenizer), prompts, settings,
                        on_batch=lambda n, dt: steady.append((n, dt)))
     gen_s = time.perf_counter() - t0
     stats = summarize(results)

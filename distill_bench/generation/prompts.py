@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distill_bench.generation.settings import GenerationSettings
+from distill_bench.models.tokenizer import load_tokenizer as load_from_path
+from distill_bench.models.tokenizer import require_chat_template
 
 
 @dataclass(frozen=True)
@@ -17,15 +19,8 @@ class PreparedPrompt:
 def load_tokenizer(tokenizer):
     """Accept a tokenizer object or a directory / HF id; the tokenizer must carry a chat template."""
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-        except OSError as e:
-            raise FileNotFoundError(f"cannot load tokenizer from {str(tokenizer)!r}: {e}") from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
-                         "generation applies it to every prompt")
+        tokenizer = load_from_path(tokenizer)
+    require_chat_template(tokenizer, "the generating model")
     return tokenizer
 
 

@@ -12,6 +12,8 @@ import time
 
 from distill_bench.generation.prompts import load_tokenizer, prepare
 from distill_bench.generation.settings import GenerationResult, GenerationSettings
+from distill_bench.models.build import resolve_model_ref
+from distill_bench.models.tokenizer import tokenizer_ref
 
 MISSING = ("backend 'vllm' requested but vllm is not installed: pip install 'distill-bench[vllm]' (needs a CUDA "
            "GPU), or set synthetic.backend: hf (or auto) in the workflow config")
@@ -33,8 +35,13 @@ def import_vllm():
 
 
 def _path_of(obj, what: str) -> str:
+    """What vLLM loads: a directory or hub id; a results dir holding a ``model_ref.json`` pointer stands for the
+    model it names (``what`` = "model") or that model's configured tokenizer ("tokenizer")."""
     if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
-        return os.fspath(obj)
+        path = os.fsdecode(os.fspath(obj))
+        if os.path.isfile(os.path.join(path, "model_ref.json")):
+            return tokenizer_ref(path) if what == "tokenizer" else resolve_model_ref(path)
+        return path
     path = getattr(obj, "name_or_path", None)
     if path and os.path.isdir(path):
         return path

@@ -79,9 +79,11 @@ def tail_approximation_bound(values: torch.Tensor, t1: torch.Tensor, tau: float,
     return torch.where(torch.isneginf(hi), torch.zeros_like(hi), 0.5 * (hi - lo))
 
 
-def teacher_bucket_log_probs(values: torch.Tensor, tail_tau: torch.Tensor, tau: float) -> torch.Tensor:
-    """[N, k + 1] teacher log-probs at tau over (top-k, tail); normalised by construction."""
-    a = torch.cat([values.float() / float(tau), tail_tau.float()[:, None]], dim=1)
+def teacher_bucket_log_probs(values: torch.Tensor, tail_tau: torch.Tensor, tau: float,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N, k + 1] teacher log-probs at tau over (top-k, tail), computed in ``dtype`` (the loss's compute dtype, so a
+    float64 loss is float64 on the teacher side too); normalised by construction."""
+    a = torch.cat([values.to(dtype) / float(tau), tail_tau.to(dtype)[:, None]], dim=1)
     return a - torch.logsumexp(a, dim=1, keepdim=True)
 
 
@@ -91,15 +93,20 @@ def _chunk_terms(z: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, t_p:
     z = z.to(compute_dtype)                                       # [c, V] student logits of c positions
     logq1 = torch.log_softmax(z, dim=-1)                          # the one full-vocab pass at tau = 1
     if tau == 1.0:
+        logq_tau = logq1
         g = logq1.gather(1, torch.cat([targets[:, None], ids], dim=1))
         ce, logq_top = -g[:, 0], g[:, 1:]
     else:
         ce = -logq1.gather(1, targets[:, None]).squeeze(1)
-        logq_top = torch.log_softmax(z / tau, dim=-1).gather(1, ids)
-    # student tail mass 1 - sum(top-k): stable via log(-expm1(logsumexp)); the clamp keeps log and its gradient
-    # finite when the top-k covers the whole vocabulary (then the teacher tail is 0 and contributes nothing)
-    s = torch.logsumexp(logq_top, dim=-1).clamp(max=-torch.finfo(compute_dtype).eps)
-    logq = torch.cat([logq_top, torch.log(-torch.expm1(s))[:, None]], dim=1)
+        logq_tau = torch.log_softmax(z / tau, dim=-1)
+        logq_top = logq_tau.gather(1, ids)
+    # the student's tail log-mass directly: a logsumexp over the ids outside the top-k. 1 - sum(top-k) would lose
+    # every digit when the student is sharp (tail ~1e-8 is below float32's resolution near 1). The top-k entries are
+    # masked with a large finite negative (not -inf), so an empty tail (k = V) stays finite with zero gradient; its
+    # teacher tail is 0 and contributes nothing.
+    masked = logq_tau.scatter(1, ids, torch.finfo(compute_dtype).min / 4)
+    log_tail = torch.logsumexp(masked, dim=-1)
+    logq = torch.cat([logq_top, log_tail[:, None]], dim=1)
     kl = t_negent - (t_p * logq).sum(dim=1)                       # sum_b p_b (log p_b - log q_b)
     total = (alpha * ce + (1.0 - alpha) * tau * tau * kl).sum()
     return total, ce.detach().sum(), kl.detach().sum()
@@ -141,7 +148,7 @@ def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tenso
         zero = logits.new_zeros((), dtype=compute_dtype)
         return logits.sum() * 0.0, {"ce_sum": zero, "kl_sum": zero, "n_tokens": 0}
     with torch.no_grad():
-        t_logp = teacher_bucket_log_probs(teacher_values.to(compute_dtype), teacher_tail.to(compute_dtype), tau)
+        t_logp = teacher_bucket_log_probs(teacher_values, teacher_tail, tau, compute_dtype)
         t_p = t_logp.exp()
         t_negent = torch.where(t_p > 0, t_p * t_logp, torch.zeros_like(t_p)).sum(dim=1)   # 0 log 0 = 0
     chunk = int(chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // vocab))

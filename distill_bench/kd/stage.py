@@ -7,14 +7,14 @@ positions, and only those are stored.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from distill_bench.kd.cache import (CacheMismatchError, CacheReader, CacheWriter, check_disk_space, corpus_hash,
                                     estimate_cache_bytes, example_hash, iter_shard_sizes, loss_positions,
@@ -23,6 +23,10 @@ from distill_bench.defaults import section_defaults
 from distill_bench.train.head import head_is_plain
 from distill_bench.data.io import load_dataset_dir
 from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
+from distill_bench.models.vocab import vocabulary_hash
+
+if TYPE_CHECKING:   # annotations only: torch is imported inside the functions, so resolving the stage stays light
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,18 @@ KD_DEFAULTS = section_defaults("kd")   # the schema's `kd` section
 SHARD_RAM_BYTES = 1 << 30        # cap on un-encoded rows held per shard before it is written
 CHUNK_ELEMENTS = 1 << 27         # positions x vocab per LM-head / top-k chunk (512 MiB float32; +39 % cache
                                  # throughput over 64 MiB chunks on an H100, docs/BENCHMARKS.md)
+
+
+def _no_grad(fn):
+    """torch.no_grad() without importing torch when this module is imported (the stage registry resolves it)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def cache_temperatures(kd: Mapping[str, Any]) -> list[float]:
@@ -51,9 +67,29 @@ def _vocab_size(model) -> int:
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
-@torch.no_grad()
+def id_space(tokenizer) -> int:
+    """1 + the largest id the tokenizer can produce (its length, unless its ids have gaps)."""
+    return max(len(tokenizer), 1 + max(tokenizer.get_vocab().values()))
+
+
+def real_vocab_size(model, tokenizer_size: int | None) -> int:
+    """Ids the cache may hold: the tokenizer's, when the embedding matrix is padded beyond it (Qwen2.5-7B: 152064
+    rows, 151665 tokens). Pad rows are no token: they are cut from the softmax, so no id past the tokenizer is ever
+    cached and the student, whose matrix may be padded differently, is compared over real tokens only."""
+    rows = _vocab_size(model)
+    if tokenizer_size is None:
+        return rows
+    if int(tokenizer_size) > rows:
+        raise ValueError(f"the teacher has {rows} output rows but its tokenizer {int(tokenizer_size)} tokens: "
+                         f"they were not built together")
+    return int(tokenizer_size)
+
+
+@_no_grad
 def _topk_rows(z: torch.Tensor, k: int, temperatures: Sequence[float]) -> tuple[torch.Tensor, ...]:
     """[c, V] logits -> top-k ids, top-k log-probs at tau=1, [c, T] tail logits log sum_tail exp(l/tau)."""
+    import torch
+
     z = z.float()
     logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
     vals, ids = torch.topk(logp, k, dim=-1, sorted=True)
@@ -65,11 +101,13 @@ def _topk_rows(z: torch.Tensor, k: int, temperatures: Sequence[float]) -> tuple[
     return ids, vals, torch.stack(tails, dim=1)
 
 
-@torch.no_grad()
+@_no_grad
 def _loss_position_logits(model, batch: Sequence[Mapping[str, Any]], *, pad_token_id: int, device: torch.device,
                           head_only: bool | None):
     """Teacher forward on one right-padded batch: (logits of loss positions s..e as a function, n, per-example
     counts), the LM head applied only to the loss positions when the model allows it."""
+    import torch
+
     lengths = [len(ex["input_ids"]) for ex in batch]
     width = max(lengths)
     input_ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
@@ -98,19 +136,23 @@ def _loss_position_logits(model, batch: Sequence[Mapping[str, Any]], *, pad_toke
     return source, int(rows_t.numel()), counts
 
 
-@torch.no_grad()
+@_no_grad
 def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatures: Sequence[float],
-                 pad_token_id: int, device: torch.device, head_only: bool | None = None
-                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Teacher forward on one right-padded batch; per example (ids, log-probs, tail) at its loss positions only."""
+                 pad_token_id: int, device: torch.device, head_only: bool | None = None,
+                 vocab_size: int | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Teacher forward on one right-padded batch; per example (ids, log-probs, tail) at its loss positions only.
+    ``vocab_size``: the tokenizer's id space; output rows beyond it (a padded embedding matrix) are cut."""
+    import torch
+
     source, n, counts = _loss_position_logits(model, batch, pad_token_id=pad_token_id, device=device,
                                               head_only=head_only)
-    vocab = _vocab_size(model)
+    vocab = _vocab_size(model) if vocab_size is None else int(vocab_size)
     chunk = max(1, CHUNK_ELEMENTS // vocab)
     out_ids, out_vals, out_tail = [], [], []
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        ids, vals, tail = _topk_rows(source(s, e), k, temperatures)
+        z = source(s, e)
+        ids, vals, tail = _topk_rows(z[:, :vocab] if vocab < z.shape[-1] else z, k, temperatures)
         out_ids.append(ids.to("cpu", torch.int32))
         out_vals.append(vals.cpu())
         out_tail.append(tail.cpu())
@@ -127,13 +169,16 @@ def teacher_topk(model, batch: Sequence[Mapping[str, Any]], *, k: int, temperatu
 def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str | os.PathLike, *, k: int,
                 value_dtype: str, temperatures: Sequence[float], batch_size: int, pad_token_id: int,
                 n_shards: int = 1, meta: Mapping[str, Any] | None = None, device: torch.device | str | None = None,
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+                tokenizer_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Teacher pass over ``encoded`` (None = example dropped) and atomic cache write; returns (manifest, stats).
 
-    The disk-space check runs before the first forward pass.
+    The disk-space check runs before the first forward pass. ``tokenizer_size``: the teacher tokenizer's length;
+    output rows beyond it (a padded embedding matrix) are excluded from the distribution (``real_vocab_size``).
     """
+    import torch
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    vocab = _vocab_size(model)
+    vocab = real_vocab_size(model, tokenizer_size)
     k = int(k)
     if not 1 <= k <= vocab:
         raise ValueError(f"kd.top_k={k} must be between 1 and the teacher vocabulary size {vocab}")
@@ -168,7 +213,7 @@ def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str
                 idx = order[bs:bs + int(batch_size)]
                 batch = [encoded[i] for i in idx]
                 for i, res in zip(idx, teacher_topk(model, batch, k=k, temperatures=temps, pad_token_id=pad_token_id,
-                                                    device=device, head_only=head_only)):
+                                                    device=device, head_only=head_only, vocab_size=vocab)):
                     ex = encoded[i]
                     rows[i - lo] = (example_hash(ex["input_ids"], ex["completion_mask"]), *res)
                 lens = [len(ex["input_ids"]) for ex in batch]
@@ -195,11 +240,15 @@ def build_cache(model, encoded: Sequence[Mapping[str, Any] | None], out_dir: str
     return manifest, stats
 
 
-@torch.no_grad()
+@_no_grad
 def teacher_tails(model, batch: Sequence[Mapping[str, Any]], cached_ids: Sequence[np.ndarray], *, temperature: float,
-                  pad_token_id: int, device: torch.device, head_only: bool | None = None) -> list[np.ndarray]:
+                  pad_token_id: int, device: torch.device, head_only: bool | None = None,
+                  vocab_size: int | None = None) -> list[np.ndarray]:
     """Per example, the exact full-vocabulary tail at ``temperature`` of its loss positions: log sum over the ids
-    outside the cached top-k (``cached_ids[b]``, [n_b, k]) of exp(l_j / tau), l the teacher's log-probs."""
+    outside the cached top-k (``cached_ids[b]``, [n_b, k]) of exp(l_j / tau), l the teacher's log-probs.
+    ``vocab_size``: the cache's id space (output rows beyond a tokenizer are cut there too)."""
+    import torch
+
     source, n, counts = _loss_position_logits(model, batch, pad_token_id=pad_token_id, device=device,
                                               head_only=head_only)
     if [len(c) for c in cached_ids] != counts:
@@ -207,11 +256,13 @@ def teacher_tails(model, batch: Sequence[Mapping[str, Any]], cached_ids: Sequenc
                                  f"positions {counts}: the cache was built on another corpus")
     ids_all = torch.as_tensor(np.concatenate(list(cached_ids)) if n else np.zeros((0, 1), np.int64),
                               dtype=torch.long, device=device)
-    chunk = max(1, CHUNK_ELEMENTS // _vocab_size(model))
+    vocab = _vocab_size(model) if vocab_size is None else int(vocab_size)
+    chunk = max(1, CHUNK_ELEMENTS // vocab)
     out = []
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         z = source(s, e).float()
+        z = z[:, :vocab] if vocab < z.shape[-1] else z
         scaled = (z - torch.logsumexp(z, dim=-1, keepdim=True)) / float(temperature)
         scaled.scatter_(1, ids_all[s:e], -math.inf)
         out.append(torch.logsumexp(scaled, dim=-1).cpu())
@@ -229,6 +280,8 @@ def build_tail(model, encoded: Sequence[Mapping[str, Any] | None], cache_dir: st
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One teacher pass over the cache's corpus computing only the tail column at ``temperature`` (same length-sorted
     batching as the cache); written as its own artifact next to the cache (``write_tail_dir``)."""
+    import torch
+
     reader = CacheReader(cache_dir, verify=True)
     manifest = reader.manifest
     if corpus_hash(encoded) != manifest.get("corpus_hash"):
@@ -247,7 +300,8 @@ def build_tail(model, encoded: Sequence[Mapping[str, Any] | None], cache_dir: st
             idx = order[bs:bs + int(batch_size)]
             batch = [encoded[i] for i in idx]
             tails = teacher_tails(model, batch, [reader.get(i).ids for i in idx], temperature=temperature,
-                                  pad_token_id=pad_token_id, device=device, head_only=head_only)
+                                  pad_token_id=pad_token_id, device=device, head_only=head_only,
+                                  vocab_size=int(manifest["vocab_size"]))
             per_example.update(zip(idx, tails))
             input_tokens += sum(len(ex["input_ids"]) for ex in batch)
             batches += 1
@@ -266,6 +320,8 @@ def check_top_k_fits(k: int, vocab_size: int, tokenizer: str) -> None:
 
 
 def _load_teacher(ref: str, device: torch.device):
+    import torch
+
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     try:
         from distill_bench.models.build import load_model
@@ -280,6 +336,8 @@ def _load_teacher(ref: str, device: torch.device):
 def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: str, kd: Mapping[str, Any],
                  training: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """Stage: teacher top-k logit cache for the train split of ``dataset`` (see module docstring)."""
+    import torch  # deferred on purpose: resolving the stage stays torch-free (harness overhead is metered)
+
 
     torch.manual_seed(int(seed))
     kd = {**KD_DEFAULTS, **dict(kd)}
@@ -287,7 +345,7 @@ def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: 
     if max_length is None:
         raise KeyError("training.max_length is required by cache_logits (must equal the student's)")
     tok = load_tokenizer(tokenizer)
-    check_top_k_fits(int(kd.get("top_k", 64)), len(tok), tokenizer)
+    check_top_k_fits(int(kd["top_k"]), id_space(tok), tokenizer)
     dsd = load_dataset_dir(dataset)
     if "train" not in dsd:
         raise KeyError(f"dataset {dataset!r} has no 'train' split")
@@ -300,15 +358,19 @@ def cache_logits(*, meter, teacher: str, tokenizer: str, dataset: str, out_dir: 
         data_hash = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _load_teacher(teacher, device)
+    meter.set_primary_tokens("input_tokens")
+    meter.mark_steady_state()   # the teacher is loaded: from here on the stage's tokens/s is the forward pass's
     k = int(kd["top_k"])
     value_dtype = str(kd["value_dtype"])
     temps = cache_temperatures(kd)
     meta = {"teacher": str(teacher), "tokenizer": str(tokenizer), "tokenizer_vocab_hash": vocab_hash(tok),
+            "tokenizer_vocabulary_hash": vocabulary_hash(tok), "tokenizer_size": id_space(tok),
             "dataset": str(dataset), "dataset_content_hash": data_hash, "max_length": int(max_length),
             "teacher_dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     manifest, stats = build_cache(model, encoded, out_dir, k=k, value_dtype=value_dtype, temperatures=temps,
                                   batch_size=int(kd["batch_size"]), pad_token_id=int(tok.pad_token_id),
-                                  n_shards=int(kd["cache_shards"]), meta=meta, device=device)
+                                  n_shards=int(kd["cache_shards"]), meta=meta, device=device,
+                                  tokenizer_size=id_space(tok))
     meter.add_tokens("input_tokens", stats["input_tokens"])
     meter.add_tokens("cached_positions", stats["cached_positions"])
     meter.set_primary_tokens("input_tokens")
@@ -333,8 +395,7 @@ def cache_tail(*, meter, teacher: str, tokenizer: str, dataset: str, kd_cache: s
                kd: Mapping[str, Any], training: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """Stage: the exact tail at one more temperature (``kd.temperature``) for an existing top-k cache, so adding a
     temperature to a KD sweep runs only this teacher pass, not a new cache."""
-    from distill_bench.data.io import load_dataset_dir
-    from distill_bench.models.tokenizer import encode_prompt_response, load_tokenizer, vocab_hash
+    import torch  # deferred on purpose: resolving the stage stays torch-free (harness overhead is metered)
 
     torch.manual_seed(int(seed))
     temperature = float(kd["temperature"])
@@ -354,8 +415,8 @@ def cache_tail(*, meter, teacher: str, tokenizer: str, dataset: str, kd_cache: s
     meta = {"teacher": str(teacher), "tokenizer": str(tokenizer), "dataset": str(dataset), "cache_dir": str(kd_cache),
             "max_length": int(max_length)}
     manifest, stats = build_tail(model, encoded, kd_cache, out_dir, temperature=temperature,
-                                 batch_size=int(kd.get("batch_size", 32)), pad_token_id=int(tok.pad_token_id),
-                                 meta=meta, device=device)
+                                 batch_size=int(kd.get("batch_size", KD_DEFAULTS["batch_size"])),
+                                 pad_token_id=int(tok.pad_token_id), meta=meta, device=device)
     meter.add_tokens("input_tokens", stats["input_tokens"])
     meter.add_tokens("tail_positions", stats["tail_positions"])
     meter.set_primary_tokens("input_tokens")

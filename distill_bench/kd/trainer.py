@@ -21,6 +21,7 @@ from distill_bench.kd.loss import KDConfigError, kd_loss, tail_at_temperature
 from distill_bench.train.collate import LMCollator, loss_positions_of, model_inputs
 from distill_bench.train.head import add_positions_head
 from distill_bench.models.tokenizer import vocab_hash
+from distill_bench.models.vocab import vocabulary_hash
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +208,23 @@ def make_kd_trainer_cls(*, alpha: float, temperature: float, chunk_size: int | N
                                                   "kd_chunk_size": chunk_size, "__module__": __name__})
 
 
-def _vocab_hash(tokenizer) -> str:
+def check_cache_vocabulary(manifest: Mapping[str, Any], tokenizer, cache_dir: str) -> str:
+    """Refuse a cache whose teacher tokenizer maps ids to other tokens than the student's (naming both).
 
-    return vocab_hash(tokenizer)
+    Compared: the token -> id map (models/vocab.py), special tokens included; a cache written before that hash was
+    recorded falls back to the stricter tokenizer-identity hash."""
+    if manifest.get("tokenizer_vocabulary_hash"):
+        teacher_hash, student_hash, what = manifest["tokenizer_vocabulary_hash"], vocabulary_hash(tokenizer), \
+            "vocabulary hash"
+    else:
+        teacher_hash, student_hash, what = manifest.get("tokenizer_vocab_hash"), vocab_hash(tokenizer), "vocab hash"
+    if teacher_hash != student_hash:
+        raise CacheMismatchError(
+            f"logit KD needs one vocabulary: the cache {cache_dir!r} was built by teacher {manifest.get('teacher')!r} "
+            f"with tokenizer {manifest.get('tokenizer')!r} ({what} {str(teacher_hash)[:12]}), the student uses "
+            f"{getattr(tokenizer, 'name_or_path', '?')!r} ({what} {student_hash[:12]}); use a teacher/student pair "
+            f"of one vocabulary, or the text pipelines (sft, dpo) across vocabularies")
+    return student_hash
 
 
 def kd_trainer_parts(cache_dir: str, kd: Mapping[str, Any], tokenizer, examples: Sequence[Mapping[str, Any]],
@@ -218,12 +233,7 @@ def kd_trainer_parts(cache_dir: str, kd: Mapping[str, Any], tokenizer, examples:
     ``tail_dirs``: per-temperature tail artifacts built on the cache (the workflow passes the student's tau)."""
     reader = CacheReader(cache_dir, verify=True, tail_dirs=tail_dirs)
     m = reader.manifest
-    student_hash = _vocab_hash(tokenizer)
-    if m.get("tokenizer_vocab_hash") != student_hash:
-        raise CacheMismatchError(
-            f"KD logit cache {cache_dir!r} was built with tokenizer {m.get('tokenizer')!r} (vocab hash "
-            f"{str(m.get('tokenizer_vocab_hash'))[:12]}), the student uses {getattr(tokenizer, 'name_or_path', '?')!r}"
-            f" (vocab hash {student_hash[:12]}); rebuild the cache with the student's tokenizer")
+    check_cache_vocabulary(m, tokenizer, cache_dir)
     top_k = int(kd.get("top_k", m["k"]))
     if not 1 <= top_k <= int(m["k"]):
         raise CacheMismatchError(f"kd.top_k={top_k} but the cache {cache_dir!r} holds k={m['k']}; rebuild it "

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from distill_bench.atomic import atomic_write_json, write_dir_atomically
 from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer, vocab_hash
-from distill_bench.refs import missing_local_path
+from distill_bench.refs import load_error, missing_local_path
 
 MODEL_REF = "model_ref.json"
 ARCH_KEYS = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "num_kv_heads",
@@ -128,15 +128,21 @@ def load_model(ref: str | os.PathLike, dtype=None, device=None):
     try:
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except (OSError, ValueError) as exc:
-        via = f" (via {Path(ref) / MODEL_REF})" if target != str(ref) else ""
-        raise FileNotFoundError(f"could not load a causal LM from {target!r}{via}: {exc}") from exc
+        via = f"via {Path(ref) / MODEL_REF}" if target != str(ref) else None
+        raise load_error(target, "causal LM", exc, via) from exc
     if device is not None:
         model.to(device)
     return model
 
 
 def tokenizer_source_for_model(ref: str | os.PathLike) -> str | None:
-    """Where the tokenizer belonging to model ``ref`` lives, or None if the model dir carries none."""
+    """Where the tokenizer belonging to model ``ref`` lives (a pointer's configured ``tokenizer`` first), or None if
+    the model dir carries none."""
+    pointer = Path(ref).expanduser() / MODEL_REF
+    if pointer.is_file():
+        configured = json.loads(pointer.read_text()).get("tokenizer")
+        if configured:
+            return str(configured)
     target = resolve_model_ref(ref)
     p = Path(target)
     if p.is_dir():
@@ -145,10 +151,14 @@ def tokenizer_source_for_model(ref: str | os.PathLike) -> str | None:
     return target  # hub id: its tokenizer travels with it
 
 
-def save_model_dir(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """save_pretrained (model + optional tokenizer) into a temp sibling dir, then rename over ``out_dir``."""
+def save_model_dir(model, out_dir: str | os.PathLike, tokenizer=None, state_dict=None) -> Path:
+    """save_pretrained (model + optional tokenizer) into a temp sibling dir, then rename over ``out_dir``.
+    ``state_dict``: the weights to write instead of the module's own (e.g. gathered from FSDP shards)."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        if state_dict is None:
+            model.save_pretrained(str(tmp))
+        else:
+            model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 

@@ -15,7 +15,8 @@ from distill_bench.atomic import replace_dir, write_dir_atomically
 from distill_bench.models.build import (count_parameters, init_model_from_arch, resolve_model_ref, save_model_dir,
                                         write_model_ref)
 from distill_bench.models.tokenizer import (assert_same_tokenizer, encode_prompt_response, load_tokenizer,
-                                            save_tokenizer, train_tokenizer, vocab_hash)
+                                            require_chat_template, save_tokenizer, train_tokenizer, vocab_hash)
+from distill_bench.models.vocab import vocabulary_hash
 from distill_bench.train.trainer import TrainSettings, train_student
 from distill_bench.config.plan import TEACHER_TRAIN_KEYS
 
@@ -71,17 +72,46 @@ def prepare_tokenizer(*, meter, out_dir: str, source: str, vocab_size: int, data
     return {"vocab_hash": h, "vocab_size": len(tok)}
 
 
-def _pointer_dir(out_dir: str | os.PathLike, name_or_path: str, run_tokenizer, tokenizer_dir: str, what: str
-                 ) -> str:
-    """Check ``name_or_path``'s tokenizer against the run's, then write ``out_dir/model_ref.json`` atomically."""
+def _pointer_dir(out_dir: str | os.PathLike, spec: Mapping[str, Any], what: str, run_tokenizer=None,
+                 tokenizer_dir: str | None = None) -> dict[str, Any]:
+    """Check a pretrained model's tokenizer, then write ``out_dir/model_ref.json`` atomically (weights not loaded).
 
+    The tokenizer is the model's own unless ``spec['tokenizer']`` names another; it must carry a chat template and
+    fit the model's embedding matrix (which may be padded beyond it: those rows are never a real token). With
+    ``run_tokenizer`` (the run's shared one) it must also have the run's vocabulary.
+    """
+
+    name_or_path = spec.get("name_or_path")
     if not name_or_path:
         raise ValueError(f"{what}.name_or_path is required when {what}.source/init is 'pretrained'")
     target = resolve_model_ref(name_or_path)  # clear error for a missing local path
-    other = load_tokenizer(target)
-    h = assert_same_tokenizer(other, run_tokenizer, what, names=(target, tokenizer_dir))
-    write_dir_atomically(out_dir, lambda tmp: write_model_ref(tmp, target, vocab_hash=h))
-    return h
+    tok_ref = spec.get("tokenizer") or target
+    tok = load_tokenizer(tok_ref)
+    require_chat_template(tok, f"{what} {target!r}")
+    if run_tokenizer is not None:
+        assert_same_tokenizer(tok, run_tokenizer, what, names=(str(tok_ref), str(tokenizer_dir)))
+    rows = _embedding_rows(target)
+    if rows is not None and rows < len(tok):
+        raise ValueError(f"{what} {target!r} has {rows} embedding rows but its tokenizer {tok_ref!r} has {len(tok)} "
+                         f"tokens: they were not built together (set {what}.tokenizer to the model's own)")
+    info = {"vocab_hash": vocab_hash(tok), "vocabulary_hash": vocabulary_hash(tok), "tokenizer": str(tok_ref),
+            "tokenizer_size": len(tok), "embedding_rows": rows}
+    write_dir_atomically(out_dir, lambda tmp: write_model_ref(tmp, target, **info))
+    return info
+
+
+def _embedding_rows(name_or_path: str) -> int | None:
+    """The model config's vocab_size (rows of its embedding matrix), read without weights."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(name_or_path)
+    except Exception as exc:  # noqa: BLE001 -- the tokenizer loaded; a config problem surfaces when loading weights
+        log.warning("could not read the config of %s: %s", name_or_path, exc)
+        return None
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    vocab = getattr(text, "vocab_size", None)
+    return int(vocab) if vocab is not None else None
 
 
 def _param_count_from_config(name_or_path: str) -> int | None:
@@ -113,20 +143,24 @@ def encode_split(tokenizer, ds, max_length: int) -> tuple[list[dict[str, Any]], 
     return examples, dropped
 
 
-def prepare_teacher(*, meter, out_dir: str, tokenizer: str, teacher: Mapping[str, Any], dataset: str,
-                    training: Mapping[str, Any] | None, seed: int) -> dict[str, Any]:
-    """'train': init from teacher.arch and train on ``dataset``'s train split; 'pretrained': model_ref.json pointer."""
+def prepare_teacher(*, meter, out_dir: str, teacher: Mapping[str, Any], dataset: str,
+                    training: Mapping[str, Any] | None, seed: int, tokenizer: str | None = None) -> dict[str, Any]:
+    """'train': init from teacher.arch and train on ``dataset``'s train split (``tokenizer``: the run's);
+    'pretrained': model_ref.json pointer (``tokenizer`` given: the run's shared one, which it must match)."""
 
-    tok = load_tokenizer(tokenizer)
     source = teacher.get("source")
     if source == "pretrained":
-        h = _pointer_dir(out_dir, teacher.get("name_or_path"), tok, tokenizer, "teacher")
-        meter.record("vocab_hash", h)
+        info = _pointer_dir(out_dir, teacher, "teacher", load_tokenizer(tokenizer) if tokenizer else None, tokenizer)
+        for key in ("vocab_hash", "vocabulary_hash", "tokenizer", "tokenizer_size", "embedding_rows"):
+            meter.record(key, info[key])
         meter.record("teacher", teacher.get("name_or_path"))
         params = _param_count_from_config(teacher["name_or_path"])
         if params is not None:
             meter.record("parameters", params)
-        return {"vocab_hash": h}
+        return {"vocab_hash": info["vocab_hash"]}
+    if not tokenizer:
+        raise ValueError("prepare_teacher: a teacher trained from teacher.arch needs the run's tokenizer")
+    tok = load_tokenizer(tokenizer)
     if source != "train":
         raise ValueError(f"teacher.source must be 'train' or 'pretrained', got {source!r}")
     arch = teacher.get("arch")
@@ -157,23 +191,29 @@ def prepare_teacher(*, meter, out_dir: str, tokenizer: str, teacher: Mapping[str
     return {"trained_tokens": summary["trained_tokens"], "final_loss": summary["final_loss"]}
 
 
-def init_student(*, meter, out_dir: str, tokenizer: str, student: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """'scratch': a fresh model from student.arch saved with the tokenizer; 'pretrained': model_ref.json pointer."""
-    tok = load_tokenizer(tokenizer)
+def init_student(*, meter, out_dir: str, student: Mapping[str, Any], seed: int,
+                 tokenizer: str | None = None) -> dict[str, Any]:
+    """'scratch': a fresh model from student.arch saved with the run's ``tokenizer``; 'pretrained': model_ref.json
+    pointer to the model and its own tokenizer (or ``student['tokenizer']``)."""
     init = student.get("init", "scratch")
     if init == "scratch":
         if not student.get("arch"):
             raise ValueError("students.<name>.arch is required when init is 'scratch'")
+        if not tokenizer:
+            raise ValueError("init_student: a student built from students.<name>.arch needs the run's tokenizer")
+        tok = load_tokenizer(tokenizer)
         model = init_model_from_arch(student["arch"], tok, seed)
         save_model_dir(model, out_dir, tok)
         params = count_parameters(model)
+        meter.record("vocab_hash", vocab_hash(tok))
     elif init == "pretrained":
-        _pointer_dir(out_dir, student.get("name_or_path"), tok, tokenizer, "student")
+        info = _pointer_dir(out_dir, student, "student", load_tokenizer(tokenizer) if tokenizer else None, tokenizer)
+        for key in ("vocab_hash", "vocabulary_hash", "tokenizer", "tokenizer_size", "embedding_rows"):
+            meter.record(key, info[key])
         params = _param_count_from_config(student["name_or_path"])
     else:
         raise ValueError(f"students.<name>.init must be 'scratch' or 'pretrained', got {init!r}")
     if params is not None:
         meter.record("parameters", params)
     meter.record("init", init)
-    meter.record("vocab_hash", vocab_hash(tok))
     return {"parameters": params}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from distill_bench.atomic import write_dir_atomically
-from distill_bench.refs import missing_local_path
+from distill_bench.refs import load_error, missing_local_path
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
@@ -71,25 +71,53 @@ def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> Path:
     return write_dir_atomically(out_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)))
 
 
+def tokenizer_ref(path: str | os.PathLike) -> str:
+    """What to load for ``path``: a model dir holding only a ``model_ref.json`` pointer stands for the pointed-to
+    model's tokenizer (its ``tokenizer`` key when the config named one, else ``name_or_path``); anything else as is."""
+    p = Path(path).expanduser()
+    pointer = p / "model_ref.json"
+    if p.is_dir() and pointer.is_file() and not (p / "tokenizer_config.json").is_file():
+        payload = json.loads(pointer.read_text())
+        target = payload.get("tokenizer") or payload.get("name_or_path")
+        if not target:
+            raise ValueError(f"{pointer}: names no tokenizer and no name_or_path")
+        return str(target)
+    return str(path)
+
+
 def load_tokenizer(path: str | os.PathLike):
-    """AutoTokenizer from a local dir (or HF id), with a clear error naming the path."""
+    """AutoTokenizer from a local dir, a model dir's ``model_ref.json`` pointer, or an HF id; clear errors naming
+    the path (and, for a hub id that cannot be fetched, saying to point the config at a local copy)."""
     from transformers import AutoTokenizer
 
-    p = str(path)
+    p = tokenizer_ref(path)
     if missing_local_path(p):
         raise FileNotFoundError(f"tokenizer path {p!r} does not exist (hub ids look like 'owner/name')")
     try:
         tok = AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"could not load a tokenizer from {p!r}: {exc}") from exc
+        raise load_error(p, "tokenizer", exc) from exc
     if tok.pad_token is None:  # many HF causal LMs ship without one; padding must never be a real token's loss
         tok.pad_token = tok.eos_token
     return tok
 
 
-def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+class MissingChatTemplateError(ValueError):
+    """Every pipeline renders (prompt, response) through a chat template; plain concatenation is never a fallback."""
+
+
+def require_chat_template(tokenizer, what: str = "") -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template")
+        name = getattr(tokenizer, "name_or_path", "?")
+        raise MissingChatTemplateError(
+            f"tokenizer {name!r}{' of ' + what if what else ''} has no chat template, and every pipeline renders "
+            f"prompts and responses through one (never plain concatenation); point the model's 'tokenizer' config "
+            f"key (teacher.tokenizer / students.<name>.tokenizer) at a tokenizer with the same vocabulary that has "
+            f"one, e.g. the instruct variant's")
+
+
+def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    require_chat_template(tokenizer)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     # the template writes bos/special tokens itself, so the tokenizer must not add them again
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -123,7 +151,8 @@ def encode_prompt_response(tokenizer, prompt: str, response: str, max_length: in
 
 
 def vocab_hash(tokenizer) -> str:
-    """sha256 over the sorted vocabulary (added tokens included) and the special-token map."""
+    """sha256 over the sorted vocabulary (added tokens included) and the special-token roles: tokenizer identity.
+    KD compatibility compares the token -> id map only (models/vocab.py)."""
     vocab = sorted(tokenizer.get_vocab().items())
     specials: dict[str, Any] = {}
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):

@@ -6,10 +6,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-KEY_COLUMNS = ["run", "experiment", "pipeline", "student", "dataset", "token_budget", "strict_acc", "flexible_acc",
-               "flexible_ci_low", "flexible_ci_high", "total_kwh_oneoff", "total_kwh_amortised",
-               "net_total_kwh_oneoff", "student_train_kwh", "teacher_kwh_oneoff", "trained_tokens",
-               "train_tokens_per_s", "break_even_reuse", "device"]
+KEY_COLUMNS = ["run", "experiment", "pipeline", "student", "dataset", "token_budget", "seeds", "strict_acc",
+               "flexible_acc", "flexible_ci_low", "flexible_ci_high", "delta_vs_baseline", "verdict",
+               "total_kwh_oneoff", "total_kwh_amortised", "net_total_kwh_oneoff", "student_train_kwh",
+               "teacher_kwh_oneoff", "trained_tokens", "train_tokens_per_s", "break_even_reuse", "break_even_status",
+               "device"]
 
 
 def _run_label(run_dir: Path) -> str:

@@ -17,10 +17,12 @@ img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 .note { color: #555; font-size: 0.9em; max-width: 70em; }
 """
 
-COMPARISON_VIEW = ["experiment", "pipeline", "flexible_acc", "flexible_ci_low", "flexible_ci_high", "strict_acc",
+COMPARISON_VIEW = ["experiment", "pipeline", "seeds", "missing_seeds", "flexible_acc", "flexible_ci_low",
+                   "flexible_ci_high", "strict_acc", "delta_vs_baseline", "delta_ci_low", "delta_ci_high", "p_value",
+                   "verdict",
                    "teacher_kwh_oneoff", "teacher_kwh_amortised", "upstream_kwh_oneoff", "student_train_kwh",
                    "eval_kwh", "total_kwh_oneoff", "total_kwh_amortised", "net_total_kwh_oneoff",
-                   "break_even_reuse", "shared_device", "trained_tokens", "train_tokens_per_s"]
+                   "break_even_reuse", "break_even_status", "shared_device", "trained_tokens", "train_tokens_per_s"]
 STAGES_VIEW = ["stage_id", "role", "status", "attempts", "duration_s", "gpu_j", "cpu_j", "ram_j", "total_j", "net_j",
                "gpu_source", "cpu_source", "primary_tokens", "primary_token_count", "tokens_per_s", "co2_kg"]
 
@@ -51,7 +53,8 @@ def write_html_summary(summary_dir: str | Path, run_name: str, comparison: pd.Da
              f"<h1>distill-bench run <b>{html.escape(run_name)}</b></h1>",
              "<p class='note'>Energy in Wh; quality = exact match (fraction) with 95 % CI; one-off charges each "
              "student the full teacher-side cost, amortised splits it across the students of this run; "
-             "break_even_reuse = N* (inf = never). Sources of every component are in the stage table.</p>",
+             "break_even_reuse = N* (inf = never; break_even_status says why it is blank). Means over seeds; the CI "
+             "resamples seeds and eval items. Sources of every component are in the stage table.</p>",
              "<h2>Comparison</h2>", _table(comparison, COMPARISON_VIEW, "comparison"),
              "<h2>Reference models</h2>", _table(references, list(references.columns), "references"),
              "<h2>Energy vs quality</h2>", _img(summary_dir / "pareto.png"),

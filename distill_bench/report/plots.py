@@ -34,7 +34,9 @@ def _atomic_savefig(fig, path: Path) -> None:
 
 
 def plot_pareto(comparison: pd.DataFrame, out: Path, size_labels: dict[str, str] | None = None,
-                energy_column: str = "total_kwh_oneoff") -> Path:
+                energy_column: str = "total_kwh_oneoff", by_seed: pd.DataFrame | None = None) -> Path:
+    """One point per experiment at its mean over seeds: vertical bar = the two-level bootstrap CI (seeds and eval
+    items), horizontal bar = ± one sd of the energy over seeds; small dots = the individual seeds."""
     size_labels = size_labels or {}
     frame = comparison.copy()
     frame["size"] = frame["student"].map(lambda s: size_labels.get(s) or s)
@@ -48,7 +50,15 @@ def plot_pareto(comparison: pd.DataFrame, out: Path, size_labels: dict[str, str]
             acc = 100 * r.flexible_acc
             yerr = [[100 * (r.flexible_acc - r.flexible_ci_low)], [100 * (r.flexible_ci_high - r.flexible_acc)]]
             comparable = bool(r.get("comparable", True))
-            ax.errorbar([wh], [acc], yerr=yerr, fmt="o" if comparable else "x", color=color, capsize=3, ms=7)
+            xerr = None
+            if energy_column == "total_kwh_oneoff" and "total_kwh_oneoff_sd" in r and r.total_kwh_oneoff_sd == \
+                    r.total_kwh_oneoff_sd:
+                xerr = [[1000 * r.total_kwh_oneoff_sd], [1000 * r.total_kwh_oneoff_sd]]
+            ax.errorbar([wh], [acc], yerr=yerr, xerr=xerr, fmt="o" if comparable else "x", color=color, capsize=3,
+                        ms=7)
+            if by_seed is not None and "group" in by_seed:
+                runs = by_seed[(by_seed.group == r.experiment) & (by_seed.missing.fillna("") == "")]
+                ax.plot(1000 * runs[energy_column], 100 * runs.flexible_acc, ".", color=color, alpha=0.5, ms=4)
             if r.pipeline != "sft_gt" and energy_column == "total_kwh_oneoff":
                 ax.plot([1000 * r.total_kwh_amortised], [acc], marker="o", mfc="none", color=color, ms=7)
                 ax.annotate("", xy=(1000 * r.total_kwh_amortised, acc), xytext=(wh, acc),
@@ -63,7 +73,7 @@ def plot_pareto(comparison: pd.DataFrame, out: Path, size_labels: dict[str, str]
             ax.plot(*zip(*front), "--", color="black", alpha=0.4, label="Pareto frontier")
         ax.set_title(f"student {size}")
         ax.set_xlabel("energy per student, Wh (filled: one-off, hollow: amortised)")
-        ax.set_ylabel("exact match (flexible), % with 95 % CI")
+        ax.set_ylabel("exact match (flexible), % (mean over seeds, CI over seeds and items; dots: seeds)")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=p) for p, c in PIPELINE_COLORS.items()
                if p in set(frame.pipeline)]
@@ -219,8 +229,10 @@ def plot_run_timeline(stages: pd.DataFrame, out: Path, reconciliation: dict | No
 
     gpu_columns = sorted({c for a in attempts if a["samples"] is not None for c in a["samples"].columns
                           if c.startswith("gpu") and c.endswith("_power_w")})
-    has_gpu = any(a["samples"] is not None and a["samples"][gpu_columns].notna().any().any()
-                  for a in attempts) if gpu_columns else False
+    # CPU-only stages of a GPU run (no lease, CUDA_VISIBLE_DEVICES empty) carry no GPU columns at all
+    has_gpu = any(a["samples"] is not None
+                  and a["samples"][[c for c in gpu_columns if c in a["samples"]]].notna().any().any()
+                  for a in attempts)
     if has_gpu:
         for column in gpu_columns:
             parts = []

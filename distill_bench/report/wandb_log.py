@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import struct
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,8 +48,13 @@ SUMMARY_COLUMNS = [
     "student_train_kwh", "eval_kwh", "total_kwh_oneoff", "total_kwh_amortised", "net_total_kwh_oneoff",
     "net_total_kwh_amortised", "kwh_per_quality_point", "break_even_reuse", "trained_tokens", "train_tokens_per_s",
     "train_j_per_token", "teacher_tokens", "co2_kg_oneoff", "duration_s_oneoff", "energy_sources", "status",
-    "artifact_consumers",
+    "artifact_consumers", "seed", "group", "missing", "processed_tokens",
+    # the experiment's (all seeds') paired comparison with the baseline
+    "verdict", "delta_vs_baseline", "delta_ci_low", "delta_ci_high", "p_value", "break_even_status",
 ]
+# per-experiment columns of comparison.csv joined onto each seeded run's row of comparison_by_seed.csv
+GROUP_COLUMNS = ["verdict", "delta_vs_baseline", "delta_ci_low", "delta_ci_high", "p_value", "break_even_reuse",
+                 "break_even_status"]
 
 # train_log.json curve keys -> W&B history keys; other "<name>_curve" keys become "train/<name>"
 CURVE_KEYS = {"loss_curve": "train/loss", "lr_curve": "train/lr"}
@@ -115,16 +122,23 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _load_comparison(results_dir: Path):
+    """One row per seeded run (comparison_by_seed.csv, the W&B runs' unit) with its experiment's paired
+    comparison (verdict, delta, N*) from comparison.csv."""
     import pandas as pd
 
-    path = results_dir / "summary" / "comparison.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"comparison table not found: {path} (run `distill-bench rollup {results_dir}` "
-                                f"first; W&B logging reads the roll-up, it does not recompute it)")
-    frame = pd.read_csv(path)
-    if "experiment" not in frame.columns:
-        raise ValueError(f"{path} has no 'experiment' column; columns are {list(frame.columns)}")
-    return frame
+    frames = {}
+    for name in ("comparison_by_seed.csv", "comparison.csv"):
+        path = results_dir / "summary" / name
+        if not path.exists():
+            raise FileNotFoundError(f"comparison table not found: {path} (run `distill-bench rollup {results_dir}` "
+                                    f"first; W&B logging reads the roll-up, it does not recompute it)")
+        frames[name] = pd.read_csv(path)
+        if "experiment" not in frames[name].columns:
+            raise ValueError(f"{path} has no 'experiment' column; columns are {list(frames[name].columns)}")
+    by_seed, groups = frames["comparison_by_seed.csv"], frames["comparison.csv"]
+    joined = groups[["experiment"] + [c for c in GROUP_COLUMNS if c in groups.columns]].rename(
+        columns={"experiment": "group"})
+    return by_seed.merge(joined, on="group", how="left")
 
 
 def _curves(train_log: dict, path: Path) -> dict[int, dict[str, float]]:
@@ -165,14 +179,62 @@ def _table(wandb, frame, columns: list[str]):
     return wandb.Table(columns=cols, data=data)
 
 
-def _run_dir(run) -> str | None:
+def _own_service(wandb) -> None:
+    """Make this process start its own wandb service instead of attaching to one whose token it inherited.
+
+    wandb passes its service token to child processes in the environment, so a workflow job started from a Python
+    process that had used wandb (a notebook, a test session) attaches to that parent's service. With wandb 0.31, a
+    job attached so from another working directory (Snakemake's ``-d``) never got its offline logs written out.
+    A process that already set wandb up keeps the service it has.
+    """
+    os.environ.pop(wandb.env.SERVICE, None)
+
+
+def _run_dir(run, timeout_s: float) -> str | None:
+    """The run's local directory once its transaction log is complete (None for a run with no local files).
+
+    ``run.finish()`` returns before wandb-core has written the log out (wandb 0.31, offline: the file can still
+    hold only its header), so the returned directory is only handed on once the log ends in its exit record.
+    """
     sync_dir = getattr(getattr(run, "settings", None), "sync_dir", None)
-    return str(sync_dir) if sync_dir and Path(sync_dir).is_dir() else None
+    if not sync_dir or not Path(sync_dir).is_dir():
+        return None
+    wait_for_complete_log(sync_dir, timeout_s=timeout_s)
+    return str(sync_dir)
+
+
+def offline_log_complete(run_dir: str | Path) -> bool:
+    """Whether the run's ``.wandb`` transaction log has been written out up to its final exit record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    logs = sorted(Path(run_dir).glob("*.wandb"))
+    if not logs:
+        return False
+    try:
+        for raw in _records(logs[0]):
+            record = pb.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "exit":
+                return True
+    except Exception:  # a log caught mid-write (truncated record): not complete yet
+        return False
+    return False
+
+
+def wait_for_complete_log(run_dir: str | Path, *, timeout_s: float = 120.0, poll_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not offline_log_complete(run_dir):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"W&B run {run_dir}: its transaction log has no exit record {timeout_s:.0f} s after "
+                               f"run.finish() (wandb-core did not write it out; is the wandb service alive?)")
+        time.sleep(poll_s)
 
 
 def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT, entity: str | None = None,
-                     mode: str = "offline", group: str | None = None, dir: str | Path | None = None) -> list[str]:
-    """Log a finished (rolled-up) run directory to W&B; returns the local W&B run directories written.
+                     mode: str = "offline", group: str | None = None, dir: str | Path | None = None,
+                     flush_timeout_s: float = 120.0) -> list[str]:
+    """Log a finished (rolled-up) run directory to W&B; returns the local W&B run directories written, each with
+    a complete transaction log (waited for up to ``flush_timeout_s`` per run).
 
     ``dir`` is where W&B keeps its local files (default: the results directory, so ``results/wandb/``);
     ``group`` defaults to the run name so all of one run's experiments appear together.
@@ -191,9 +253,10 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
         import yaml
 
         config = yaml.safe_load(config_path.read_text()) or {}
-    from distill_bench.report.rollup import load_stages, stages_frame
+    from distill_bench.report.rollup import load_stages, seed_only_stages, stages_frame
 
-    stages = load_stages(results_dir, plan["stage_ids"])  # validated; a missing declared stage is named
+    # validated; a missing declared stage is named (unless it belongs to a seed the roll-up reports as missing)
+    stages = load_stages(results_dir, plan["stage_ids"], seed_only_stages(plan))
     stage_frame = stages_frame(stages)
     comparison = _load_comparison(results_dir)
     unknown = sorted(set(comparison.experiment) - set(plan["experiments"]))
@@ -202,6 +265,7 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
                          f"{', '.join(unknown)} (stale roll-up? rerun `distill-bench rollup`)")
 
     wandb = import_wandb()
+    _own_service(wandb)
     run_name = plan.get("run_name") or config.get("run_name") or results_dir.resolve().name
     group = group or run_name
     wandb_dir = Path(dir) if dir is not None else results_dir
@@ -237,10 +301,12 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
                 for key in SUMMARY_COLUMNS:
                     if key in row:
                         run.summary[key] = _clean(row[key])
-                run.summary["break_even_reuse_text"] = n_star_text(row.get("break_even_reuse"))
+                status = row.get("break_even_status")
+                run.summary["break_even_reuse_text"] = (status if isinstance(status, str) and status not in ("", "ok")
+                                                        else n_star_text(row.get("break_even_reuse")))
         finally:
             run.finish()
-        if (path := _run_dir(run)) is not None:
+        if (path := _run_dir(run, flush_timeout_s)) is not None:
             written.append(path)
 
     run = wandb.init(name="stages", job_type="energy", config={"run_name": run_name, "energy": config.get("energy"),
@@ -260,7 +326,7 @@ def log_run_to_wandb(results_dir: str | Path, *, project: str = DEFAULT_PROJECT,
         run.summary["n_stages"] = len(stage_frame)
     finally:
         run.finish()
-    if (path := _run_dir(run)) is not None:
+    if (path := _run_dir(run, flush_timeout_s)) is not None:
         written.append(path)
     return written
 

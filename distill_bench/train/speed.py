@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distill_bench.train.varlen import CONFIG_NAME, auto_applies
+
 COMPILE_MODES = ("none", "model", "layers")
 # attention kernels that keep packed documents apart when a batch has position_ids and no attention mask
 PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
@@ -60,6 +62,36 @@ def resolve_pad_multiple(value: Any, *, on_gpu: bool) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"training.pad_to_multiple_of must be a positive integer, null or 'auto', got {value!r}")
     return value
+
+
+def resolve_attention(value: Any, config, *, padding_free: bool, on_gpu: bool,
+                      varlen_available: bool | None = None) -> str | None:
+    """``training.attn_implementation`` for one model: an explicit value as is; "auto" = the varlen kernel for
+    padding-free GPU training of a plain-causal architecture (train/varlen.py), else None (the model's own)."""
+    if value != "auto":
+        return value
+    if padding_free and on_gpu and auto_applies(config, varlen_available):
+        return CONFIG_NAME
+    return None
+
+
+def resolve_gpu_defaults(training: Any, config, *, on_gpu: bool, varlen_available: bool | None = None
+                         ) -> dict[str, Any]:
+    """What the trainer runs for this model: attention kernel, padding-free rows, pad multiple, compile mode.
+
+    ``training``: TrainSettings or the config's training section; ``config``: the model's transformers config.
+    The same resolution the trainer applies (with its own LMCollator), so a config can be checked per architecture
+    on a machine without the GPU."""
+    get = (lambda k, d: training.get(k, d)) if isinstance(training, dict) else (lambda k, d: getattr(training, k, d))
+    explicit = get("attn_implementation", "auto")
+    own = getattr(config, "_attn_implementation", None) or "sdpa"
+    padding_free = resolve_padding_free(get("padding_free", "auto"), on_gpu=on_gpu,
+                                        attn_implementation=(explicit if explicit != "auto" else None) or own)
+    attn = resolve_attention(explicit, config, padding_free=padding_free, on_gpu=on_gpu,
+                             varlen_available=varlen_available)
+    return {"model_type": config.model_type, "attn_implementation": attn or own, "padding_free": padding_free,
+            "pad_to_multiple_of": resolve_pad_multiple(get("pad_to_multiple_of", "auto"), on_gpu=on_gpu),
+            "torch_compile": resolve_compile(get("torch_compile", "auto"), on_gpu=on_gpu)}
 
 
 def decoder_layers(model) -> list:

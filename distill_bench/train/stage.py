@@ -1,11 +1,14 @@
-"""The `train_student` workflow stage: one student, one pipeline, the shared budget and trainer."""
+"""The `train_student` workflow stage: one student, one pipeline, the shared budget and trainer.
+
+Resolving this stage imports no torch (the stage adapter resolves it before the meter opens): the KD trainer and
+DPO's stage entry, which import torch, are imported where those pipelines use them, inside the meter, so that time
+is metered rather than left as harness overhead.
+"""
 from __future__ import annotations
 
 import logging
 from typing import Any, Mapping
 
-from distill_bench.dpo.stage import train_preferences
-from distill_bench.kd.trainer import kd_trainer_parts
 from distill_bench.models.build import check_model_tokenizer, load_model
 from distill_bench.models.stage import encode_split, load_split
 from distill_bench.models.tokenizer import load_tokenizer
@@ -29,6 +32,8 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
     """
     pipeline = method or pipeline
     if pipeline == "dpo":   # DPO's own stage entry (same launch, same trainer skeleton)
+        from distill_bench.dpo.stage import train_preferences  # imports torch: deferred on purpose (docstring)
+
         return train_preferences(meter=meter, dataset=dataset, tokenizer=tokenizer, init_model=init_model,
                                  out_dir=out_dir, dpo=dict(dpo or {}), training=training, seed=seed)
     if pipeline not in PLAIN_PIPELINES and pipeline != "kd":
@@ -56,6 +61,8 @@ def train_student(*, meter, pipeline: str, dataset: str, tokenizer: str, init_mo
     if pipeline == "kd":
         if not kd_cache:
             raise ValueError("pipeline 'kd' needs kd_cache (the teacher logit cache dir)")
+        from distill_bench.kd.trainer import kd_trainer_parts  # imports torch: deferred on purpose (docstring)
+
         trainer_cls, collator, extra = kd_trainer_parts(cache_dir=kd_cache, kd=dict(kd or {}), tokenizer=tok,
                                                         examples=examples, tail_dirs=[kd_tail] if kd_tail else [])
         for key, value in dict(extra or {}).items():  # KD facts (cache k, tau, alpha...) for the stage JSON

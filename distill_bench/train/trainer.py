@@ -24,10 +24,11 @@ from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import (LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_of,
                                          model_inputs)
 from distill_bench.train.head import add_positions_head
-from distill_bench.train.speed import (compile_decoder_layers, resolve_compile, resolve_pad_multiple,
-                                       resolve_padding_free)
+from distill_bench.train.optim import trainer_optimizer
+from distill_bench.train.speed import (compile_decoder_layers, resolve_attention, resolve_compile,
+                                       resolve_pad_multiple, resolve_padding_free)
+from distill_bench.train.step_clock import step_clock_callback
 from distill_bench.train.varlen import CONFIG_NAME as VARLEN
-from distill_bench.train.varlen import auto_applies as varlen_auto_applies
 from distill_bench.train.varlen import register as register_varlen
 from distill_bench.models.build import save_model_dir
 
@@ -43,6 +44,8 @@ SCHEDULERS = allowed_values("training", "lr_scheduler")
 _RESULT_KEYS = ("token_budget", "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                 "lr_scheduler", "precision", "gpus", "max_grad_norm")
 DISTRIBUTED = allowed_values("training", "distributed")
+# HF optimizer names (auto keeps HF's default), and adamw_fused_clip: the clip folded into fused AdamW (train/optim.py)
+OPTIMIZERS = allowed_values("training", "optim")
 ATTN_IMPLEMENTATIONS = tuple(a for a in allowed_values("training", "attn_implementation") if a is not None)
 
 
@@ -83,6 +86,7 @@ class TrainSettings:
     distributed: str = DEFAULTS["distributed"]
     attn_implementation: str | None = DEFAULTS["attn_implementation"]   # distill_bench.train.varlen
     torch_compile: bool | str = DEFAULTS["torch_compile"]
+    optim: str = DEFAULTS["optim"]                                 # distill_bench.train.optim
     stale_checkpoints: str = DEFAULTS["stale_checkpoints"]
 
     @classmethod
@@ -118,6 +122,11 @@ class TrainSettings:
         if self.stale_checkpoints not in STALE_CHECKPOINT_POLICIES:
             raise ValueError(f"training.stale_checkpoints must be one of {STALE_CHECKPOINT_POLICIES}, "
                              f"got {self.stale_checkpoints!r}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"training.optim must be one of {OPTIMIZERS}, got {self.optim!r}")
+        if self.optim == "adamw_fused_clip" and self.distributed == "fsdp" and self.gpus * self.nodes > 1:
+            raise ValueError("training.optim adamw_fused_clip clips by the local gradient norm: not with "
+                             "training.distributed fsdp (sharded gradients); use adamw_torch_fused there")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"training.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         resolve_compile(self.torch_compile, on_gpu=False)
@@ -276,6 +285,11 @@ def _counting_trainer_class(base: type) -> type:
     return _Counting
 
 
+# optimizer steps of an attempt before the stage JSON's steady-state window opens: the first ones carry compilation
+# (per-layer compile, then the recompile at the first new length) and allocator growth
+STEADY_AFTER_STEPS = 3
+
+
 def training_callbacks():
     """(StopOnSignal, SaveCounts) callback classes shared by every trainer (transformers imported lazily)."""
     from transformers import TrainerCallback
@@ -307,6 +321,7 @@ def training_callbacks():
             self.meter = meter
             self.base = (0, 0)       # totals restored from the checkpoint we resumed from
             self.reported = (0, 0)   # this attempt's counts already given to the meter
+            self.steps_this_attempt = 0
 
         def attempt_counts(self) -> tuple[int, int]:
             """This attempt's counts summed over all ranks (a collective under DDP: call it on every rank)."""
@@ -341,6 +356,10 @@ def training_callbacks():
 
         def on_step_end(self, args, state, control, **kwargs):
             self.flush()
+            self.steps_this_attempt += 1
+            if self.steps_this_attempt == STEADY_AFTER_STEPS and self.meter is not None \
+                    and args.process_index == 0 and hasattr(self.meter, "mark_steady_state"):
+                self.meter.mark_steady_state()   # compilation and the first batch shapes are behind us
             return control
 
         def on_save(self, args, state, control, **kwargs):
@@ -367,7 +386,8 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         # exact integer step count: HF reads a float >= 1 as steps, so a ratio of 1.0 must not reach it as a float
         warmup_steps=int(math.ceil(float(settings.warmup_ratio) * max_steps)),
         lr_scheduler_type=settings.lr_scheduler,
-        max_grad_norm=float(settings.max_grad_norm),
+        # adamw_fused_clip clips inside the optimizer step (train/optim.py), so HF's own clip is off
+        max_grad_norm=0.0 if settings.optim == "adamw_fused_clip" else float(settings.max_grad_norm),
         bf16=settings.precision == "bf16",
         fp16=settings.precision == "fp16",
         activation_checkpointing=bool(settings.gradient_checkpointing),  # TRL defaults it on
@@ -390,6 +410,7 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         data_seed=int(seed),
         eval_strategy="no",
         save_only_model=False,                 # optimizer + scheduler + RNG needed to resume exactly
+        **({} if settings.optim in ("auto", "adamw_fused_clip") else {"optim": settings.optim}),
     )
 
 
@@ -554,7 +575,8 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
     stopper, counter = StopOnSignal(), SaveCounts(job.meter)
     if job.meter is not None:
         job.meter.set_primary_tokens("trained_tokens")
-    trainer = job.build_trainer([stopper, counter])
+    clock = step_clock_callback(counter, job.max_steps)
+    trainer = job.build_trainer([stopper, counter, clock])
     counter.trainer = trainer
     result, start_step = resume_and_train(trainer, stopper, counter, last, job.max_steps, what=job.what)
 
@@ -571,6 +593,7 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
         "seed": int(job.seed),
         "trainer": job.trainer_name,
         "fingerprint": fp,
+        "speed": clock.speed,
         **job.summarize(trainer, trainer.state.log_history),
     }
     report = functools.partial(_report, job.meter, job.report_keys)
@@ -581,8 +604,8 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
                            f"{job.expected_tokens}: the batches consumed do not match the stream")
     if job.before_save is not None:
         job.before_save()
+    save_final_model(trainer, job.out / "final", job.tokenizer)
     if trainer.args.process_index == 0:
-        save_model_dir(trainer.model, job.out / "final", job.tokenizer)
         write_train_log(job.out, summary)
         if not job.keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -596,7 +619,8 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
 
 SFT_REPORT_KEYS = ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
                    "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile",
-                   "attn_implementation", "token_budget", "budget_epochs", "stream_examples", "data_wait_fraction")
+                   "attn_implementation", "token_budget", "budget_epochs", "stream_examples", "data_wait_fraction",
+                   "speed")
 
 
 def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], settings: TrainSettings, seed: int,
@@ -645,8 +669,9 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
             raise ValueError(f"training.padding_free / pad_to_multiple_of: the custom collator "
                              f"{type(collator).__name__} is not an LMCollator and lays batches out itself")
         padding_free, multiple = False, None
-    if settings.attn_implementation == "auto" and padding_free and not use_cpu and varlen_auto_applies(model.config):
-        attn = VARLEN   # +42 % tok/s over SDPA's masked padding-free rows on an H100 (docs/BENCHMARKS.md)
+    # auto: varlen, +42 % tok/s over SDPA's masked padding-free rows on an H100 (docs/BENCHMARKS.md)
+    attn = resolve_attention(settings.attn_implementation, model.config, padding_free=padding_free,
+                             on_gpu=not use_cpu)
     if attn == VARLEN:
         if not padding_free:
             raise ValueError("training.attn_implementation=varlen needs padding-free batches: training.padding_free "
@@ -661,6 +686,9 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
 
     def build_trainer(callbacks: list) -> Any:
         kwargs = dict(trainer_kwargs or {})
+        optimizer = trainer_optimizer(settings)   # None: HF builds the optimizer training.optim names
+        if optimizer is not None:
+            kwargs.setdefault("optimizer_cls_and_kwargs", optimizer)
         return _counting_trainer_class(base_cls)(
             model=model, args=args, train_dataset=Dataset.from_list(_with_labels(stream)),
             processing_class=tokenizer, data_collator=collator,
@@ -700,6 +728,16 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         expected_what="the budget (loss-bearing tokens)",
         build_trainer=build_trainer, summarize=summarize, report_keys=SFT_REPORT_KEYS, meter=meter,
         keep_checkpoints=keep_checkpoints, before_save=restore_attention))
+
+
+def save_final_model(trainer, out_dir: Path, tokenizer) -> None:
+    """Rank 0 writes the final model. Under FSDP every rank first joins the gather of the full weights (a
+    collective): rank 0 saving its sharded module alone would hang on the gather or write only its shard."""
+    state = None
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.args.process_index == 0:
+        save_model_dir(trainer.model, out_dir, tokenizer, state_dict=state)
 
 
 def mean_loss(curve: list[tuple[int, float]]) -> float | None:

@@ -12,27 +12,29 @@ K/V repeated to every head (torch 2.11's ``varlen_attn`` has no ``enable_gqa``).
 """
 from __future__ import annotations
 
-import torch
-
 CONFIG_NAME = "varlen"                 # the training.attn_implementation value
 NAME = "distill_bench_varlen"          # the transformers AttentionInterface key
 # model types whose attention is plain causal (no sliding window, soft-capping or sinks): what "auto" switches
-AUTO_MODEL_TYPES = ("llama", "olmo", "olmo2")
+AUTO_MODEL_TYPES = ("llama", "olmo", "olmo2", "qwen2")
 
 
 def available() -> bool:
     """This torch has the varlen kernel module (torch >= 2.10) and a CUDA device."""
     try:
+        import torch
         import torch.nn.attention.varlen  # noqa: F401
     except ImportError:
         return False
     return torch.cuda.is_available()
 
 
-def auto_applies(config) -> bool:
-    """``training.attn_implementation: auto`` uses varlen for padding-free GPU training of these models only."""
+def auto_applies(config, kernel_available: bool | None = None) -> bool:
+    """``training.attn_implementation: auto`` uses varlen for padding-free GPU training of these models only
+    (a Qwen2 config with use_sliding_window false carries sliding_window None: plain causal attention)."""
+    if kernel_available is None:
+        kernel_available = available()
     return (config.model_type in AUTO_MODEL_TYPES and config._attn_implementation == "sdpa"
-            and not getattr(config, "sliding_window", None) and available())
+            and not getattr(config, "sliding_window", None) and kernel_available)
 
 
 def _kernel():
@@ -44,6 +46,8 @@ def _kernel():
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
                      **kwargs):
     """``AttentionInterface`` function: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
+    import torch   # here, not at import: the trainer (and so every stage resolving it) imports this module
+
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError("training.attn_implementation=varlen needs padding-free batches (one flattened row with "
                          "cu_seq_lens_q, as LMCollator(padding_free=True) lays them out)")
