@@ -94,11 +94,9 @@ def _load_teacher(teacher: str, backend: str):
     """hf: load once and reuse across chunks (on the GPU when there is one); vllm: its engine loads the path."""
     if backend == "vllm":
         return teacher
-    import torch
-    from distill_bench.models.build import load_model
+    from distill_bench.generation.hf_backend import load_model
 
-    model = load_model(teacher, device="cuda" if torch.cuda.is_available() else None)
-    return model.eval()
+    return load_model(teacher)
 
 
 class _Throughput:
