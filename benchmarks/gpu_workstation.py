@@ -10,7 +10,7 @@ JSON written as in a real run):
 
   setup      prepare_teacher / init_student (model_ref.json pointers, tokenizer and embedding checks)
   teacher    generate_synthetic + merge_synthetic (7B), cache_logits (7B, and the 0.5B self-distillation cache)
-  student    train_student sft (0.5B, and 360M on the 7B's text: another vocabulary), kd (0.5B), dpo (0.5B) after
+  student    train_student sft_gt (0.5B, and 360M: another vocabulary), kd (0.5B), dpo (0.5B) after
              sample_preferences (0.5B samples; pairs = reference answer over a sample, since a random model's
              answers give a verifier nothing to rank)
   eval       evaluate (0.5B KD student; the 7B teacher when time is left)
@@ -19,6 +19,10 @@ Data: GSM8K is not on the GPU machine; the records are embedded arithmetic probl
 answer lengths are GSM8K-like (a question of ~60 words, a worked solution ending in `#### N`). Random weights never
 emit end-of-sequence, so every generation runs to max_new_tokens (the config's 512): generation costs below are upper
 bounds per prompt. The synthetic filter `drop_truncated` is off here for the same reason (it would drop every sample).
+The SFT students train on the reference solutions (sft_gt), not on the random teacher's samples: those are mostly ids
+of the tokenizer's filler region, whose text re-encodes ~6x longer, so at max_new_tokens 512 no sample fits the
+config's max_length (1024). Synthetic SFT runs the same trainer per loss token; its cross-tokenizer text path is
+covered on CPU (--quick, tests/test_real_models.py).
 
 It prints the per-stage table (seconds, tokens, tok/s, GPU J, J/token, loss first -> last) and the measured time per
 stage scaled to the full config: per job, overhead (duration minus tokens at the steady rate: loading, compilation,
@@ -242,19 +246,17 @@ def run_pipelines(runner: Runner, ckpt: dict, data: Path, sections: dict, seed: 
                             train_log=Path(out) / "train_log.json", **extra)
 
     students = w / "students"
-    if syn.is_dir():
-        train("student.train.sft.qwen05", "sft", qwen, syn, students / "sft.qwen05")
+    train("student.train.sft_gt.qwen05", "sft_gt", qwen, data, students / "sft_gt.qwen05")
     if cache.is_dir():
         train("student.train.kd.qwen05", "kd", qwen, data, students / "kd.qwen05", kd_cache=str(cache),
               kd=sections["kd"])
-    if syn.is_dir():
-        train("student.train.sft.smol360", "sft", smol, syn, students / "sft.smol360")
+    train("student.train.sft_gt.smol360", "sft_gt", smol, data, students / "sft_gt.smol360")
     kd_final = students / "kd.qwen05" / "final"
     if kd_final.is_dir():
         runner.stage("eval.kd.qwen05", "evaluate", role="eval", pipeline="kd", model=str(kd_final),
                      tokenizer=str(kd_final), dataset=str(data), out_json=str(w / "eval" / "kd.qwen05.json"),
                      eval=sections["eval"], model_id="kd.qwen05", seed=seed, min_left_s=30)
-    sft_final = students / "sft.qwen05" / "final"
+    sft_final = students / "sft_gt.qwen05" / "final"
     cand = w / "teacher" / "preferences" / "candidates"
     if sft_final.is_dir():
         runner.stage("teacher.sample.qwen05", "sample_preferences", role="teacher", pipeline="dpo",
@@ -310,33 +312,38 @@ def scale_to_config(cfg: dict, plan, records: dict) -> dict:
 
     syn, ev, dpo = cfg["synthetic"], cfg["eval"], cfg["dpo"]
     kd_sft_ratio = None
-    if measured("student.train.kd.qwen05") and measured("student.train.sft.qwen05"):
+    if measured("student.train.kd.qwen05") and measured("student.train.sft_gt.qwen05"):
         kd_sft_ratio = (records["student.train.kd.qwen05"]["steady_tok_per_s"]
-                        / records["student.train.sft.qwen05"]["steady_tok_per_s"])
+                        / records["student.train.sft_gt.qwen05"]["steady_tok_per_s"])
     rows = []
 
-    def add(what, label, jobs, tokens_per_job, basis, rate_scale=1.0):
+    def add(what, label, jobs, tokens_per_job, basis, rate_scale=1.0, once=False):
+        """``once``: a job every seed shares (teacher artifacts, evaluations of the teacher and initial students)."""
         rec = measured(label)
         if rec is None or jobs == 0:
-            rows.append({"stage": what, "jobs": jobs, "from": label, "basis": basis, "missing": True})
+            rows.append({"stage": what, "jobs": jobs, "from": label, "basis": basis, "missing": True, "once": once})
             return
         rate = rec["steady_tok_per_s"] * rate_scale
         overhead = max(0.0, rec["seconds"] - rec["tokens"] / rec["steady_tok_per_s"])
         per_job = overhead + tokens_per_job / rate
-        rows.append({"stage": what, "jobs": jobs, "from": label, "basis": basis, "tokens_per_job": tokens_per_job,
+        rows.append({"stage": what, "jobs": jobs, "once": once, "from": label, "basis": basis,
+                     "tokens_per_job": tokens_per_job,
                      "overhead_s": overhead, "tok_per_s": rate, "s_per_job": per_job, "total_s": per_job * jobs,
                      "gpu_w": rec["gpu_avg_w"], "gpu_j": (rec["gpu_avg_w"] or 0.0) * per_job * jobs})
 
-    exps = list(plan.experiments.values())
+    first_seed = min(e.seed for e in plan.experiments.values())
+    exps = [e for e in plan.experiments.values() if e.seed == first_seed]   # one seed's jobs; seeds repeat them
+    per_seed_ids = {e.id for e in exps}
     n_gen = sum(1 for a in plan.artifacts.values() if a.kind == "synthetic")
     add("teacher generation", "teacher.generate", n_gen,
-        GSM8K_TRAIN * syn["samples_per_prompt"] * syn["max_new_tokens"], "max_new_tokens per prompt (upper bound)")
+        GSM8K_TRAIN * syn["samples_per_prompt"] * syn["max_new_tokens"], "max_new_tokens per prompt (upper bound)",
+        once=True)
     caches = [a for a in plan.artifacts.values() if a.kind == "logits"]
     add("teacher logit cache (7B)", "teacher.logits", sum(a.teacher == "teacher" for a in caches),
-        GSM8K_TRAIN * GSM8K_RECORD_TOKENS, f"{GSM8K_RECORD_TOKENS} tokens per GSM8K record (assumed)")
+        GSM8K_TRAIN * GSM8K_RECORD_TOKENS, f"{GSM8K_RECORD_TOKENS} tokens per GSM8K record (assumed)", once=True)
     add("student logit caches (self-distillation)", "student.logits.qwen05", sum(a.teacher != "teacher" for a in caches),
         GSM8K_TRAIN * GSM8K_RECORD_TOKENS, "0.5B rate for both students (360M: not measured)")
-    for student, sft_label in (("qwen05", "student.train.sft.qwen05"), ("smol360", "student.train.sft.smol360")):
+    for student, sft_label in (("qwen05", "student.train.sft_gt.qwen05"), ("smol360", "student.train.sft_gt.smol360")):
         mine = [e for e in exps if e.student == student]
         add(f"train {student} sft_gt/sft/continued", sft_label, sum(e.trainer in ("sft_gt", "sft") for e in mine),
             cfg["training"]["token_budget"], "training.token_budget loss tokens")
@@ -351,25 +358,29 @@ def scale_to_config(cfg: dict, plan, records: dict) -> dict:
             pairs = max(1, int(dpo_rec["metrics"].get("pairs", 1)))
             per_pair = dpo_rec["tokens"] / pairs
             scale = 1.0 if student == "qwen05" else (
-                (records[sft_label]["steady_tok_per_s"] / records["student.train.sft.qwen05"]["steady_tok_per_s"])
-                if measured(sft_label) and measured("student.train.sft.qwen05") else 1.0)
+                (records[sft_label]["steady_tok_per_s"] / records["student.train.sft_gt.qwen05"]["steady_tok_per_s"])
+                if measured(sft_label) and measured("student.train.sft_gt.qwen05") else 1.0)
             add(f"train {student} dpo", "student.train.dpo.qwen05", sum(e.trainer == "dpo" for e in mine),
                 dpo["n_prompts"] * per_pair, "dpo.n_prompts pairs at the measured tokens per pair"
                 + ("" if student == "qwen05" else " (360M: derived from its sft rate)"), scale)
         add(f"sample preferences {student}", "teacher.sample.qwen05", sum(e.trainer == "dpo" for e in mine),
             dpo["n_prompts"] * dpo["samples_per_prompt"] * dpo["max_new_tokens"],
             "max_new_tokens per sample (upper bound)" + ("" if student == "qwen05" else "; 0.5B rate"))
-    student_evals = [m for m, _ in plan.eval_units if m != "teacher"]
+    trained_evals = [m for m, _ in plan.eval_units if m in per_seed_ids]
+    initial_evals = [m for m, _ in plan.eval_units if m.startswith("init.")]
     teacher_eval_label = "eval.teacher" if measured("eval.teacher") else "teacher.generate"
     add("eval teacher", teacher_eval_label, sum(m == "teacher" for m, _ in plan.eval_units),
-        GSM8K_TEST * ev["max_new_tokens"], "eval.max_new_tokens per question (upper bound)")
-    add("eval students", "eval.kd.qwen05", len(student_evals), GSM8K_TEST * ev["max_new_tokens"],
+        GSM8K_TEST * ev["max_new_tokens"], "eval.max_new_tokens per question (upper bound)", once=True)
+    add("eval initial students", "eval.kd.qwen05", len(initial_evals), GSM8K_TEST * ev["max_new_tokens"],
+        "eval.max_new_tokens per question (upper bound); 0.5B rate for both students", once=True)
+    add("eval trained students", "eval.kd.qwen05", len(trained_evals), GSM8K_TEST * ev["max_new_tokens"],
         "eval.max_new_tokens per question (upper bound); 0.5B rate for both students")
     done = [r for r in rows if not r.get("missing")]
-    total_s = sum(r["total_s"] for r in done)
-    total_j = sum(r["gpu_j"] for r in done)
-    return {"rows": rows, "per_seed_s": total_s, "per_seed_gpu_j": total_j,
-            "seeds_commented_in_config": 3, "three_seeds_s": 3 * total_s, "three_seeds_gpu_j": 3 * total_j,
+    once_s, once_j = (sum(r[k] for r in done if r["once"]) for k in ("total_s", "gpu_j"))
+    seed_s, seed_j = (sum(r[k] for r in done if not r["once"]) for k in ("total_s", "gpu_j"))
+    n_seeds = len(cfg["seeds"])
+    return {"rows": rows, "shared_s": once_s, "shared_gpu_j": once_j, "per_seed_s": seed_s, "per_seed_gpu_j": seed_j,
+            "seeds": n_seeds, "all_seeds_s": once_s + n_seeds * seed_s, "all_seeds_gpu_j": once_j + n_seeds * seed_j,
             "not_counted": ["prepare_data", "setup stages (pointers)", "merge_synthetic", "judge (verifier, CPU)",
                             "idle baseline", "roll-up"] + [r["stage"] for r in rows if r.get("missing")]}
 
@@ -391,19 +402,23 @@ def print_tables(records: dict, scaled: dict) -> str:
         lines.append(f"| {rec['label']} | {rec['seconds']:.1f} | {fmt(rec['tokens'])} {rec['token_kind'] or ''} | "
                      f"{fmt(rec['tok_per_s'])} | {fmt(rec['steady_tok_per_s'])} | {fmt(rec['gpu_j'])} | "
                      f"{fmt(rec['j_per_token'], '.4f')} | {loss} |")
-    lines += ["", "Scaled to configs/workstation.yaml (one seed): measured overhead per job + full-config tokens at "
-              "the measured steady rate; GPU J = measured mean GPU power x time", "",
-              "| stage | jobs | tokens/job | overhead s | tok/s | s/job | total min | GPU kWh | basis |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Scaled to configs/workstation.yaml: measured overhead per job + full-config tokens at the measured "
+              "steady rate; GPU J = measured mean GPU power x time; jobs of one seed, 'once' = shared by every seed",
+              "", "| stage | jobs | once | tokens/job | overhead s | tok/s | s/job | total min | GPU kWh | basis |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in scaled["rows"]:
         if r.get("missing"):
-            lines.append(f"| {r['stage']} | {r['jobs']} | not measured ({r['from']}) | | | | | | {r['basis']} |")
+            lines.append(f"| {r['stage']} | {r['jobs']} | {'yes' if r['once'] else ''} | not measured ({r['from']}) "
+                         f"| | | | | | {r['basis']} |")
             continue
-        lines.append(f"| {r['stage']} | {r['jobs']} | {fmt(r['tokens_per_job'])} | {r['overhead_s']:.0f} | "
+        lines.append(f"| {r['stage']} | {r['jobs']} | {'yes' if r['once'] else ''} | {fmt(r['tokens_per_job'])} | "
+                     f"{r['overhead_s']:.0f} | "
                      f"{fmt(r['tok_per_s'])} | {r['s_per_job']:.0f} | {r['total_s'] / 60:.1f} | "
                      f"{r['gpu_j'] / 3.6e6:.3f} | {r['basis']} |")
-    lines.append(f"\nper seed: {scaled['per_seed_s'] / 60:.0f} min, {scaled['per_seed_gpu_j'] / 3.6e6:.2f} kWh GPU; "
-                 f"3 seeds: {scaled['three_seeds_s'] / 3600:.1f} h, {scaled['three_seeds_gpu_j'] / 3.6e6:.2f} kWh GPU "
+    lines.append(f"\nshared by every seed: {scaled['shared_s'] / 60:.0f} min, {scaled['shared_gpu_j'] / 3.6e6:.2f} kWh "
+                 f"GPU; per seed: {scaled['per_seed_s'] / 60:.0f} min, {scaled['per_seed_gpu_j'] / 3.6e6:.2f} kWh GPU; "
+                 f"the config's {scaled['seeds']} seeds: {scaled['all_seeds_s'] / 3600:.1f} h, "
+                 f"{scaled['all_seeds_gpu_j'] / 3.6e6:.2f} kWh GPU "
                  f"(not counted: {', '.join(scaled['not_counted'])})")
     text = "\n".join(lines)
     print(text, flush=True)

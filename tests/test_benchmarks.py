@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,12 +66,12 @@ def test_workstation_benchmark_runs_every_stage_of_the_config_and_scales_it(tmp_
     res = json.loads((tmp_path / "gpu_workstation.json").read_text())
     stages = res["stages"]
     assert [k for k, r in stages.items() if r.get("error") or r.get("skipped")] == []
-    for label in ("teacher.generate", "teacher.logits", "student.train.sft.qwen05", "student.train.kd.qwen05",
-                  "student.train.sft.smol360", "student.train.dpo.qwen05", "teacher.sample.qwen05",
+    for label in ("teacher.generate", "teacher.logits", "student.train.sft_gt.qwen05", "student.train.kd.qwen05",
+                  "student.train.sft_gt.smol360", "student.train.dpo.qwen05", "teacher.sample.qwen05",
                   "eval.kd.qwen05", "eval.teacher", "student.logits.qwen05"):
         assert stages[label]["tokens"] > 0 and stages[label]["steady_tok_per_s"] > 0, label
     budget = res["sections"]["training"]["token_budget"]
-    for label in ("student.train.sft.qwen05", "student.train.kd.qwen05", "student.train.sft.smol360"):
+    for label in ("student.train.sft_gt.qwen05", "student.train.kd.qwen05", "student.train.sft_gt.smol360"):
         assert stages[label]["tokens"] == budget                              # counted exactly
         assert stages[label]["loss_last"] < stages[label]["loss_first"], label  # it learns
     assert stages["student.train.dpo.qwen05"]["loss_last"] != stages["student.train.dpo.qwen05"]["loss_first"]
@@ -78,8 +80,10 @@ def test_workstation_benchmark_runs_every_stage_of_the_config_and_scales_it(tmp_
     assert stages["teacher.generate"]["tokens"] == syn["n_prompts"] * syn["max_new_tokens"]
     scaled = res["scaled"]
     assert not [r for r in scaled["rows"] if r.get("missing")]
-    assert {r["jobs"] for r in scaled["rows"] if r["stage"] == "eval students"} == {13}
-    assert scaled["per_seed_s"] > 0 and scaled["three_seeds_s"] == 3 * scaled["per_seed_s"]
+    jobs = {r["stage"]: r["jobs"] for r in scaled["rows"]}
+    assert jobs["eval initial students"] == 2 and jobs["eval trained students"] == 11   # one seed's
+    assert scaled["seeds"] == 3 and scaled["shared_s"] > 0 and scaled["per_seed_s"] > 0
+    assert scaled["all_seeds_s"] == pytest.approx(scaled["shared_s"] + 3 * scaled["per_seed_s"])
     assert "Scaled to configs/workstation.yaml" in out and "| teacher.logits |" in out
 
 

@@ -107,6 +107,42 @@ def test_architecture_by_local_path_through_init_generation_cache_training_and_e
     assert result is not None
 
 
+def test_every_generating_stage_puts_its_model_on_the_gpu_when_one_is_visible(checkpoints, tmp_path, monkeypatch):
+    """Evaluation, synthetic generation and preference sampling load their model through one loader that moves it
+    to CUDA when a GPU is visible (here: the loader's device argument, recorded; the model stays on the CPU)."""
+    import torch
+
+    import distill_bench.models.build as build
+    from distill_bench.dpo.stage import sample_candidates
+    from distill_bench.eval.stage import evaluate
+    from distill_bench.synthetic.stage import generate_shard
+
+    devices = []
+    real_load = build.load_model
+
+    def recording_load(ref, dtype=None, device=None):
+        devices.append(device)
+        return real_load(ref, dtype=dtype)
+
+    monkeypatch.setattr(build, "load_model", recording_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model_dir, _ = _init(checkpoints, "qwen2_tied", tmp_path)
+    evaluate(meter=FakeMeter(), model=model_dir, tokenizer=model_dir, dataset=checkpoints["data"],
+             out_json=str(tmp_path / "eval.json"), model_id="m", seed=0,
+             eval={"backend": "native", "max_new_tokens": 4, "batch_size": 4, "bootstrap_samples": 10, "limit": 4,
+                   "hf_decode": "eager"})
+    assert devices == ["cuda"], "evaluation"
+    generate_shard(meter=FakeMeter(), teacher=model_dir, tokenizer=model_dir, dataset=checkpoints["data"],
+                   out_dir=str(tmp_path / "shard"), shard=0, num_shards=1, seed=0,
+                   synthetic={"backend": "hf", "max_new_tokens": 4, "batch_size": 4, "n_prompts": 4,
+                              "temperature": 0.0, "top_p": 1.0, "samples_per_prompt": 1, "hf_decode": "eager"})
+    assert devices == ["cuda"] * 2, "synthetic generation"
+    sample_candidates(meter=FakeMeter(), models={"student": model_dir}, dataset=checkpoints["data"],
+                      out_dir=str(tmp_path / "cand"), seed=0,
+                      dpo={"n_prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 4, "batch_size": 4})
+    assert devices == ["cuda"] * 3, "preference sampling"
+
+
 def test_cross_family_synthetic_sft_counts_each_side_with_its_own_tokenizer(checkpoints, tmp_path):
     """A Qwen2 teacher's text trains a Llama student: generated tokens by the teacher's tokenizer, trained tokens by
     the student's (the vocabularies differ, which only logit KD would care about)."""
@@ -364,8 +400,9 @@ def test_workstation_config_plans_offline_without_weights(tmp_path):
     from distill_bench.config import build_plan, load_config
 
     plan = build_plan(load_config(ROOT / "configs" / "workstation.yaml"))
+    assert sorted({e.seed for e in plan.experiments.values()}) == [1234, 1235, 1236]
     kd = [e for e in plan.experiments.values() if e.trainer == "kd" and e.pipeline == "kd"]
-    assert [e.student for e in kd] == ["qwen05"]
+    assert [e.student for e in kd] == ["qwen05"] * 3   # one per seed, never the cross-family student
     assert {e.student for e in plan.experiments.values()} == {"qwen05", "smol360"}
     assert {e.pipeline for e in plan.experiments.values()} == {"sft_gt", "kd", "sft", "dpo", "selfdistill",
                                                                 "continued"}

@@ -162,6 +162,9 @@ def test_break_even_reuse_from_the_rolled_up_run(run_dir):
     (1000.0, 250.0, 200.0, "better", math.inf, "never"),     # more expensive per student -> never
     (1000.0, 100.0, 200.0, "worse", math.nan, "worse"),
     (1000.0, 100.0, 200.0, "no detectable difference", math.nan, "not significant"),
+    # quality is the first gate: a row not shown better names that, whatever the sign of the energy margin
+    (1000.0, 250.0, 200.0, "no detectable difference", math.nan, "not significant"),
+    (1000.0, 250.0, 200.0, "worse", math.nan, "worse"),
     (1000.0, 100.0, 200.0, None, math.nan, "missing eval"),  # an eval result is missing: no verdict
     (1000.0, 100.0, math.nan, "better", math.nan, "no baseline"),
 ])

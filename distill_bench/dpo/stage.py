@@ -31,6 +31,7 @@ from distill_bench.dpo.pairs import REFERENCE_INFO, encode_pairs, read_pairs, re
 from distill_bench.dpo.train import check_reference_tokenizer, train_dpo
 from distill_bench.generation.chunked import (CHUNK_BATCHES, ChunkedRun, MeteredTokens, chunk_bounds, chunk_prompts,
                                              generate_chunks)
+from distill_bench.generation.hf_backend import load_model as load_inference_model
 from distill_bench.train.launch import launch_train, wants_launch
 from distill_bench.train.trainer import TrainSettings
 
@@ -44,17 +45,6 @@ CANDIDATE_COLUMNS = ("prompt_id", "prompt", "answer", "source", "sample_index", 
                      "generated_tokens", "finished")
 PAIR_COLUMNS = ("prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_source",
                 "rejected_source")
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _device_model(path: str):
-    import torch
-
-    from distill_bench.models.build import load_model
-
-    return load_model(path, device="cuda" if torch.cuda.is_available() else None).eval()
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -124,7 +114,7 @@ def sample_candidates(*, meter, models: Mapping[str, str], dataset: str, out_dir
         todo = [c for c in range(len(chunks)) if c not in done]
         if todo:
             checkpoint.start()
-            model = models[source] if backend == "vllm" else _device_model(models[source])
+            model = models[source] if backend == "vllm" else load_inference_model(models[source])
             if tok is None:
                 if backend == "vllm" and not tokenizer:
                     tok = tokenizer_source_for_model(tok_src) or tok_src
@@ -232,7 +222,7 @@ def judge_candidates(*, meter, candidates: str, out_dir: str, dpo: Mapping[str, 
         if not judge_model:
             raise ValueError(f"dpo.judge {judge!r} needs a judge model (judge_model), got {judge_model!r}")
         jtok, judge_tok_src = _judge_tokenizer(judge_model, tokenizer)
-        model = _device_model(judge_model)
+        model = load_inference_model(judge_model)
         if judge == "teacher_logprob":
             scores, forwarded = score_teacher_logprob(model, jtok, rows, cfg["batch_size"])
             meter.add_tokens("input_tokens", int(forwarded))
@@ -308,7 +298,7 @@ def precompute_reference(*, meter, pairs: str, tokenizer: str, init_model: str, 
     enc, dropped = encode_pairs(tok, ds, max_length)
     if not enc:
         raise ValueError(f"no DPO pair of {pairs!r} fits max_length={max_length}")
-    model = _device_model(init_model)
+    model = load_inference_model(init_model)
     seqs_c = [{"input_ids": e["prompt_ids"] + e["chosen_ids"],
                "completion_mask": [0] * len(e["prompt_ids"]) + [1] * len(e["chosen_ids"])} for e in enc]
     seqs_r = [{"input_ids": e["prompt_ids"] + e["rejected_ids"],

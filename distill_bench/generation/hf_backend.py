@@ -15,28 +15,20 @@ from typing import Callable
 
 from distill_bench.generation.prompts import PreparedPrompt, eos_ids, prepare
 from distill_bench.generation.settings import GenerationResult, GenerationSettings
+from distill_bench.models import build as model_build
 
 OnBatch = Callable[[int, float], None]
 
 
 def load_model(model_or_dir):
-    """A model object passes through; a path is loaded via ``distill_bench.models`` when available."""
+    """A model for inference: a model object passes through; a path is loaded (``distill_bench.models``: clear
+    errors, pointer dirs) onto the GPU when there is one, in eval mode. Every generating stage loads through here,
+    so none silently decodes on the CPU of a GPU machine."""
     if not isinstance(model_or_dir, (str, bytes)) and not hasattr(model_or_dir, "__fspath__"):
         return model_or_dir
-    ref = str(model_or_dir)
-    try:  # the models module owns loading (clear errors, dtype policy); fall back while it is not there
-        from distill_bench.models.build import load_model as _load
-    except ImportError:
-        _load = None
-    if _load is not None:
-        return _load(ref)
-    from transformers import AutoModelForCausalLM
+    import torch
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(ref)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load model from {ref!r}: {e}") from None
-    return model.eval()
+    return model_build.load_model(str(model_or_dir), device="cuda" if torch.cuda.is_available() else None).eval()
 
 
 def context_length(model) -> int | None:

@@ -182,20 +182,23 @@ def break_even_reuse(teacher_j: float, student_j: float, baseline_j: float,
 
     N* is a number (status "ok") only when the paired comparison shows the pipeline at least as good as the baseline
     (verdict "better"); otherwise it is NaN and the status names the failed condition: "missing eval" (no verdict:
-    an eval result of the pipeline or the baseline is missing), "no baseline", "never" (costs at least as much per
-    student at any reuse; N* = inf), "worse" or "not significant" (quality not shown to match).
+    an eval result of the pipeline or the baseline is missing), "no baseline", "worse" or "not significant"
+    (quality not shown to match), "never" (better, but costs at least as much per student at any reuse; N* = inf).
+    Quality is the first gate: its verdict is a tested statement at the configured confidence, while the energy
+    margin B - S of two similar pipelines can change sign with the measurement noise; naming the quality condition
+    first keeps the status of every row that is not "better" as repeatable as its verdict.
     """
     if _missing(baseline_j):
         return math.nan, "no baseline"
     if any(_missing(v) for v in (teacher_j, student_j)) or verdict is None:
         return math.nan, "missing eval" if verdict is None else "missing energy"
-    margin = baseline_j - student_j
-    if margin <= 0:
-        return math.inf, "never"
     if verdict == stats.WORSE:
         return math.nan, "worse"
     if verdict != stats.BETTER:
         return math.nan, "not significant"
+    margin = baseline_j - student_j
+    if margin <= 0:
+        return math.inf, "never"
     return float(math.ceil(teacher_j / margin - 1e-12)), "ok"
 
 

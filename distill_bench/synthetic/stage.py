@@ -40,10 +40,10 @@ from distill_bench.data.io import content_hash, dataset_hash_or_none, load_datas
 from distill_bench.generation import GenerationSettings, resolve_backend
 from distill_bench.generation.chunked import (CHUNK_BATCHES, ChunkedRun, MeteredTokens, chunk_bounds, chunk_prompts,
                                              generate_chunks)
+from distill_bench.generation.hf_backend import load_model
 from distill_bench.generation.prompts import load_tokenizer
 from distill_bench.synthetic.filters import apply_filters
 from distill_bench.synthetic.ids import DECODING_DEFAULTS, generation_shard_key, normalize_filters
-from distill_bench.models.build import load_model
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ def _load_teacher(teacher: str, backend: str):
     """hf: load once and reuse across chunks (on the GPU when there is one); vllm: its engine loads the path."""
     if backend == "vllm":
         return teacher
-    import torch
-
-    model = load_model(teacher, device="cuda" if torch.cuda.is_available() else None)
-    return model.eval()
+    return load_model(teacher)
 
 
 def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, out_dir: str,
