@@ -3,10 +3,11 @@
 #   make test   set up .venv, check the code (make lint: ruff, snakefmt, snakemake --lint) and run the test suite
 #               (tests/test_layers.py among them)
 #
-# Which torch build: TORCH_VARIANT=cpu (default) installs the +cpu wheel from PyTorch's CPU index (no CUDA
-# libraries, a few hundred MB); TORCH_VARIANT=cuda installs PyPI's default build, which brings the CUDA libraries
-# (for GPU machines: `make setup TORCH_VARIANT=cuda`). requirements.lock pins the version for both; the variant is
-# installed first, so the lock's plain `torch==` pin is already satisfied by it.
+# Which torch build: TORCH_VARIANT=cpu (default) installs the +cpu wheel (no CUDA libraries, a few hundred MB) from
+# pip's configured indexes and find-links when they have it (a mirror, a local wheel directory), else from PyTorch's
+# CPU index; TORCH_VARIANT=cuda installs PyPI's default build, which brings the CUDA libraries (for GPU machines:
+# `make setup TORCH_VARIANT=cuda`). requirements.lock pins the version for both; the variant is installed first, so
+# the lock's plain `torch==` pin is already satisfied by it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,8 @@ TORCH_VARIANT ?= cpu
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements.lock)
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 ifeq ($(TORCH_VARIANT),cpu)
-TORCH_INSTALL := "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX)
+TORCH_INSTALL := "torch==$(TORCH_VERSION)+cpu" || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)+cpu" \
+	--extra-index-url $(TORCH_CPU_INDEX)
 else ifeq ($(TORCH_VARIANT),cuda)
 TORCH_INSTALL := "torch==$(TORCH_VERSION)"
 else

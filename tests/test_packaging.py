@@ -75,7 +75,11 @@ def test_make_setup_installs_the_cpu_torch_build_by_default():
 
     version = lock_pins()["torch"]
     cpu = dry().stdout
-    assert f'"torch=={version}+cpu" --extra-index-url https://download.pytorch.org/whl/cpu' in cpu
+    # pip's own indexes and find-links first (an offline mirror or wheel dir); PyTorch's CPU index only if they fail
+    local, _, fallback = cpu.partition(f'"torch=={version}+cpu" || ')
+    assert local.rstrip().endswith("pip install -q"), cpu
+    assert fallback.startswith(".venv/bin/python -m pip install -q "
+                               f'"torch=={version}+cpu" --extra-index-url https://download.pytorch.org/whl/cpu'), cpu
     assert cpu.index("+cpu") < cpu.index("-r requirements.lock"), "the variant must be installed before the lock"
     cuda = dry("TORCH_VARIANT=cuda").stdout
     assert f'"torch=={version}"' in cuda and "+cpu" not in cuda
