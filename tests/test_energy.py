@@ -640,3 +640,40 @@ def test_idle_and_env_files_validate(tmp_path):
     with meter(tmp_path, settings={"environment_json": str(tmp_path / "env.json")}, nvml_module=fake_gpus(0)):
         pass
     assert written(tmp_path / "s.json")["environment"] == str(tmp_path / "env.json")
+
+
+def test_process_tree_is_listed_at_most_once_per_refresh_interval(monkeypatch):
+    """Listing descendants reads all of /proc; the sampler's per-tick readings reuse the list between refreshes."""
+    from distill_bench.energy import cpu_estimate
+
+    psutil = pytest.importorskip("psutil")
+    calls = []
+    real_children = psutil.Process.children
+    monkeypatch.setattr(psutil.Process, "children", lambda self, **kw: calls.append(1) or real_children(self, **kw))
+    monkeypatch.setattr(cpu_estimate, "_tree_cache", {"pid": None, "at": -float("inf"), "procs": []})
+    for _ in range(20):
+        cpu_estimate.process_tree_cpu_seconds()
+        cpu_estimate.process_tree_rss_bytes()
+    assert len(calls) == 1
+
+
+def test_child_found_one_refresh_late_is_counted_with_all_its_cpu_seconds(monkeypatch):
+    from distill_bench.energy import cpu_estimate
+
+    pytest.importorskip("psutil")
+    monkeypatch.setattr(cpu_estimate, "TREE_REFRESH_S", 0.2)
+    monkeypatch.setattr(cpu_estimate, "_tree_cache", {"pid": None, "at": -float("inf"), "procs": []})
+    before = cpu_estimate.process_tree_cpu_seconds()            # lists the tree: no child yet
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
+                              "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            if cpu_estimate.process_tree_cpu_seconds() - before >= 1.0:
+                break
+        assert cpu_estimate.process_tree_cpu_seconds() - before >= 1.0, "the live child's CPU seconds are counted"
+    finally:
+        child.kill()
+        child.wait()

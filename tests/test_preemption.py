@@ -107,13 +107,17 @@ def run_in_process(name, out_json, stage_id, role, kwargs):
 
 
 def run_and_sigterm(name, out_json, stage_id, role, kwargs, progress: Path, at: int, delay: float,
-                    timeout: float = 240, sig: int = signal.SIGTERM) -> subprocess.CompletedProcess:
-    """Run the stage in a child, send it ``sig`` once it reports progress >= ``at``, return the finished process."""
+                    timeout: float = 240, sig: int = signal.SIGTERM,
+                    sigint_ignored: bool = False) -> subprocess.CompletedProcess:
+    """Run the stage in a child, send it ``sig`` once it reports progress >= ``at``, return the finished process.
+    ``sigint_ignored``: the child starts with SIGINT ignored, as jobs a non-interactive shell puts in the background."""
     args = {"name": name, "out_json": str(out_json), "meter_args": meter_args(stage_id, role), "kwargs": kwargs,
             "progress": str(progress), "delay": delay}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+                            else None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -182,18 +186,22 @@ def test_sigterm_mid_training_checkpoints_and_records_interrupted_attempt(train_
     assert 0 < rec["tokens"]["counts"]["trained_tokens"] < TRAINING["token_budget"]
 
 
-def test_ctrl_c_mid_training_checkpoints_like_sigterm(env, tmp_path):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["interactive", "sigint_ignored_at_start"])
+def test_ctrl_c_mid_training_checkpoints_like_sigterm(env, tmp_path, sigint_ignored):
     """SIGINT (Ctrl-C) stops at the next optimizer step with a checkpoint, so a rerun resumes instead of restarting:
-    periodic saves are off here, so the only checkpoint is the one the signal asked for."""
+    periodic saves are off here, so the only checkpoint is the one the signal asked for. A process that started with
+    SIGINT ignored (a background job of a script) still checkpoints on an explicit SIGINT and is billed as
+    interrupted, not failed."""
     run_json = tmp_path / "energy" / "run.json"
     proc = run_and_sigterm("train_student", run_json, "student.train.ctrl_c", "student",
                            train_kwargs(env, tmp_path / "run", save_steps=1000), tmp_path / "progress", at=2,
-                           delay=0.15, sig=signal.SIGINT)
+                           delay=0.15, sig=signal.SIGINT, sigint_ignored=sigint_ignored)
     assert proc.returncode != 0, proc.stdout_text[-3000:]
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     assert ckpts, f"no checkpoint saved on SIGINT:\n{proc.stdout_text[-3000:]}"
     rec = json.loads(run_json.read_text())
-    assert rec["status"] == "interrupted" and 0 < rec["tokens"]["counts"]["trained_tokens"] < TRAINING["token_budget"]
+    assert rec["status"] == "interrupted", (rec.get("error"), proc.stdout_text[-3000:])
+    assert 0 < rec["tokens"]["counts"]["trained_tokens"] < TRAINING["token_budget"]
 
 
 def test_rerun_after_sigterm_completes_matching_uninterrupted_loss_and_bills_both_attempts(env, train_runs):

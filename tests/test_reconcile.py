@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -267,7 +266,7 @@ def test_stage_on_a_shared_device_is_marked_and_kept_out_of_n_star(tmp_path, mon
     assert kd.shared_device.all() and not kd.comparable.any()
     assert kd.break_even_reuse.isna().all(), "a shared-device row gets no N*"
     assert not table.loc["sft_gt.tiny.arith", "shared_device"] and table.loc["sft.tiny.arith", "comparable"]
-    assert table.loc["sft.tiny.arith", "break_even_reuse"] == math.inf   # untouched rows keep theirs
+    assert table.loc["sft.tiny.arith", "break_even_status"] == "worse"   # untouched rows keep theirs
     md = (results / "summary" / "comparison.md").read_text()
     assert "Note: shared device: kd.tiny.arith.temperature-1, kd.tiny.arith.temperature-2" in md
     assert "Reconciliation" in md

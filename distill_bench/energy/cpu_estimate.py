@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,30 @@ except Exception:  # pragma: no cover
     psutil = None
 
 
+TREE_REFRESH_S = 5.0
+_tree_lock = threading.Lock()
+_tree_cache: dict[str, Any] = {"pid": None, "at": -float("inf"), "procs": []}
+
+
 def _tree_processes():
-    me = psutil.Process()
-    try:
-        kids = me.children(recursive=True)
-    except psutil.Error:
-        kids = []
-    return [me, *kids]
+    """This process and its live descendants; the descendant list is re-read at most every ``TREE_REFRESH_S``.
+
+    Listing descendants reads every ``/proc/<pid>/stat`` on the machine (psutil's parent map). Beside a CPU-bound
+    Python main thread each of those reads waits for the GIL, so listing on every sample stalled the meter's
+    sampler for seconds (and with it the ledger that keeps a SIGKILLed attempt on the bill). CPU seconds are
+    cumulative per process, so a child found one refresh late is still counted in full; only the RSS integral
+    misses it for that interval.
+    """
+    now = time.monotonic()
+    with _tree_lock:
+        if _tree_cache["pid"] != os.getpid() or now - _tree_cache["at"] >= TREE_REFRESH_S:
+            me = psutil.Process()
+            try:
+                kids = me.children(recursive=True)
+            except psutil.Error:
+                kids = []
+            _tree_cache.update(pid=os.getpid(), at=now, procs=[me, *kids])
+        return list(_tree_cache["procs"])
 
 
 def process_tree_cpu_seconds() -> float:

@@ -88,6 +88,12 @@ def codecarbon_dir_for(out_json: Path) -> Path:
     return out_json.with_name(out_json.stem + ".codecarbon")
 
 
+class StageInterrupted(Exception):
+    """A stage stopped on a signal after saving its progress (a trainer's checkpoint-and-stop, say). The meter
+    records such an attempt as interrupted, not failed, also where the re-delivered signal did not end the process
+    itself (SIGINT is ignored in jobs a non-interactive shell starts in the background)."""
+
+
 class StageMeter:
     """Context manager (or .start()/.stop(status)) measuring one stage; see module docstring."""
 
@@ -197,6 +203,8 @@ class StageMeter:
             self.stop("interrupted", error=f"{exc_type.__name__}{': ' + str(exc) if str(exc) else ''}")
         elif issubclass(exc_type, SystemExit):
             self.stop("complete")
+        elif issubclass(exc_type, StageInterrupted):
+            self.stop("interrupted", error=f"{exc_type.__name__}: {exc}")
         else:
             self.stop("failed", error=f"{exc_type.__name__}: {exc}")
         return False
@@ -701,8 +709,8 @@ def run_stage(*, stage: str, stage_id: str, role: str, pipeline: str = "shared",
               output_accepted: Callable[[dict], bool | None] | None = None, **kwargs: Any) -> Any:
     """Open a StageMeter, call ``fn(meter=meter, **kwargs)`` and return its result.
 
-    Exceptions mark the stage 'failed' and re-raise; SIGTERM/SIGINT mark it 'interrupted', then the process exits as
-    it would have (exit 143 / KeyboardInterrupt). ``energy_settings`` is accepted as an alias of ``settings``.
+    Exceptions mark the stage 'failed' and re-raise; SIGTERM/SIGINT and ``StageInterrupted`` mark it 'interrupted',
+    then the process exits as it would have (exit 143 / KeyboardInterrupt / the exception). ``energy_settings`` is accepted as an alias of ``settings``.
     """
     if settings is None:
         settings = energy_settings

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from distill_bench.atomic import atomic_write_json, short_hash
 from distill_bench.defaults import allowed_values, section_defaults
+from distill_bench.energy import StageInterrupted
 from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import (LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_of,
                                          model_inputs)
@@ -56,7 +57,7 @@ class CheckpointMismatchError(RuntimeError):
 STALE_CHECKPOINT_POLICIES = allowed_values("training", "stale_checkpoints")
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(StageInterrupted, RuntimeError):
     """Training stopped on a signal after saving a checkpoint; rerunning resumes from it."""
 
 
