@@ -643,10 +643,10 @@ class StageMeter:
             nvml_mod.cuda_synchronize()
             with self._lock:
                 self._stopped = True
-                self._t_end = time.monotonic()
             self.sampler.stop()
             with self._lock:
                 self._final_comps = self._read_components(final=True)   # close readings at the window end
+                self._t_end = time.monotonic()    # after the last sample and counter read: all lie in the window
             cc = self.codecarbon.stop() if self.codecarbon is not None else None
             self.status = status
             self.record_dict = self._write(status=status, error=error, final=True, cc=cc)
