@@ -104,7 +104,7 @@ def plot_energy_by_role(comparison: pd.DataFrame, out: Path) -> Path:
     ax.tick_params(axis="x", rotation=30)
     for tick in ax.get_xticklabels():
         tick.set_ha("right")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)   # never over a bar
     ax.grid(axis="y", alpha=0.3)
     _atomic_savefig(fig, out)
     return out
