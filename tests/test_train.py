@@ -509,3 +509,18 @@ def test_layer_compiled_student_trains_the_eager_model(tok, examples, tmp_path):
     we, wc = weights(tmp_path / "eager"), weights(tmp_path / "layers")
     assert sorted(we) == sorted(wc), "state-dict keys unchanged (no _orig_mod prefix)"
     assert all(torch.allclose(we[k], wc[k], atol=1e-4) for k in we)
+
+
+def test_one_seed_trained_twice_on_the_cpu_gives_bit_identical_weights(tok, examples, tmp_path):
+    """Why the README's two example runs repeat every verdict: CPU training of a seed is deterministic (the same
+    students, so the same greedy evaluations); another seed is another data order and another model."""
+    import torch
+
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("other", 1)):
+        train_student(model=model(tok), tokenizer=tok, examples=examples, settings=settings(token_budget=200),
+                      seed=seed, output_dir=tmp_path / name, meter=FakeMeter())
+        runs[name] = weights(tmp_path / name)
+    assert runs["a"].keys() == runs["b"].keys()
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert any(not torch.equal(runs["a"][k], runs["other"][k]) for k in runs["a"])
