@@ -35,22 +35,14 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import offline_env  # noqa: E402, F401  (sets the offline environment before transformers loads)
 
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_suite  # noqa: E402
 from gpu_suite import OLMO2_1B, TINY, allocator_counters, dev, make_model, matmul_params, sync  # noqa: E402

@@ -47,13 +47,7 @@ import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from offline_env import ROOT  # noqa: E402  (sets the offline environment before transformers loads)
 
 CONFIG = ROOT / "configs" / "workstation.yaml"
 GSM8K_TRAIN, GSM8K_TEST = 7473, 1319
