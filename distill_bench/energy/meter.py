@@ -710,7 +710,8 @@ def run_stage(*, stage: str, stage_id: str, role: str, pipeline: str = "shared",
     """Open a StageMeter, call ``fn(meter=meter, **kwargs)`` and return its result.
 
     Exceptions mark the stage 'failed' and re-raise; SIGTERM/SIGINT and ``StageInterrupted`` mark it 'interrupted',
-    then the process exits as it would have (exit 143 / KeyboardInterrupt / the exception). ``energy_settings`` is accepted as an alias of ``settings``.
+    then the process exits as it would have (exit 143 / KeyboardInterrupt / the exception). ``energy_settings`` is
+    accepted as an alias of ``settings``.
     """
     if settings is None:
         settings = energy_settings
