@@ -262,6 +262,36 @@ def test_loss_positions_trainer_matches_trls_loss_and_gradients(tok, examples, t
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
 
 
+def test_one_process_seeing_two_gpus_trains_on_one_instead_of_refusing(tok, examples, tmp_path, monkeypatch):
+    """Without a launcher, HF's Trainer would wrap the model in nn.DataParallel over every visible GPU, and TRL
+    refuses that: a one-process stage on a 2-GPU machine must train on one GPU (SFT/KD and DPO alike)."""
+    import functools
+
+    import torch
+    import transformers
+    from datasets import Dataset
+
+    from distill_bench.dpo.train import _dpo_config
+    from distill_bench.train.trainer import _loss_positions_sft_trainer, _sft_config, _with_labels
+
+    def two_gpus(self):   # what TrainingArguments finds in one process that sees two GPUs
+        self._n_gpu, self.distributed_state = 2, None
+        return torch.device("cpu")
+
+    setup = functools.cached_property(two_gpus)   # computed once per arguments object, like the real one
+    setup.__set_name__(transformers.TrainingArguments, "_setup_devices")
+    monkeypatch.setattr(transformers.TrainingArguments, "_setup_devices", setup)
+    s = settings(batch_size=4)
+    args = _sft_config(s, tmp_path / "sft", 1, 0, True)
+    assert args.n_gpu == 1
+    batch_examples = _with_labels([{k: e[k] for k in ("input_ids", "completion_mask")} for e in examples[:4]])
+    _loss_positions_sft_trainer()(model=model(tok, seed=5), args=args, processing_class=tok,
+                                  train_dataset=Dataset.from_list(batch_examples))
+    dpo_args = _dpo_config(s, {"epochs": 1, "beta": 0.1, "loss_type": "sigmoid", "precompute_ref_logprobs": False},
+                           tmp_path / "dpo", 1, 0, True)
+    assert dpo_args.n_gpu == 1
+
+
 def test_uneven_multi_rank_split_is_refused_before_training():
     from distill_bench.train.trainer import check_even_split
 

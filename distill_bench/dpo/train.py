@@ -33,7 +33,7 @@ from distill_bench.models.build import (check_model_tokenizer, load_model, resol
 from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
 from distill_bench.train.optim import trainer_optimizer
 from distill_bench.train.trainer import (TrainingJob, TrainSettings, check_even_split, checkpoints_dir, mean_loss,
-                                         prepare_process, run_training, training_arguments)
+                                         one_process_one_gpu, prepare_process, run_training, training_arguments)
 from distill_bench.dpo.judges import sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _dpo_trainer_class():
 def _dpo_config(settings, cfg: Mapping[str, Any], ckpt_dir: Path, max_steps: int, seed: int, use_cpu: bool):
     from trl import DPOConfig
 
-    return DPOConfig(
+    return one_process_one_gpu(DPOConfig(
         **training_arguments(settings, ckpt_dir, max_steps, seed, use_cpu),
         num_train_epochs=int(cfg["epochs"]),
         beta=float(cfg["beta"]),
@@ -114,7 +114,7 @@ def _dpo_config(settings, cfg: Mapping[str, Any], ckpt_dir: Path, max_steps: int
         max_length=None,                     # over-long pairs were dropped; never truncate here
         precompute_ref_log_probs=bool(cfg["precompute_ref_logprobs"]),
         disable_dropout=True,
-    )
+    ))
 
 
 def _curve(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:

@@ -374,6 +374,18 @@ def training_callbacks():
     return StopOnSignal, SaveCounts
 
 
+def one_process_one_gpu(args: Any) -> Any:
+    """A stage launched as one process trains on one GPU. Without a distributed launcher HF's Trainer would wrap the
+    model in ``nn.DataParallel`` over every visible GPU (TRL refuses that); several GPUs go through the torchrun
+    launch (``training.gpus``). The meter still sees every visible GPU, so lease or set ``CUDA_VISIBLE_DEVICES``."""
+    if args.n_gpu > 1 and args.world_size == 1:
+        log.warning("%d GPUs visible to a one-process training: it uses cuda:0 only (training.gpus launches several; "
+                    "the workflow's lease or CUDA_VISIBLE_DEVICES keeps the others out of the stage's energy)",
+                    args.n_gpu)
+        args._n_gpu = 1
+    return args
+
+
 def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: int,
                        use_cpu: bool) -> dict[str, Any]:
     """The ``TrainingArguments`` keywords every trainer shares (SFT, KD, DPO): optimizer, schedule over the real
@@ -427,7 +439,7 @@ def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: i
         extra.update(torch_compile=True)
     if world > 1:
         extra.update(ddp_find_unused_parameters=False)   # every parameter gets a gradient: skip the graph walk
-    return SFTConfig(
+    return one_process_one_gpu(SFTConfig(
         **extra,
         **training_arguments(settings, ckpt_dir, max_steps, seed, use_cpu),
         max_steps=max_steps,
@@ -438,7 +450,7 @@ def _sft_config(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: i
         packing=False,
         padding_free=False,                   # our collator (LMCollator) lays out padded or padding-free batches
         train_sampling_strategy="sequential",  # the stream order *is* the budget order
-    )
+    ))
 
 
 def _with_labels(stream: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
