@@ -87,3 +87,21 @@ def model(tok):
     from toy_generation import build_toy_model
 
     return build_toy_model(tok, seed=3)
+
+
+@pytest.fixture
+def decode_modes(monkeypatch):
+    """The ``hf_decode`` of every batch the chunked generation loop decodes; each batch itself decodes eagerly, fast
+    on the CPU whatever mode was asked for."""
+    import dataclasses
+
+    from distill_bench.generation import chunked
+
+    real, seen = chunked.generate, []
+
+    def spy(model, tok, prompts, settings, on_batch=None):
+        seen.append(settings.hf_decode)
+        return real(model, tok, prompts, dataclasses.replace(settings, hf_decode="eager"), on_batch=on_batch)
+
+    monkeypatch.setattr(chunked, "generate", spy)
+    return seen

@@ -176,6 +176,12 @@ def test_interrupted_shard_resumes_from_completed_chunks(env, greedy_unsharded, 
                                                   if int(r["prompt_id"].rsplit("-", 1)[1]) >= 8)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_synthetic_hf_decode_reaches_the_decode_loop(env, decode_modes, mode):
+    run_shards(env, f"decode-{mode}", synth(hf_decode=mode, n_prompts=2), 1)
+    assert decode_modes and set(decode_modes) == {mode}
+
+
 def test_merge_applies_filters_and_records_counts(env, greedy_unsharded):
     cfg = synth(filters={"min_tokens": 1, "max_tokens": None, "drop_truncated": True, "dedup": True,
                          "verify_answer": False})

@@ -109,7 +109,8 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
     settings = GenerationSettings(
         backend=backend, batch_size=int(decoding["batch_size"]), max_new_tokens=int(decoding["max_new_tokens"]),
         temperature=float(decoding["temperature"]), top_p=float(decoding["top_p"]),
-        num_samples=int(decoding["samples_per_prompt"]), seed=int(seed), prompt_overflow="drop")
+        num_samples=int(decoding["samples_per_prompt"]), seed=int(seed), prompt_overflow="drop",
+        hf_decode=decoding["hf_decode"])
 
     train = _load_source(dataset)["train"]
     total = len(train) if n_limit is None else min(int(n_limit), len(train))
