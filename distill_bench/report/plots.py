@@ -42,6 +42,7 @@ def plot_pareto(comparison: pd.DataFrame, out: Path, size_labels: dict[str, str]
     frame["size"] = frame["student"].map(lambda s: size_labels.get(s) or s)
     sizes = sorted(frame["size"].unique())
     fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(6.4 * max(1, len(sizes)), 4.8), squeeze=False)
+    frontier_drawn = False
     for ax, size in zip(axes[0], sizes):
         sub = frame[frame["size"] == size]
         for _, r in sub.iterrows():
@@ -71,12 +72,16 @@ def plot_pareto(comparison: pd.DataFrame, out: Path, size_labels: dict[str, str]
                               if not (math.isnan(e) or math.isnan(q))])
         if len(front) > 1:
             ax.plot(*zip(*front), "--", color="black", alpha=0.4, label="Pareto frontier")
+            frontier_drawn = True
         ax.set_title(f"student {size}")
         ax.set_xlabel("energy per student, Wh (filled: one-off, hollow: amortised)")
-        ax.set_ylabel("exact match (flexible), % (mean over seeds, CI over seeds and items; dots: seeds)")
+        ax.set_ylabel("exact match (flexible), %\nmean over seeds; bars: CI over seeds and items; dots: seeds",
+                      fontsize=9)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=p) for p, c in PIPELINE_COLORS.items()
                if p in set(frame.pipeline)]
+    if frontier_drawn:
+        handles.append(plt.Line2D([], [], ls="--", color="black", alpha=0.4, label="Pareto frontier"))
     axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.suptitle("Energy vs quality (upper left is better)")
     _atomic_savefig(fig, out)
