@@ -34,6 +34,9 @@ problems, max_new_tokens per generation (upper bound) and an assumed 230 tokens 
     python benchmarks/gpu_workstation.py --out $OUT           # one H100/H200, ~6 minutes (--budget-s: when to
                                                               # stop starting stages; --teacher qwen2.5-1.5b-instruct)
     python benchmarks/gpu_workstation.py --out DIR --quick    # tiny shapes on CPU (every code path, seconds)
+    python benchmarks/gpu_workstation.py --out $OUT --previous earlier.json --skip teacher.generate,...
+                                                              # a second call: the stages the first did not reach,
+                                                              # the others' records kept from the first
 """
 from __future__ import annotations
 
@@ -130,9 +133,19 @@ def build_checkpoints(work: Path, size: dict, device: str, texts: list[str]) -> 
 class Runner:
     """Runs registry stages in the meter, records their stage JSON, skips what the time budget no longer allows."""
 
-    def __init__(self, out: Path, work: Path, budget_s: float):
+    def __init__(self, out: Path, work: Path, budget_s: float, skip: frozenset[str] = frozenset(),
+                 previous: dict[str, dict] | None = None):
         self.out, self.work, self.budget_s = out, work, budget_s
+        self.skip, self.previous = skip, previous or {}
         self.records: dict[str, dict] = {}
+
+    def keep_previous(self) -> None:
+        """Skipped stages whose caller never reached them (a condition on a skipped stage's output) still take their
+        earlier record, so the scaled table covers both calls."""
+        for label in sorted(self.skip - self.records.keys()):
+            earlier = self.previous.get(label)
+            if earlier and earlier.get("seconds") is not None:
+                self.records[label] = {**earlier, "from_previous_run": True}
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - T0)
@@ -141,6 +154,16 @@ class Runner:
               train_log: Path | None = None, **kwargs) -> dict | None:
         from distill_bench.stages import run_named_stage
 
+        if label in self.skip:
+            earlier = self.previous.get(label)
+            if earlier and earlier.get("seconds") is not None:
+                # measured by an earlier call on the same kind of device: kept, and labelled as such
+                self.records[label] = {**earlier, "from_previous_run": True}
+                log(f"{label}: skipped (--skip); its record comes from the earlier run (--previous)")
+            else:
+                self.records[label] = {"label": label, "rule": rule, "skipped": True}
+                log(f"{label}: skipped (--skip)")
+            return None
         if self.left() < min_left_s:
             log(f"{label}: skipped ({self.left():.0f}s left of the time budget, needs ~{min_left_s:.0f}s)")
             self.records[label] = {"label": label, "rule": rule, "skipped": True}
@@ -190,12 +213,26 @@ def summarize_stage(label, rule, out_json: Path, wall_s: float, error, train_log
     return rec
 
 
-def make_pairs(candidates: Path, dataset: Path, out: Path) -> Path:
+def make_pairs(candidates: Path, dataset: Path, out: Path, tokenizer_dir: Path, max_tokens: int) -> Path:
     """chosen = the reference answer, rejected = the student's sample (a random model's samples tie under the
-    verifier, so the judge would keep no pair; DPO training cost depends on lengths, not on who wins)."""
+    verifier, so the judge would keep no pair; DPO training cost depends on lengths, not on who wins). The sample is
+    cut to ``max_tokens`` of the student's tokenizer: a random model emits ids of the tokenizer's filler region, whose
+    text re-encodes ~6x longer, so uncut pairs would not fit max_length, while a real sample is at most
+    max_new_tokens long."""
     import datasets
+    from transformers import AutoTokenizer
 
     from distill_bench.dpo.stage import read_candidates
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+    def cut(text: str) -> str:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        limit = max_tokens
+        while len(ids) > max_tokens and limit > 0:   # decode/re-encode may merge differently: cut until it fits
+            text = tok.decode(ids[:limit])
+            ids, limit = tok(text, add_special_tokens=False)["input_ids"], limit - 8
+        return text
 
     rows, _ = read_candidates(candidates)
     ref = {r["id"]: r["response"] for r in datasets.load_from_disk(str(dataset))["train"]}
@@ -205,7 +242,7 @@ def make_pairs(candidates: Path, dataset: Path, out: Path) -> Path:
             continue
         seen.add(r["prompt_id"])
         pairs.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": ref[r["prompt_id"]],
-                      "rejected": r["response"], "chosen_score": 1.0, "rejected_score": 0.0,
+                      "rejected": cut(r["response"]), "chosen_score": 1.0, "rejected_score": 0.0,
                       "chosen_source": "reference", "rejected_source": "student"})
     datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs)}).save_to_disk(str(out))
     return out
@@ -257,7 +294,8 @@ def run_pipelines(runner: Runner, ckpt: dict, data: Path, sections: dict, seed: 
                      models={"student": str(sft_final)}, dataset=str(data), out_dir=str(cand), dpo=sections["dpo"],
                      seed=seed, min_left_s=40)
     if cand.is_dir():
-        pairs = make_pairs(cand, data, w / "teacher" / "preferences" / "pairs")
+        pairs = make_pairs(cand, data, w / "teacher" / "preferences" / "pairs", sft_final,
+                           sections["dpo"]["max_new_tokens"])
         train("student.train.dpo.qwen05", "dpo", qwen, pairs, students / "dpo.qwen05", init=sft_final,
               method="dpo", dpo=sections["dpo"])
     if sft_final.is_dir():
@@ -393,7 +431,8 @@ def print_tables(records: dict, scaled: dict) -> str:
                          " | | | | | |")
             continue
         loss = (f"{rec['loss_first']:.3f} -> {rec['loss_last']:.3f}" if "loss_first" in rec else "")
-        lines.append(f"| {rec['label']} | {rec['seconds']:.1f} | {fmt(rec['tokens'])} {rec['token_kind'] or ''} | "
+        earlier = " (earlier run)" if rec.get("from_previous_run") else ""
+        lines.append(f"| {rec['label']}{earlier} | {rec['seconds']:.1f} | {fmt(rec['tokens'])} {rec['token_kind'] or ''} | "
                      f"{fmt(rec['tok_per_s'])} | {fmt(rec['steady_tok_per_s'])} | {fmt(rec['gpu_j'])} | "
                      f"{fmt(rec['j_per_token'], '.4f')} | {loss} |")
     lines += ["", "Scaled to configs/workstation.yaml: measured overhead per job + full-config tokens at the measured "
@@ -427,6 +466,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="where checkpoints go (default: a temporary dir)")
     ap.add_argument("--teacher", default=MODELS["teacher"], help="teacher architecture (qwen2.5-1.5b-instruct: the "
                     "24 GB option named in configs/workstation.yaml)")
+    ap.add_argument("--skip", default="", help="comma-separated stage labels not to run (e.g. what an earlier call "
+                    "measured); a later stage that needs a skipped one's output skips itself")
+    ap.add_argument("--previous", type=Path, default=None, help="an earlier run's gpu_workstation.json: skipped "
+                    "stages take their record from it (marked 'earlier run'), so the scaled table covers both calls")
     args = ap.parse_args(argv)
 
     import torch
@@ -452,9 +495,12 @@ def main(argv=None) -> int:
     ckpt = build_checkpoints(work, size, device, list(train["prompt"]) + list(train["response"]))
     if device == "cuda":
         torch.cuda.empty_cache()
-    runner = Runner(out, work, size["budget_s"])
+    skip = frozenset(label for label in args.skip.split(",") if label)
+    previous = json.loads(args.previous.read_text())["stages"] if args.previous else None
+    runner = Runner(out, work, size["budget_s"], skip, previous)
     try:
         run_pipelines(runner, ckpt, data, sections, seed=int(cfg["seed"]))
+        runner.keep_previous()
     finally:
         scaled = scale_to_config(cfg, plan, runner.records)
         table = print_tables(runner.records, scaled)

@@ -75,6 +75,8 @@ def test_workstation_benchmark_runs_every_stage_of_the_config_and_scales_it(tmp_
         assert stages[label]["tokens"] == budget                              # counted exactly
         assert stages[label]["loss_last"] < stages[label]["loss_first"], label  # it learns
     assert stages["student.train.dpo.qwen05"]["loss_last"] != stages["student.train.dpo.qwen05"]["loss_first"]
+    dpo = stages["student.train.dpo.qwen05"]["metrics"]
+    assert dpo["dropped_over_max_length"] == 0 and dpo["pairs"] == res["sections"]["dpo"]["n_prompts"]
     # random weights never stop: every teacher prompt generates max_new_tokens, counted with the teacher's tokenizer
     syn = res["sections"]["synthetic"]
     assert stages["teacher.generate"]["tokens"] == syn["n_prompts"] * syn["max_new_tokens"]
@@ -85,6 +87,22 @@ def test_workstation_benchmark_runs_every_stage_of_the_config_and_scales_it(tmp_
     assert scaled["seeds"] == 3 and scaled["shared_s"] > 0 and scaled["per_seed_s"] > 0
     assert scaled["all_seeds_s"] == pytest.approx(scaled["shared_s"] + 3 * scaled["per_seed_s"])
     assert "Scaled to configs/workstation.yaml" in out and "| teacher.logits |" in out
+
+    # a second call runs only what it is asked to and keeps the first call's records for the skipped stages,
+    # also those only reached through a skipped stage's output (KD needs the teacher's cache)
+    first = tmp_path / "gpu_workstation.json"
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(first.read_text())
+    skipped = ("teacher.generate", "teacher.logits", "student.train.kd.qwen05", "eval.kd.qwen05")
+    second = tmp_path / "second"
+    out = run("gpu_workstation.py", second, "--previous", str(earlier), "--skip", ",".join(skipped))
+    again = json.loads((second / "gpu_workstation.json").read_text())["stages"]
+    for label in skipped:
+        assert again[label]["from_previous_run"] and again[label]["seconds"] == stages[label]["seconds"], label
+    assert not again["eval.teacher"].get("from_previous_run") and again["eval.teacher"]["tokens"] > 0
+    assert "| teacher.logits (earlier run) |" in out
+    assert not [r for r in json.loads((second / "gpu_workstation.json").read_text())["scaled"]["rows"]
+                if r.get("missing")]
 
 
 def test_multi_gpu_benchmark_runs_sft_kd_dpo_and_loss_check_through_the_launch(tmp_path):
