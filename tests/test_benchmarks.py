@@ -88,6 +88,23 @@ def test_workstation_benchmark_runs_every_stage_of_the_config_and_scales_it(tmp_
     assert scaled["all_seeds_s"] == pytest.approx(scaled["shared_s"] + 3 * scaled["per_seed_s"])
     assert "Scaled to configs/workstation.yaml" in out and "| teacher.logits |" in out
 
+    # training rates come from the trainer's step window (the meter's steady state runs on through the final save)
+    for label in ("student.train.sft_gt.qwen05", "student.train.kd.qwen05", "student.train.dpo.qwen05"):
+        assert stages[label]["steady_tok_per_s"] == stages[label]["metrics"]["speed"]["trained_tokens_per_s"]
+    # --rescale re-derives an earlier run's rates and tables without running anything
+    older = {**res, "stages": {k: ({**r, "steady_tok_per_s": 1.0, "rate_basis": "steady state (meter)"}
+                                   if r.get("token_kind") == "trained_tokens" else r)
+                               for k, r in stages.items()}}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_workstation.py"), "--out",
+                           str(tmp_path / "rescaled"), "--rescale", str(tmp_path / "older.json")],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rescaled = json.loads((tmp_path / "rescaled" / "gpu_workstation.json").read_text())
+    assert rescaled["stages"]["student.train.dpo.qwen05"]["steady_tok_per_s"] == \
+        stages["student.train.dpo.qwen05"]["steady_tok_per_s"]
+    assert rescaled["scaled"]["per_seed_s"] == pytest.approx(scaled["per_seed_s"])
+
     # a second call runs only what it is asked to and keeps the first call's records for the skipped stages,
     # also those only reached through a skipped stage's output (KD needs the teacher's cache)
     first = tmp_path / "gpu_workstation.json"
