@@ -142,13 +142,17 @@ class Runner:
         self.skip, self.previous = skip, previous or {}
         self.records: dict[str, dict] = {}
 
+    def _earlier(self, label: str) -> dict | None:
+        """The earlier call's record of a measured stage, marked as such (``--previous``)."""
+        earlier = self.previous.get(label)
+        return {**earlier, "from_previous_run": True} if earlier and earlier.get("seconds") is not None else None
+
     def keep_previous(self) -> None:
         """Skipped stages whose caller never reached them (a condition on a skipped stage's output) still take their
         earlier record, so the scaled table covers both calls."""
         for label in sorted(self.skip - self.records.keys()):
-            earlier = self.previous.get(label)
-            if earlier and earlier.get("seconds") is not None:
-                self.records[label] = {**earlier, "from_previous_run": True}
+            if (earlier := self._earlier(label)) is not None:
+                self.records[label] = earlier
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - T0)
@@ -158,10 +162,8 @@ class Runner:
         from distill_bench.stages import run_named_stage
 
         if label in self.skip:
-            earlier = self.previous.get(label)
-            if earlier and earlier.get("seconds") is not None:
-                # measured by an earlier call on the same kind of device: kept, and labelled as such
-                self.records[label] = {**earlier, "from_previous_run": True}
+            if (earlier := self._earlier(label)) is not None:
+                self.records[label] = earlier
                 log(f"{label}: skipped (--skip); its record comes from the earlier run (--previous)")
             else:
                 self.records[label] = {"label": label, "rule": rule, "skipped": True}
