@@ -38,10 +38,12 @@ R = CFG["results_dir"]
 # bill the other's work. GPU-capable rules declare the resource `gpu` and the global `gpu` is the number of visible
 # GPUs (no flag to remember; `--resources gpu=N` still wins). Cluster submission (--jobs, a remote executor) is left
 # alone: the scheduler grants GPUs there. Without a visible GPU nothing changes and every rule runs on the CPU.
+# energy.exclusive_gpus: false drops both the cap and the leases (stages may then share a GPU; the meters detect it).
 LOCAL_GPUS = 0
+EXCLUSIVE_GPUS = bool(CFG["energy"]["exclusive_gpus"])
 if workflow.is_main_process and workflow.global_resources["_nodes"].value is None:
     LOCAL_GPUS = visible_gpu_count()
-    if LOCAL_GPUS and "gpu" not in workflow.global_resources:
+    if LOCAL_GPUS and EXCLUSIVE_GPUS and "gpu" not in workflow.global_resources:
         workflow.register_resource("gpu", LOCAL_GPUS)
 
 

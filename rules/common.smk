@@ -2,6 +2,7 @@
 # roll-up reads too, so the DAG and the energy accounting cannot disagree.
 
 from distill_bench.config.plan import STAGE_IDS
+from distill_bench.energy.settings import IGNORED_CONFIG_KEYS
 
 
 wildcard_constraints:
@@ -20,11 +21,7 @@ wildcard_constraints:
 # through the params of a rule; they change how a stage is measured, not what it makes, so changing them reruns no stage
 # (only the prerun check and the idle baseline, which take them as params). Re-measure with --forcerun.
 # (the idle baseline and environment snapshot reach each stage's meter through its METER_INPUTS, not here)
-ENERGY = {
-    k: v
-    for k, v in CFG["energy"].items()
-    if k not in ("idle_seconds", "accept_shared_devices")
-}
+ENERGY = {k: v for k, v in CFG["energy"].items() if k not in IGNORED_CONFIG_KEYS}
 config[METER_SETTINGS_KEY] = ENERGY
 # idle baseline and environment snapshot: needed before any stage, but their mtime must not rerun the DAG
 METER_INPUTS = {
@@ -54,7 +51,9 @@ def resources_for(rule_name):
             out[key] = value
     if LOCAL_GPUS and rule_name in GPU_CAPABLE_RULES:
         out.pop("gres", None)
-        out["gpu"] = local_gpu_resource(rule_name)
+        out.pop("gpu", None)
+        if EXCLUSIVE_GPUS:
+            out["gpu"] = local_gpu_resource(rule_name)
     return out
 
 

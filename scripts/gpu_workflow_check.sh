@@ -10,12 +10,16 @@
 #   scripts/gpu_workflow_check.sh --dry      here (CPU): the same steps with `snakemake -n`, the environment's own
 #                                            snakemake, no wheels installed
 #
-# Extra arguments go to snakemake (e.g. --configfile another.yaml after the default one overrides it).
+#   CONFIGS="configs/gpu_single.yaml configs/gpu_single_shared.yaml" scripts/gpu_workflow_check.sh
+#                                            the same run from several config files, later ones overriding earlier
+#                                            ones (here: without exclusive GPU leases, for the price of exclusivity)
+#
+# Extra arguments go to snakemake.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 if [ "${1:-}" = "--dry" ]; then DRY=1; shift; fi
-CONFIG=configs/gpu_single.yaml
+CONFIGS="${CONFIGS:-configs/gpu_single.yaml}"
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -29,7 +33,9 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-RESULTS=$($PY -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['results_dir'])")
+# the results directory: the last of the config files that names one (Snakemake merges them in that order)
+RESULTS=$($PY -c "import sys, yaml
+print([c['results_dir'] for c in map(lambda p: yaml.safe_load(open(p)) or {}, sys.argv[1:]) if 'results_dir' in c][-1])" $CONFIGS)
 
 read_counters() {   # independent of distill_bench: a few lines of pynvml
   $PY - "$1" <<'EOF'
@@ -54,12 +60,12 @@ $PY -c 'import torch, snakemake; print("torch", torch.__version__, "cuda", torch
 read_counters "$WORK/before.json"
 set +e
 if [ "$DRY" = 1 ]; then
-  snakemake -n --configfile "$CONFIG" --cores all "$@" 2>&1 | tee "$OUT/snakemake.log" | tail -25
+  snakemake -n --configfile $CONFIGS --cores all "$@" 2>&1 | tee "$OUT/snakemake.log" | tail -25
 else
   # SNAKEMAKE_TIMEOUT (seconds) stops the run with SIGINT so the counters, the check and the partial results still
   # come back when the caller's own limit is near
   ${SNAKEMAKE_TIMEOUT:+timeout --signal=INT --kill-after=30 "$SNAKEMAKE_TIMEOUT"} \
-    snakemake --configfile "$CONFIG" --cores all "$@" 2>&1 | tee "$OUT/snakemake.log" | tail -40
+    snakemake --configfile $CONFIGS --cores all "$@" 2>&1 | tee "$OUT/snakemake.log" | tail -40
 fi
 status=${PIPESTATUS[0]}
 set -e

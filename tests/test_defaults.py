@@ -24,8 +24,8 @@ from distill_bench.train.trainer import OPTIMIZERS, SCHEDULERS, TrainSettings
 ROOT = Path(__file__).resolve().parents[1]
 # fields that wire a settings object into the workflow (file paths), not config keys with a default
 WIRING = {EnergySettings: {"idle_json", "environment_json"}}
-# config keys that configure something other than the object (the workflow's idle-baseline rule)
-ELSEWHERE = {EnergySettings: {"idle_seconds", "accept_shared_devices"}}
+# config keys that configure something other than the object (the idle-baseline rule, the roll-up, the scheduler)
+ELSEWHERE = {EnergySettings: {"idle_seconds", "accept_shared_devices", "exclusive_gpus"}}
 DATACLASSES = [(TrainSettings, "training"), (EnergySettings, "energy"), (GenerationSettings, "generation")]
 
 

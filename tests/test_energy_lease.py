@@ -493,6 +493,17 @@ def test_gpu_rules_declare_a_gpu_on_a_gpu_machine_and_nothing_changes_without_on
     assert "gpu=1" in one_of_two["idle_baseline"] and "gpu=1" in one_of_two["train_student"]
 
 
+def test_exclusive_gpus_false_drops_the_cap_and_the_leases_on_a_gpu_machine(tmp_path):
+    settings = tmp_path / "shared.yaml"
+    settings.write_text("energy: {exclusive_gpus: false, accept_shared_devices: true}\n")
+    proc = snakemake_dry_run(tmp_path, "GPU-fake-0", "--configfile", str(REPO / "tests" / "configs" / "tiny.yaml"),
+                             str(settings))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    blocks = rule_blocks(proc.stdout)
+    assert {"train_student", "evaluate", "idle_baseline"} <= set(blocks)
+    assert not any("gpu=" in block for block in blocks.values())     # no job leases a device, none is capped
+
+
 def test_a_rule_asking_for_more_gpus_than_visible_is_a_planning_error(tmp_path):
     import yaml
 

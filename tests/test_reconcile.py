@@ -397,3 +397,12 @@ def test_run_timeline_of_a_gpu_run_with_cpu_only_stages_beside_the_gpu_ones(tmp_
                                  {r["stage_id"]: json.loads(Path(r["path"]).read_text()) for r in rows})
     out = plots.plot_run_timeline(pd.DataFrame(rows), tmp_path / "run_timeline.png", record)
     assert out.stat().st_size > 0
+
+
+def test_run_timeline_caption_never_shows_a_negative_unattributed_power():
+    from distill_bench.report.plots import unattributed_caption
+
+    text, mean_w = unattributed_caption({"device": "gpu0", "unattributed_j": 3600.0, "unattributed_s": 36.0})
+    assert mean_w == 100.0 and "unattributed 1 Wh over 36 s = 100 W mean" in text
+    text, mean_w = unattributed_caption({"device": "gpu0", "unattributed_j": -22700.0, "unattributed_s": 47.0})
+    assert mean_w is None and "charged 6.31 Wh more than the device's counter" in text and " W mean" not in text

@@ -94,16 +94,24 @@ def test_single_gpu_config_validates_and_dry_runs_with_every_gpu_rule_asking_for
             "idle_baseline", "prerun"} <= gpu_rules <= GPU_CAPABLE_RULES
     assert {"prepare_data", "prepare_tokenizer", "init_student", "merge_synthetic", "rollup"} <= cpu_rules
     trains = [w for r, w in planned_jobs(proc.stdout) if r == "train_student"]
-    assert len(trains) == 7
+    assert len(trains) == 5   # sft_gt, kd at two temperatures, sft, dpo
     assert not (tmp_path / "results_gpu_single").exists(), "a dry-run reads no counters and writes nothing"
 
 
-def test_gpu_workflow_check_dry_mode_plans_the_single_gpu_run_on_cpu(tmp_path):
+@pytest.mark.parametrize("configs, results_dir", [
+    (None, "results_gpu_single"),
+    ("configs/gpu_single.yaml configs/gpu_single_shared.yaml", "results_gpu_single_shared"),
+])
+def test_gpu_workflow_check_dry_mode_plans_the_single_gpu_run_on_cpu(tmp_path, configs, results_dir):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    if configs:
+        env["CONFIGS"] = configs
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_workflow_check.sh"), "--dry"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "This was a dry-run" in proc.stdout and "snakemake exit status: 0" in proc.stdout
+    log = (tmp_path / "out" / "snakemake.log").read_text()
+    assert f"{results_dir}/energy/" in log and (configs is None) == ("results_gpu_single_shared" not in log)
     for name in ("before.json", "after.json", "snakemake.log"):
         assert (tmp_path / "out" / name).exists()
     assert "time" in json.loads((tmp_path / "out" / "before.json").read_text())

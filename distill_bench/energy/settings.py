@@ -12,7 +12,7 @@ from distill_bench.defaults import allowed_values, section_defaults
 DEFAULTS = section_defaults("energy")
 POLICIES = allowed_values("energy", "policy")
 # keys of the workflow config's `energy:` section that configure something other than the meter
-IGNORED_CONFIG_KEYS = ("idle_seconds", "accept_shared_devices")
+IGNORED_CONFIG_KEYS = ("idle_seconds", "accept_shared_devices", "exclusive_gpus")
 
 
 @dataclass

@@ -180,6 +180,19 @@ def _uncovered(windows: list[tuple[float, float]], lo: float, hi: float) -> list
     return out
 
 
+def unattributed_caption(device: dict) -> tuple[str, float | None]:
+    """The power panel's line about one device's unattributed energy, and the mean power to draw over the time no
+    stage covered it -- None when the stages were charged more than the counter saw (stages shared the device), where
+    an 'unattributed' power would be negative and meaningless."""
+    joules, seconds = device["unattributed_j"], device["unattributed_s"]
+    if joules < 0:
+        return (f"{device['device']}: the stages were charged {-joules / 3600:.3g} Wh more than the device's counter "
+                "saw over the run (stages shared it: reconciliation.md names them)"), None
+    mean_w = joules / seconds
+    return (f"{device['device']}: unattributed {joules / 3600:.3g} Wh over {seconds:.0f} s = {mean_w:.0f} W mean while "
+            "no stage used it (dashed; counter over the run)"), mean_w
+
+
 def plot_run_timeline(stages: pd.DataFrame, out: Path, reconciliation: dict | None = None) -> Path:
     """The run on the wall clock: one bar per stage attempt (row per stage, colour by role, Wh label), the device
     power underneath (GPU power per device, else the stages' summed process CPU utilisation), the stretches no stage
@@ -254,14 +267,13 @@ def plot_run_timeline(stages: pd.DataFrame, out: Path, reconciliation: dict | No
         unattributed = [d for d in rec.get("devices") or [] if d.get("kind") == "gpu" and d.get("unattributed_s")
                         and d.get("unattributed_j") is not None]
         for i, d in enumerate(unattributed):
-            # the counter's energy no stage was charged, spread over the time no stage covered that device
-            mean_w = d["unattributed_j"] / d["unattributed_s"]
-            on_device = [(rel(parse_time(w["start"])), rel(parse_time(w["end"]))) for w in d.get("stages") or []]
-            for a, b in _uncovered(on_device, 0.0, span):
-                axp.plot([a, b], [mean_w, mean_w], ls="--", color="#C44E52", lw=1)
-            axp.text(0.99, 0.04 + 0.08 * i, f"{d['device']}: unattributed {d['unattributed_j'] / 3600:.3g} Wh over "
-                     f"{d['unattributed_s']:.0f} s = {mean_w:.0f} W mean while no stage used it (dashed; "
-                     "counter over the run)", transform=axp.transAxes, fontsize=7, ha="right", va="bottom")
+            caption, mean_w = unattributed_caption(d)
+            if mean_w is not None:
+                # the counter's energy no stage was charged, spread over the time no stage covered that device
+                on_device = [(rel(parse_time(w["start"])), rel(parse_time(w["end"]))) for w in d.get("stages") or []]
+                for a, b in _uncovered(on_device, 0.0, span):
+                    axp.plot([a, b], [mean_w, mean_w], ls="--", color="#C44E52", lw=1)
+            axp.text(0.99, 0.04 + 0.08 * i, caption, transform=axp.transAxes, fontsize=7, ha="right", va="bottom")
         axp.set_ylim(bottom=0)
     else:
         step = max(1.0, span / 400)
