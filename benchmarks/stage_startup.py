@@ -5,6 +5,7 @@ meter pays just before its window opens). The stage JSONs show the sum of these 
 of every GPU stage; this splits it.
 
     python benchmarks/stage_startup.py --model DIR [--tokenizer DIR] [--repeats 3] [--out DIR]
+    python benchmarks/stage_startup.py --quick --out DIR     # CPU: a tiny model it builds itself, one repeat
 
 Prints a table (median and range over the repeats, seconds) and writes stage_startup.json under --out.
 """
@@ -74,14 +75,33 @@ def probe(model: str, tokenizer: str, codecarbon: bool) -> list[tuple[str, float
     return [tuple(s) for s in json.loads(line[len("STEPS "):])]
 
 
+def tiny_model(out: Path) -> Path:
+    """A 2-layer model with the embedded task's tokenizer, saved like a workflow's model directory."""
+    sys.path.insert(0, str(ROOT))
+    from distill_bench.models.build import init_model_from_arch, save_model_dir
+    from distill_bench.models.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["12 + 7 = 19", "3 * 4 = 12", "what is 5 - 2?"] * 20, vocab_size=64)
+    model = init_model_from_arch({"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+                                 tok, seed=0)
+    return save_model_dir(model, out / "tiny_model", tokenizer=tok)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="a model directory of a finished run (a teacher or student)")
+    ap.add_argument("--model", default=None, help="a model directory of a finished run (a teacher or student)")
     ap.add_argument("--tokenizer", default=None, help="its tokenizer directory (default: the model directory)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-codecarbon", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="a tiny model built here, one repeat, no CodeCarbon")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.quick:
+        if not args.out:
+            ap.error("--quick needs --out (the tiny model is written there)")
+        args.model, args.repeats, args.no_codecarbon = str(tiny_model(Path(args.out))), 1, True
+    if not args.model:
+        ap.error("--model is required (or --quick)")
     runs = [probe(args.model, args.tokenizer or args.model, not args.no_codecarbon) for _ in range(args.repeats)]
     names = [name for name, _ in runs[0]]
     rows = []

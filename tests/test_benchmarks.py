@@ -156,3 +156,14 @@ def test_harness_overhead_benchmark_times_stage_imports(tmp_path):
     assert res["python_floor_s"] > 0 and len(res["rows"]) == 3
     assert all(r["imports_s"] > 0 and r["process_s"] >= r["imports_s"] for r in res["rows"])
     assert "stage:prepare_data" in out
+
+
+def test_stage_startup_benchmark_splits_a_gpu_stage_start_into_its_steps(tmp_path):
+    out = run("stage_startup.py", tmp_path)
+    res = json.loads((tmp_path / "stage_startup.json").read_text())
+    steps = [r["step"] for r in res["rows"]]
+    assert steps[:2] == ["import distill_bench.energy", "import torch"] and steps[-1] == "total"
+    assert "load model onto the device" in steps and "CUDA initialisation" in steps
+    total = res["rows"][-1]["median_s"]
+    assert total > 0 and abs(total - sum(r["median_s"] for r in res["rows"][:-1])) < 1e-6
+    assert "load model onto the device" in out
