@@ -46,7 +46,7 @@ def dynamo_counts() -> dict:
 
 
 def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True,
-                decode_attention: str = "grouped") -> dict:
+                decode_attention: str = "grouped", prefill: str = "eager") -> dict:
     from distill_bench.generation.hf_backend import count_generated, generate_ids
 
     per = max(1, settings.batch_size)
@@ -55,7 +55,8 @@ def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True,
            "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": settings.max_new_tokens}
     if warm:
         tc = time.perf_counter()
-        generate_ids(model, first, settings, eos, 0, lambda *a: None, decode_attention=decode_attention)
+        generate_ids(model, first, settings, eos, 0, lambda *a: None, decode_attention=decode_attention,
+                     prefill=prefill)
         sync()
         res["warmup_first_batch_s"] = time.perf_counter() - tc
     before = dynamo_counts()
@@ -69,7 +70,8 @@ def run_variant(model, name, prompts, settings, *, eos, tmp, warm: bool = True,
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with Metered(tmp, name, role="teacher") as m, Timer() as t:
-        generate_ids(model, prompts, settings, eos, 0, on_batch, stats=stats, decode_attention=decode_attention)
+        generate_ids(model, prompts, settings, eos, 0, on_batch, stats=stats, decode_attention=decode_attention,
+                     prefill=prefill)
     n_tok = sum(count_generated(gen[k], eos)[0] for k in range(len(prompts)))
     after = dynamo_counts()
     res.update(time_s=t.s, generated_tokens=n_tok, tokens_per_s=n_tok / t.s, gpu_j=m.gpu_j,
@@ -106,9 +108,11 @@ def continuous(model, name, prompts, new, eos, tmp) -> dict:
             "gpu_avg_w": m.avg_w, "_tokens": dict(enumerate(toks))}
 
 
-def parse_variant(name: str) -> tuple[str, int, int | None, str]:
-    """``<mode>_b<rows>[_n<new tokens>][_bmm|_sdpa|_gqa]`` -> (hf_decode mode, rows, new tokens or None, decode
-    attention).
+def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
+    """``<mode>_b<rows>[_n<new tokens>][_pc][_bmm|_sdpa|_gqa]`` -> (hf_decode mode, rows, new tokens or None, decode
+    attention, prefill).
+
+    ``_pc``: the prefill compiled with dynamic shapes (``static_decode.PREFILL``; ``graph`` variants), else eager.
 
     Decode attention of ``graph`` variants: ``grouped`` (default, distill_bench.generation.decode_attention: SDPA
     with ``enable_gqa`` on the grouped K/V of the one decode token); ``_bmm`` = its two-bmm kernel; ``_sdpa`` = the
@@ -119,9 +123,12 @@ def parse_variant(name: str) -> tuple[str, int, int | None, str]:
     attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa", "bmm": "grouped_bmm"}.get(parts[-1], "grouped")
     if attention != "grouped":
         parts.pop()
+    prefill = "compiled" if parts[-1] == "pc" else "eager"
+    if prefill == "compiled":
+        parts.pop()
     new = int(parts.pop()[1:]) if parts[-1].startswith("n") and parts[-1][1:].isdigit() else None
     rows = int(parts.pop()[1:])
-    return "_".join(parts), rows, new, attention
+    return "_".join(parts), rows, new, attention, prefill
 
 
 def prefill_flops(model, prompts: list[list[int]]) -> float:
@@ -176,7 +183,7 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                                eos, tmp)
                 r["roofline_rows"] = n // scale
             else:
-                mode, batch, new, attention = parse_variant(name)
+                mode, batch, new, attention, prefill = parse_variant(name)
                 new = new or (16 if quick else 128)
                 if quick:
                     new = min(new, 24)
@@ -186,10 +193,12 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                 os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if attention == "sdpa_gqa" else "0"
                 try:
                     r = run_variant(model, name, ps, st, eos=eos, tmp=tmp,
-                                    decode_attention=attention if attention.startswith("grouped") else "model")
+                                    decode_attention=attention if attention.startswith("grouped") else "model",
+                                    prefill=prefill)
                 finally:
                     os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
                 r["decode_attention"] = attention
+                r["prefill"] = prefill
                 r["roofline_rows"] = batch // scale
                 r["prompt_set"] = batch
                 r["prefill_flops"] = prefill_flops(model, ps)
@@ -220,7 +229,7 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                     r["prefill_share"] = r["prefill_s"] / (r["prefill_s"] + r["decode_s"])
             tokens[name] = r.pop("_tokens")
             base = (name.replace("graph_", "eager_").replace("hf_static_", "eager_").removesuffix("_gqa")
-                    .removesuffix("_sdpa").removesuffix("_bmm"))
+                    .removesuffix("_sdpa").removesuffix("_bmm").removesuffix("_pc"))
             if base != name and base in tokens:  # greedy agreement with eager on the same prompts (bf16 may differ)
                 ref, got = tokens[base], tokens[name]
                 r["rows_identical_to_eager"] = sum(ref[k] == got[k] for k in ref) / len(ref)

@@ -33,6 +33,11 @@ OLMO2_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, 
 OLMO2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                 intermediate_size=11008, vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0,
                 rms_norm_eps=1e-6, tie_word_embeddings=False)
+# the study's teacher (OLMo-2-0325-32B): grouped-query attention, 8 K/V heads; 64 GB of bf16 weights, built in the
+# run's dtype directly (in fp32 first it would need 128 GB of the card)
+OLMO2_32B = dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                 intermediate_size=27648, vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False, build_in_dtype=True)
 # Llama 3 shapes: grouped-query attention (8 K/V heads), so a decode step reads 4x less KV cache than OLMo-2's
 LLAMA32_1B = dict(arch="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256,
@@ -40,7 +45,8 @@ LLAMA32_1B = dict(arch="llama", hidden_size=2048, num_hidden_layers=16, num_atte
 LLAMA31_8B = dict(arch="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128, intermediate_size=14336, vocab_size=128256,
                   max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
-SHAPES = {"olmo2-1b": OLMO2_1B, "olmo2-7b": OLMO2_7B, "llama3.2-1b": LLAMA32_1B, "llama3.1-8b": LLAMA31_8B}
+SHAPES = {"olmo2-1b": OLMO2_1B, "olmo2-7b": OLMO2_7B, "olmo2-32b": OLMO2_32B, "llama3.2-1b": LLAMA32_1B,
+          "llama3.1-8b": LLAMA31_8B}
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
             intermediate_size=128, vocab_size=1000, max_position_embeddings=512, rope_theta=10000.0,
             rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -176,10 +182,17 @@ def make_model(cfg: dict, dtype: torch.dtype, attn: str = "sdpa"):
     cfg = dict(cfg)
     config_cls, model_cls = {"olmo2": (Olmo2Config, Olmo2ForCausalLM),
                              "llama": (LlamaConfig, LlamaForCausalLM)}[cfg.pop("arch", "olmo2")]
+    in_dtype = cfg.pop("build_in_dtype", False)
     config = config_cls(**cfg, attn_implementation=attn)
     torch.manual_seed(0)
-    with torch.device(dev()):
-        model = model_cls(config)
+    default = torch.get_default_dtype()
+    if in_dtype:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev()):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(default)
     return model.to(dtype)
 
 

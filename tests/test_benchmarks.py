@@ -30,10 +30,11 @@ def test_shape_benchmark_times_new_and_seen_lengths(tmp_path):
 def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
     out = run("gpu_generation.py", tmp_path, "--shapes", "olmo2-1b,llama3.2-1b", "--variants",
               "eager_b64,graph_b64_n512,llama3.2-1b:graph_b64,llama3.2-1b:graph_b64_bmm,llama3.2-1b:graph_b64_sdpa,"
-              "llama3.2-1b:graph_b64_gqa")
+              "llama3.2-1b:graph_b64_gqa,llama3.2-1b:graph_b64_pc")
     res = json.loads((tmp_path / "gpu_generation.json").read_text())
     for shape, extra in (("olmo2-1b", []),
-                         ("llama3.2-1b", ["graph_b64", "graph_b64_bmm", "graph_b64_sdpa", "graph_b64_gqa"])):
+                         ("llama3.2-1b", ["graph_b64", "graph_b64_bmm", "graph_b64_sdpa", "graph_b64_gqa",
+                                          "graph_b64_pc"])):
         runs = res["shapes"][shape]["runs"]
         assert [r["variant"] for r in runs] == ["eager_b64", "graph_b64_n512"] + extra
         assert all(r["generated_tokens"] > 0 and r["fraction_of_roofline"] > 0 for r in runs)
@@ -43,6 +44,8 @@ def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
         # every decode attention gives eager generate's greedy tokens (fp32 on CPU)
         assert by_name[name]["decode_attention"] == attention and by_name[name]["rows_identical_to_eager"] == 1.0
         assert 0 < by_name[name]["fraction_of_prefill_plus_decode_roofline"] < 1
+        assert by_name[name]["prefill"] == "eager"
+    assert by_name["graph_b64_pc"]["prefill"] == "compiled" and by_name["graph_b64_pc"]["rows_identical_to_eager"] == 1.0
     assert "llama3.2-1b | graph_b64_n512" in out
 
 
@@ -167,3 +170,25 @@ def test_stage_startup_benchmark_splits_a_gpu_stage_start_into_its_steps(tmp_pat
     total = res["rows"][-1]["median_s"]
     assert total > 0 and abs(total - sum(r["median_s"] for r in res["rows"][:-1])) < 1e-6
     assert "load model onto the device" in out
+
+
+def test_generation_variant_names_select_prefill_and_decode_attention():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_generation import parse_variant
+
+    assert parse_variant("graph_b64") == ("graph", 64, None, "grouped", "eager")
+    assert parse_variant("graph_b64_pc") == ("graph", 64, None, "grouped", "compiled")
+    assert parse_variant("graph_b128_n512_pc_bmm") == ("graph", 128, 512, "grouped_bmm", "compiled")
+    assert parse_variant("eager_b64_n512") == ("eager", 64, 512, "grouped", "eager")
+
+
+def test_benchmark_models_too_large_for_fp32_are_built_in_their_dtype():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_suite import OLMO2_32B, TINY, make_model
+
+    assert OLMO2_32B["build_in_dtype"] and OLMO2_32B["num_key_value_heads"] == 8
+    model = make_model(dict(TINY, build_in_dtype=True), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32   # restored after the build

@@ -37,6 +37,43 @@ def test_static_modes_count_tokens_up_to_eos_and_stop_early(tok, mode):
     assert (cut.text, cut.generated_tokens, cut.finished) == ("ab", 2, False)
 
 
+def test_compiled_prefill_gives_the_eager_greedy_tokens_over_batches_of_different_widths(tok, model):
+    """The prefill compiled with dynamic shapes (one graph for every prompt width; compiled on CPU too) decodes what
+    eager generate decodes; batches of 3 sorted prompts have different widths, so the graph is reused across them."""
+    from distill_bench.generation.hf_backend import generate_ids
+
+    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    assert len({len(p) for p in prompt_ids}) > 2
+    eos = {tok.eos_token_id}
+
+    def run(mode: str, **kw) -> tuple[dict, dict]:
+        got, stats = {}, {}
+
+        def on_batch(rows, new, _elapsed):
+            got.update({k: samples[0] for k, samples in zip(rows, new)})
+
+        generate_ids(model, prompt_ids, GenerationSettings(max_new_tokens=10, batch_size=3, hf_decode=mode), eos,
+                     tok.pad_token_id, on_batch, stats=stats, **kw)
+        return got, stats
+
+    from torch._dynamo.utils import counters
+
+    ref, _ = run("eager")
+    compiled_before = counters["stats"]["unique_graphs"]
+    got, stats = run("graph", prefill="compiled")
+    assert counters["stats"]["unique_graphs"] > compiled_before, "the prefill was traced and compiled, not run eagerly"
+    assert stats["prefill"] == "compiled" and len(stats["batches"]) > 1
+    assert len({b["width"] for b in stats["batches"]}) > 1
+    assert got == ref
+
+
+def test_unknown_prefill_mode_is_refused_by_name(model):
+    from distill_bench.generation.static_decode import StaticDecoder
+
+    with pytest.raises(ValueError, match="prefill must be one of eager, compiled"):
+        StaticDecoder(model, 2, 64, compile=False, prefill="cuda")
+
+
 def test_graph_sampling_is_seeded_with_num_samples(tok, model):
     s = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=0.9, num_samples=3, seed=7, batch_size=6,
                            hf_decode="graph")

@@ -113,13 +113,15 @@ def resolve_decode(settings: GenerationSettings, device) -> str:
 
 def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSettings, eos: set[int], pad_id: int,
                  on_batch: Callable[[list[int], list[list[list[int]]], float], None], *,
-                 bos_id: int | None = None, stats: dict | None = None, decode_attention: str = "grouped") -> None:
+                 bos_id: int | None = None, stats: dict | None = None, decode_attention: str = "grouped",
+                 prefill: str = "eager") -> None:
     """Static-batch decoding of token-id prompts: longest first, ``batch_size // num_samples`` prompts per batch,
     left padded. ``on_batch(prompt_positions, new_tokens_per_prompt_per_sample, elapsed_s)`` per batch; new tokens
     are what ``generate`` returns after the prompt (pad after EOS included; callers count with
     ``count_generated``). ``stats`` (optional dict) receives the resolved mode, row count, cache length and, for
     ``graph``, per-batch prefill/decode times. ``decode_attention`` (``graph`` only): ``grouped`` (default),
-    ``grouped_bmm`` or ``model`` (``static_decode.DECODE_ATTENTION``; for the benchmark's comparisons). Shared by
+    ``grouped_bmm`` or ``model`` (``static_decode.DECODE_ATTENTION``; for the benchmark's comparisons); ``prefill``
+    (``graph`` only): ``eager`` (default) or ``compiled`` (``static_decode.PREFILL``). Shared by
     ``generate_hf`` and benchmarks/gpu_generation.py."""
     import torch
 
@@ -149,9 +151,10 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSetting
 
         decoder = StaticDecoder(model, per_batch * settings.num_samples,
                                 cache_length(longest, settings.max_new_tokens), compile=device.type == "cuda",
-                                attention=decode_attention)
+                                attention=decode_attention, prefill=prefill)
     if stats is not None:
         stats.update(mode=mode, rows_per_batch=per_batch * settings.num_samples,
+                     prefill=decoder.prefill if decoder is not None else None,
                      cache_len=decoder.max_cache_len if decoder is not None else gen_config.max_cache_len,
                      batches=decoder.timings if decoder is not None else [])
     for b, start in enumerate(range(0, len(order), per_batch)):

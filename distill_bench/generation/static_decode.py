@@ -5,8 +5,11 @@ batch 64 for a 1B model whose weights read in 0.84 ms). Here the KV cache is a t
 fixed length per call, batches are padded to one row count, so the decode step (model forward for one token) has one
 shape and is compiled once with ``torch.compile(mode="reduce-overhead", fullgraph=True)``, i.e. replayed as one CUDA
 graph; the host only queues replays and checks for "all rows finished" every ``CHECK_EVERY`` steps instead of
-synchronising each step. Prefill runs eagerly (its shape changes per batch). Decode attention reads grouped K/V in
-place (``decode_attention``; ``attention="model"`` keeps the model's SDPA path, which repeats K/V per query head).
+synchronising each step. Prefill runs eagerly by default (its shape changes per batch); ``prefill="compiled"``
+compiles it once with dynamic shapes (one graph for every prompt width: fused norms, rotary and elementwise work
+around the matmuls; no CUDA graph, since a prefill is long enough to hide its launches). Decode attention reads
+grouped K/V in place (``decode_attention``; ``attention="model"`` keeps the model's SDPA path, which repeats K/V per
+query head).
 
 Semantics equal HF ``generate`` (greedy: token for token, checked on CPU by tests/test_generation_static.py):
 left-padded rows, position ids = cumulative attention mask - 1, a row that produced EOS gets the pad token
@@ -23,6 +26,8 @@ from distill_bench.generation.decode_attention import grouped_decode
 # decode attention: grouped = SDPA on grouped K/V (decode_attention.py, kernel "sdpa"), grouped_bmm = its two-bmm
 # kernel, model = the model's own attention (transformers' SDPA path repeats K/V per query head under a mask)
 DECODE_ATTENTION = ("grouped", "grouped_bmm", "model")
+# prefill: eager (the model's own forward) or compiled (torch.compile, dynamic shapes, on any device)
+PREFILL = ("eager", "compiled")
 CHECK_EVERY = 16  # decode steps between host checks of "all rows finished" (each check is one sync)
 LEN_BUCKET = 64   # cache length is rounded up to this, so calls with similar lengths share one compiled graph
 
@@ -38,14 +43,22 @@ def _forward(model, input_ids, position_ids, attention_mask, cache):
     return out.logits[:, -1].float()
 
 
+def _prefill_forward(model, input_ids, position_ids, attention_mask, cache):
+    """The prefill's own code object, so its compiled graph never shares dynamo's cache entries with the decode step."""
+    return _forward(model, input_ids, position_ids, attention_mask, cache)
+
+
 class StaticDecoder:
     """One static KV cache (rows x max_cache_len) and one compiled decode step, reused for every batch of a call."""
 
-    def __init__(self, model, rows: int, max_cache_len: int, *, compile: bool, attention: str = "grouped"):
+    def __init__(self, model, rows: int, max_cache_len: int, *, compile: bool, attention: str = "grouped",
+                 prefill: str = "eager"):
         from transformers import StaticCache
 
         if attention not in DECODE_ATTENTION:
             raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}, got {attention!r}")
+        if prefill not in PREFILL:
+            raise ValueError(f"prefill must be one of {', '.join(PREFILL)}, got {prefill!r}")
         self.model, self.rows, self.max_cache_len = model, rows, max_cache_len
         self.attention = attention
         self.device = model.device
@@ -54,6 +67,9 @@ class StaticDecoder:
         self.timings: list[dict] = []  # per batch: prefill_s, decode_s, decode_steps (CUDA events on GPU)
         self.step = (torch.compile(_forward, mode="reduce-overhead", fullgraph=True, dynamic=False) if compile
                      else _forward)
+        self.prefill = prefill
+        self.prefill_step = (torch.compile(_prefill_forward, fullgraph=True, dynamic=True) if prefill == "compiled"
+                             else _forward)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
         """``ids``/``mask``: [rows, width] left-padded on the model's device. Returns [rows, n] new tokens (n <=
@@ -78,7 +94,7 @@ class StaticDecoder:
         pos = mask.long().cumsum(-1) - 1
         pos = pos.masked_fill(mask == 0, 0)
         clock = _Clock(dev)
-        logits = _forward(self.model, ids, pos, full_mask[:, :width], self.cache)
+        logits = self.prefill_step(self.model, ids, pos, full_mask[:, :width], self.cache)
         clock.mark()
         next_pos = pos[:, -1:] + 1
         eos_t = torch.tensor(sorted(eos), device=dev)
