@@ -131,6 +131,15 @@ def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
     return "_".join(parts), rows, new, attention, prefill
 
 
+def eager_twin(name: str) -> str | None:
+    """The eager variant that decodes the same prompts with the same rows and new tokens (its greedy tokens are the
+    reference; bf16 may differ); None for continuous-batching variants, which have none."""
+    if name.startswith("cb_"):
+        return None
+    _, rows, new, _, _ = parse_variant(name)
+    return f"eager_b{rows}" + (f"_n{new}" if new is not None else "")
+
+
 def prefill_flops(model, prompts: list[list[int]]) -> float:
     """Matmul FLOPs of prefilling ``prompts`` (real tokens only): 2 x body weights per token, the LM head once per
     prompt (only the last position's logits are needed), causal attention 2 x layers x (heads x head_dim) x len^2."""
@@ -228,9 +237,8 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                     r["decode_achieved_tb_s"] = step_bytes / (r["decode_ms_per_step"] / 1e3) / 1e12
                     r["prefill_share"] = r["prefill_s"] / (r["prefill_s"] + r["decode_s"])
             tokens[name] = r.pop("_tokens")
-            base = (name.replace("graph_", "eager_").replace("hf_static_", "eager_").removesuffix("_gqa")
-                    .removesuffix("_sdpa").removesuffix("_bmm").removesuffix("_pc"))
-            if base != name and base in tokens:  # greedy agreement with eager on the same prompts (bf16 may differ)
+            base = eager_twin(name)
+            if base not in (None, name) and base in tokens:  # greedy agreement with eager on the same prompts
                 ref, got = tokens[base], tokens[name]
                 r["rows_identical_to_eager"] = sum(ref[k] == got[k] for k in ref) / len(ref)
                 r["first_token_identical"] = sum(ref[k][:1] == got[k][:1] for k in ref) / len(ref)

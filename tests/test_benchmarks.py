@@ -180,6 +180,10 @@ def test_generation_variant_names_select_prefill_and_decode_attention():
     assert parse_variant("graph_b64_pc") == ("graph", 64, None, "grouped", "compiled")
     assert parse_variant("graph_b128_n512_pc_bmm") == ("graph", 128, 512, "grouped_bmm", "compiled")
     assert parse_variant("eager_b64_n512") == ("eager", 64, 512, "grouped", "eager")
+    from gpu_generation import eager_twin
+
+    assert [eager_twin(n) for n in ("graph_b64_pc_bmm", "hf_static_b64", "graph_b64_n512_gqa", "cb_256")] == \
+        ["eager_b64", "eager_b64", "eager_b64_n512", None]
 
 
 def test_benchmark_models_too_large_for_fp32_are_built_in_their_dtype():
