@@ -109,10 +109,11 @@ def continuous(model, name, prompts, new, eos, tmp) -> dict:
 
 
 def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
-    """``<mode>_b<rows>[_n<new tokens>][_pc][_bmm|_sdpa|_gqa]`` -> (hf_decode mode, rows, new tokens or None, decode
-    attention, prefill).
+    """``<mode>_b<rows>[_n<new tokens>][_pp|_pc][_bmm|_sdpa|_gqa]`` -> (hf_decode mode, rows, new tokens or None,
+    decode attention, prefill).
 
-    ``_pc``: the prefill compiled with dynamic shapes (``static_decode.PREFILL``; ``graph`` variants), else eager.
+    Prefill of ``graph`` variants (``static_decode.PREFILL``): ``_pp`` packed (padding-free), ``_pc`` the padded
+    prefill compiled with dynamic shapes, else eager over the left-padded batch.
 
     Decode attention of ``graph`` variants: ``grouped`` (default, distill_bench.generation.decode_attention: SDPA
     with ``enable_gqa`` on the grouped K/V of the one decode token); ``_bmm`` = its two-bmm kernel; ``_sdpa`` = the
@@ -123,8 +124,8 @@ def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
     attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa", "bmm": "grouped_bmm"}.get(parts[-1], "grouped")
     if attention != "grouped":
         parts.pop()
-    prefill = "compiled" if parts[-1] == "pc" else "eager"
-    if prefill == "compiled":
+    prefill = {"pc": "compiled", "pp": "packed"}.get(parts[-1], "eager")
+    if prefill != "eager":
         parts.pop()
     new = int(parts.pop()[1:]) if parts[-1].startswith("n") and parts[-1][1:].isdigit() else None
     rows = int(parts.pop()[1:])
@@ -140,6 +141,17 @@ def eager_twin(name: str) -> str | None:
     return f"eager_b{rows}" + (f"_n{new}" if new is not None else "")
 
 
+def padded_twin(name: str) -> str | None:
+    """The same variant with the eager prefill over the left-padded batch (None when ``name`` is that one)."""
+    if name.startswith("cb_"):
+        return None
+    mode, rows, new, attention, prefill = parse_variant(name)
+    if prefill == "eager":
+        return None
+    suffix = {"grouped": "", "grouped_bmm": "_bmm", "sdpa": "_sdpa", "sdpa_gqa": "_gqa"}[attention]
+    return f"{mode}_b{rows}" + (f"_n{new}" if new is not None else "") + suffix
+
+
 def prefill_flops(model, prompts: list[list[int]]) -> float:
     """Matmul FLOPs of prefilling ``prompts`` (real tokens only): 2 x body weights per token, the LM head once per
     prompt (only the last position's logits are needed), causal attention 2 x layers x (heads x head_dim) x len^2."""
@@ -153,7 +165,72 @@ def prefill_flops(model, prompts: list[list[int]]) -> float:
     return sum(2 * body * len(p) + 2 * head + 2 * c.num_hidden_layers * attn_width * len(p) ** 2 for p in prompts)
 
 
-def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float, tmp: Path) -> dict:
+def prefill_agreement(model, prompts: list[list[int]], rows: int) -> dict:
+    """The longest ``rows`` prompts as one left-padded batch, prefilled padded (the eager path) and packed: how far
+    apart their last-position logits and K/V caches are, and whether every greedy token that differs is a near-tie
+    the difference can flip (top-1 minus top-2 margin below twice the row's largest logit difference): bf16
+    rounding of two different kernels, not a wrong mask, position or cache slot. Control: the same padded prefill
+    of the batch's first half alone (other matmul shapes, same math), against the full batch's first half; and the
+    padded prefill with transformers' eager attention instead of SDPA (another correct kernel)."""
+    from transformers import StaticCache
+
+    from distill_bench.generation.packed_prefill import packed_prefill
+
+    batch = sorted(prompts, key=len, reverse=True)[:rows]
+    width = len(batch[0])
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, p in enumerate(batch):
+        ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(dev()), mask.to(dev())
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    padded_cache, packed_cache = (StaticCache(config=model.config, max_cache_len=width) for _ in range(2))
+
+    def padded_logits(n: int, cache) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids[:n], position_ids=pos[:n], attention_mask=mask[:n], cache=cache,
+                         use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+    padded = padded_logits(len(batch), padded_cache)
+    half = padded_logits(len(batch) // 2, StaticCache(config=model.config, max_cache_len=width))
+    own = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        eager_attention = padded_logits(len(batch), StaticCache(config=model.config, max_cache_len=width))
+    finally:
+        model.set_attn_implementation(own)
+    packed = packed_prefill(model, ids, mask, pos, packed_cache)
+    diff = (padded - packed).abs()
+    row_max = diff.max(-1).values
+    top2 = padded.topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    differ = padded.argmax(-1) != packed.argmax(-1)
+    keep = mask.bool()
+    kv = max(float((a.transpose(1, 2)[:, :width][keep].float() - b.transpose(1, 2)[:, :width][keep].float())
+                   .abs().max() / a.transpose(1, 2)[:, :width][keep].float().abs().max())
+             for la, lb in zip(padded_cache.layers, packed_cache.layers)
+             for a, b in ((la.keys, lb.keys), (la.values, lb.values)))
+    return {"rows": len(batch), "width": width, "logit_std": float(padded.std()),
+            "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "argmax_identical": float((~differ).float().mean()),
+            "differing_rows_max_margin": float(margin[differ].max()) if differ.any() else None,
+            "differing_rows_are_near_ties": bool((margin[differ] <= 2 * row_max[differ]).all()),
+            "median_margin": float(margin.median()),
+            "kv_max_rel_diff": kv,
+            "control_half_batch": {"max_abs_logit_diff": float((padded[:len(half)] - half).abs().max()),
+                                   "mean_abs_logit_diff": float((padded[:len(half)] - half).abs().mean()),
+                                   "argmax_identical": float((padded[:len(half)].argmax(-1) == half.argmax(-1))
+                                                             .float().mean())},
+            "control_eager_attention": {"max_abs_logit_diff": float((padded - eager_attention).abs().max()),
+                                        "mean_abs_logit_diff": float((padded - eager_attention).abs().mean()),
+                                        "argmax_identical": float((padded.argmax(-1) == eager_attention.argmax(-1))
+                                                                  .float().mean())}}
+
+
+def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float, tmp: Path,
+              on_variant=lambda payload: None) -> dict:
+    """Every variant of one shape; ``on_variant(payload)`` after each (the caller writes the JSON: a later variant
+    stopped by a time limit keeps the earlier ones)."""
     from distill_bench.generation import GenerationSettings
     from gpu_suite import SHAPES, decode_weight_bytes
 
@@ -179,6 +256,12 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
     runs = []
     tokens = {}
     payload: dict = {}
+    check = None
+    if a.prefill_check:
+        check = prefill_agreement(model, sets.setdefault(64, prompts(128 // scale)), 64 // scale)
+        print(f"[{time.monotonic() - T0:6.1f}s] {shape} prefill check: {json.dumps(check)}", flush=True)
+        payload = {"shape": shape, "runs": runs, "prefill_check": check}
+        on_variant(payload)
     for name in variants:
         left = a.budget_s - (time.monotonic() - T0)
         if left < (40 if name.startswith("eager") else 90):
@@ -242,11 +325,17 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                 ref, got = tokens[base], tokens[name]
                 r["rows_identical_to_eager"] = sum(ref[k] == got[k] for k in ref) / len(ref)
                 r["first_token_identical"] = sum(ref[k][:1] == got[k][:1] for k in ref) / len(ref)
+            padded = padded_twin(name)
+            if padded in tokens:   # the same decode after the padded prefill (bf16 may differ)
+                ref, got = tokens[padded], tokens[name]
+                r["rows_identical_to_padded_prefill"] = sum(ref[k] == got[k] for k in ref) / len(ref)
+                r["first_token_identical_to_padded_prefill"] = sum(ref[k][:1] == got[k][:1] for k in ref) / len(ref)
         r["shape"] = shape
         runs.append(r)
         print(f"[{time.monotonic() - T0:6.1f}s] {json.dumps(r, default=str)}", flush=True)
         payload = {"shape": shape, "model_config": {k: v for k, v in cfg.items()}, "weight_bytes": weight_bytes,
-                   "kv_bytes_per_position": kv_bytes_per_pos, "runs": runs}
+                   "kv_bytes_per_position": kv_bytes_per_pos, "runs": runs, "prefill_check": check}
+        on_variant(payload)
     del model
     if torch.cuda.is_available():
         torch._dynamo.reset()
@@ -264,8 +353,11 @@ def main() -> None:
     ap.add_argument("--shapes", default="olmo2-1b", help=f"comma list of {sorted(SHAPES)}")
     ap.add_argument("--variants", default="eager_b64,graph_b64,eager_b256,graph_b256,cb_256,hf_static_b64,"
                                           "graph_b512",
-                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_bmm|_sdpa|_gqa] or cb_<rows>; "
+                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_pp|_pc][_bmm|_sdpa|_gqa] or "
+                         "cb_<rows>; "
                          "shape:variant limits one to that shape")
+    ap.add_argument("--prefill-check", action="store_true",
+                    help="first compare the padded and packed prefill of one batch (logits, K/V, near-ties)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,11 +372,14 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "hbm_copy_tb_s": bw,
               "matmul_bf16_tflops": peak, "shapes": {}}
-    for shape in shapes:
-        vs = [v.split(":", 1)[-1] for v in a.variants.split(",") if v and (":" not in v or v.startswith(shape + ":"))]
-        result["shapes"][shape] = run_shape(shape, vs, a, bw, peak, tmp)
+    def write(shape: str, payload: dict) -> None:
+        result["shapes"][shape] = payload
         result["wall_s"] = time.monotonic() - T0
         (out / "gpu_generation.json").write_text(json.dumps(result, indent=2, default=str))
+
+    for shape in shapes:
+        vs = [v.split(":", 1)[-1] for v in a.variants.split(",") if v and (":" not in v or v.startswith(shape + ":"))]
+        write(shape, run_shape(shape, vs, a, bw, peak, tmp, on_variant=lambda payload, s=shape: write(s, payload)))
     print(f"\n{result['device']}  HBM copy {bw:.2f} TB/s  bf16 matmul {peak:.0f} TFLOP/s")
     hdr = ("shape", "variant", "tok/s", "J/tok", "avg W", "% roofline", "decode % roofline", "% kv-roofline",
            "% prefill+decode roofline", "prefill %", "ms/step", "warm-up s", "recompiles")

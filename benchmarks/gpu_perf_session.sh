@@ -3,11 +3,14 @@
 #   (a) 7B student SFT and KD with FSDP on 2 GPUs through the real train stage + a 1-vs-2-GPU loss-curve check,
 #   (b) DPO through the same launch, (c) 1B at batch 4: HF's fused AdamW vs the clip folded into it
 #   (training.optim: adamw_fused_clip) vs foreach AdamW, SFT vs KD.
-# (a)-(c) fill the ~9 minutes; 32B-shape generation with a compiled prefill is not part of this session.
+# (a)-(c) fill the ~9 minutes. SESSION_PLAN=one-gpu is the plan for one H200/H100 instead: (d) the logit cache of
+# the 32B teacher shape against a bare forward of the same batches, then (c) interleaved (a throwaway run first,
+# forward then backward) with fewer variants, and two micro-batches per step (grad_accum 2) beside batch 4.
 # Every step is time-boxed (timeout), so one failure or hang cannot eat the call; after each step any process still
 # holding a GPU (started by this session: the machine is the session's own) is killed by its pid.
 #
 #   bash benchmarks/gpu_perf_session.sh            # on the device; writes to $OUT (<= 8 files), table at the end
+#   SESSION_PLAN=one-gpu bash benchmarks/gpu_perf_session.sh   # the one-GPU plan
 #   bash benchmarks/gpu_perf_session.sh --quick    # CPU: every step's --quick path (tests/test_benchmarks.py;
 #                                                  # SESSION_QUICK_RUNS / SESSION_QUICK_VARIANTS narrow it)
 set -u
@@ -51,8 +54,25 @@ step() {
 # seconds left before the ~9-minute mark; later steps shrink or are skipped by it
 left() { echo $(( ${SESSION_S:-535} - ($(date +%s) - T0) )); }
 OPT_VARIANTS=sft_gpu_defaults,sft_gpu_defaults_fusedclip,kd_gpu_defaults_fusedclip,kd_gpu_defaults,sft_gpu_defaults_foreach
+ONE_GPU_VARIANTS=sft_gpu_defaults_fusedclip,sft_gpu_defaults,kd_gpu_defaults,sft_gpu_defaults_ga2
+PLAN="${SESSION_PLAN:-two-gpu}"
+case "$PLAN" in two-gpu|one-gpu) ;; *) echo "SESSION_PLAN=$PLAN: expected two-gpu or one-gpu" >&2; exit 2 ;; esac
 
-if [ -n "$QUICK" ]; then
+if [ -n "$QUICK" ] && [ "$PLAN" = one-gpu ]; then
+  step d_cache 600 "$PY" benchmarks/gpu_suite.py --out "$WORK/cache" --quick --sections caching
+  step c_optimizer 600 "$PY" benchmarks/gpu_trainer.py --out "$WORK/trainer" --quick --checks sdpa --repeats 2 \
+    --variants "${SESSION_QUICK_VARIANTS:-$ONE_GPU_VARIANTS}"
+elif [ "$PLAN" = one-gpu ]; then
+  # (d): the study's teacher shape, 64 GB of bf16: 256 sequences of 512-1024 tokens, bare / cache / cache / bare
+  step d_cache 200 "$PY" benchmarks/gpu_suite.py --out "$WORK/cache" --sections caching --cache-shape olmo2-32b \
+    --budget-s 185
+  L=$(left)
+  if [ "$L" -gt 60 ]; then
+    step c_optimizer "$L" "$PY" benchmarks/gpu_trainer.py --out "$WORK/trainer" --batch 4 --fresh-shapes \
+      --examples 512 --warmup-steps 30 --timed-s 6 --max-wall-s 40 --budget-s $(( L - 10 )) --fixed-cost-s 25 \
+      --checks sdpa --throwaway --repeats 2 --variants "$ONE_GPU_VARIANTS"
+  fi
+elif [ -n "$QUICK" ]; then
   step a_multi 600 "$PY" benchmarks/gpu_multi.py --out "$WORK/multi" --quick \
     --runs "${SESSION_QUICK_RUNS:-sft,kd,losscheck,dpo}"
   step c_optimizer 600 "$PY" benchmarks/gpu_trainer.py --out "$WORK/trainer" --quick --checks sdpa \
@@ -73,8 +93,8 @@ else
 fi
 
 # results: the headline JSONs, the step table and one tarball of everything (logs, stage JSONs): <= 8 files
-for f in multi/multi_gpu.json trainer/trainer_runs.json; do
-  [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
+for f in "$WORK"/multi/multi_gpu.json "$WORK"/trainer/trainer_runs.json "$WORK"/cache/caching_*.json; do
+  [ -f "$f" ] && cp "$f" "$OUT/"
 done
 cp "$STEPS" "$OUT/steps.tsv"
 "$PY" benchmarks/perf_session_summary.py "$WORK" | tee "$OUT/summary.txt"

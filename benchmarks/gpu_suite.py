@@ -447,45 +447,106 @@ def generation(out: Path, quick: bool, bw_tb_s: float, budget: float, cfg=None, 
 
 
 # ------------------------------------------------------------------------------------------------ logit cache
-def caching(out: Path, quick: bool, budget: float) -> None:
-    import distill_bench.kd.stage as kdstage
+STUDY_CACHE_BYTES_PER_POSITION = 1600   # the study's cache, about 1.6 KB per position (docs/KD.md)
+CACHE_TARGET = 0.90                      # cache build at >= 90 % of a bare teacher forward's throughput
 
-    cfg = TINY if quick else OLMO2_1B
-    dt = torch.bfloat16 if dev().type == "cuda" else torch.float32
-    model = make_model(cfg, dt).eval()
+
+def cache_corpus(vocab: int, quick: bool) -> list[dict]:
+    """Seeded prompt + completion records, 512-1024 tokens (the completion two thirds of each)."""
     g = torch.Generator().manual_seed(0)
-    n, L = (16, 48) if quick else (256, 1024)
+    n, length_max = (16, 48) if quick else (256, 1024)
     enc = []
     for _ in range(n):
-        length = int(torch.randint(L // 2, L + 1, (1,), generator=g))
+        length = int(torch.randint(length_max // 2, length_max + 1, (1,), generator=g))
         p = length // 3
-        enc.append({"input_ids": torch.randint(1, cfg["vocab_size"], (length,), generator=g).tolist(),
+        enc.append({"input_ids": torch.randint(1, vocab, (length,), generator=g).tolist(),
                     "completion_mask": [0] * p + [1] * (length - p)})
+    return enc
+
+
+def bare_forward(model, enc: list[dict], batch_size: int) -> int:
+    """The cache's batches (same order, same padding) through the teacher and its LM head on the loss positions,
+    and nothing else: no softmax, top-k, copy to the host or write. Returns the input tokens."""
+    import distill_bench.kd.stage as kdstage
+
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]["input_ids"]), reverse=True)
+    head_only = kdstage.head_is_plain(model)
+    chunk = max(1, kdstage.CHUNK_ELEMENTS // model.get_output_embeddings().weight.shape[0])
+    tokens = 0
+    for s in range(0, len(order), batch_size):
+        batch = [enc[i] for i in order[s:s + batch_size]]
+        source, n, _ = kdstage._loss_position_logits(model, batch, pad_token_id=0, device=dev(),
+                                                     head_only=head_only)
+        for c in range(0, n, chunk):
+            source(c, min(n, c + chunk))
+        tokens += sum(len(e["input_ids"]) for e in batch)
+    return tokens
+
+
+def caching(out: Path, quick: bool, budget: float, shape: str = "olmo2-1b", k: int = 64,
+            batch_size: int = 16) -> None:
+    """Cache build against a bare forward of the same batches, interleaved bare, cache, cache, bare."""
+    import distill_bench.kd.stage as kdstage
+
+    cfg = TINY if quick else SHAPES[shape]
+    dt = torch.bfloat16 if dev().type == "cuda" else torch.float32
+    model = make_model(cfg, dt).eval()
+    enc = cache_corpus(cfg["vocab_size"], quick)
     runs = []
-    original = kdstage.CHUNK_ELEMENTS
-    for label, chunk_el in (("chunk_2^24", 1 << 24), ("chunk_2^27", 1 << 27)):
-        if left(budget) < 40:
-            continue
-        kdstage.CHUNK_ELEMENTS = chunk_el
-        with tempfile.TemporaryDirectory() as tmp:
-            kdstage.build_cache(model, enc[:8], Path(tmp) / "warm", k=64, value_dtype="bfloat16",
-                                temperatures=[1.0], batch_size=8, pad_token_id=0)
-            with Metered(out, f"cache_{label}") as m, Timer() as t:
-                manifest, stats = kdstage.build_cache(model, enc, Path(tmp) / "c", k=64, value_dtype="bfloat16",
-                                                      temperatures=[1.0], batch_size=16, pad_token_id=0)
-        runs.append({"variant": label, "time_s": t.s, "input_tokens": stats["input_tokens"],
-                     "positions": stats["cached_positions"], "input_tokens_per_s": stats["input_tokens"] / t.s,
-                     "positions_per_s": stats["cached_positions"] / t.s,
-                     "bytes_per_position": manifest["bytes_per_position"], "gpu_j": m.gpu_j,
-                     "j_per_input_token": m.gpu_j / stats["input_tokens"] if m.gpu_j else None})
-        save(out, "caching", {"k": 64, "value_dtype": "bfloat16", "runs": runs})
-    kdstage.CHUNK_ELEMENTS = original
-    for r in runs:
-        ROWS.append(("cache 1B k=64", r["variant"], f"{r['input_tokens_per_s']:,.0f} in-tok/s, "
-                     f"{r['bytes_per_position']} B/pos", "-"))
+    with tempfile.TemporaryDirectory() as tmp:
+        kdstage.build_cache(model, enc[:batch_size], Path(tmp) / "warm", k=k, value_dtype="bfloat16",
+                            temperatures=[1.0], batch_size=batch_size, pad_token_id=0)
+        bare_forward(model, enc[:batch_size], batch_size)
+        for i, kind in enumerate(("bare", "cache", "cache", "bare")):
+            if runs and left(budget) < 2.5 * max(r["time_s"] for r in runs):
+                print(f"skip cache {kind} {i}: budget", flush=True)
+                continue
+            with Metered(out, f"cache_{shape}_{kind}_{i}") as m, Timer() as t:
+                if kind == "bare":
+                    tokens, positions, manifest = bare_forward(model, enc, batch_size), None, {}
+                else:
+                    manifest, stats = kdstage.build_cache(model, enc, Path(tmp) / f"c{i}", k=k,
+                                                          value_dtype="bfloat16", temperatures=[1.0],
+                                                          batch_size=batch_size, pad_token_id=0)
+                    tokens, positions = stats["input_tokens"], stats["cached_positions"]
+            runs.append({"kind": kind, "order": i, "time_s": t.s, "input_tokens": tokens, "positions": positions,
+                         "input_tokens_per_s": tokens / t.s, "bytes_per_position": manifest.get("bytes_per_position"),
+                         "gpu_j": m.gpu_j, "gpu_avg_w": m.avg_w,
+                         "j_per_input_token": m.gpu_j / tokens if m.gpu_j else None,
+                         "j_per_cached_position": m.gpu_j / positions if m.gpu_j and positions else None})
+            save(out, f"caching_{shape}", {"shape": shape, "k": k, "value_dtype": "bfloat16",
+                                           "batch_size": batch_size, "runs": runs, **cache_summary(runs)})
+    summary = cache_summary(runs)
+    if summary.get("fraction_of_bare") is not None:
+        ROWS.append((f"cache {shape} k={k}", "vs bare forward",
+                     f"{summary['cache_tokens_per_s']:,.0f} vs {summary['bare_tokens_per_s']:,.0f} in-tok/s, "
+                     f"{summary['bytes_per_position']} B/pos, {summary['j_per_cached_position'] or float('nan'):.3f}"
+                     f" J/pos", f"{100 * summary['fraction_of_bare']:.1f}% of bare (target "
+                     f"{100 * CACHE_TARGET:.0f}%)"))
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def cache_summary(runs: list[dict]) -> dict:
+    """Mean throughput of each kind, the cache's fraction of the bare forward, its bytes and joules per position."""
+    def mean(kind, key):
+        vals = [r[key] for r in runs if r["kind"] == kind and r[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def rate(kind):   # all of a kind's tokens over all of its time
+        of = [r for r in runs if r["kind"] == kind]
+        return sum(r["input_tokens"] for r in of) / sum(r["time_s"] for r in of) if of else None
+
+    bare, cache = rate("bare"), rate("cache")
+    built = [r for r in runs if r["kind"] == "cache"]
+    return {"bare_tokens_per_s": bare, "cache_tokens_per_s": cache,
+            "fraction_of_bare": cache / bare if bare and cache else None, "target": CACHE_TARGET,
+            "bytes_per_position": built[0]["bytes_per_position"] if built else None,
+            "study_bytes_per_position": STUDY_CACHE_BYTES_PER_POSITION,
+            "j_per_cached_position": mean("cache", "j_per_cached_position"),
+            "j_per_input_token_cache": mean("cache", "j_per_input_token"),
+            "j_per_input_token_bare": mean("bare", "j_per_input_token")}
 
 
 # ------------------------------------------------------------------------------------------------ meter overhead
@@ -523,6 +584,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes; runs on CPU")
     ap.add_argument("--sections", default="ceilings,training,generation,caching,meter,generation7b")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip optional runs past this wall time")
+    ap.add_argument("--cache-shape", default="olmo2-1b", choices=sorted(SHAPES), help="teacher shape of 'caching'")
+    ap.add_argument("--cache-k", type=int, default=64, help="top-k of 'caching'")
+    ap.add_argument("--cache-batch", type=int, default=16, help="sequences per teacher forward in 'caching'")
     a = ap.parse_args()
     out = Path(a.out)
     (out / "energy").mkdir(parents=True, exist_ok=True)
@@ -531,7 +595,7 @@ def main() -> None:
     c = ceilings(out, a.quick)
     steps = [("training", lambda: training(out, a.quick, c["matmul_bf16_tflops"], a.budget_s)),
              ("generation", lambda: generation(out, a.quick, c["copy_tb_s_read_plus_write"] / 2, a.budget_s)),
-             ("caching", lambda: caching(out, a.quick, a.budget_s)),
+             ("caching", lambda: caching(out, a.quick, a.budget_s, a.cache_shape, a.cache_k, a.cache_batch)),
              ("meter", lambda: meter_overhead(out, a.quick)),
              ("generation7b", lambda: generation(out, a.quick, c["copy_tb_s_read_plus_write"] / 2, a.budget_s,
                                                  cfg=TINY if a.quick else OLMO2_7B, label="7B"))]

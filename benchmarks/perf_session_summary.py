@@ -67,6 +67,19 @@ def summarise(work: Path) -> str:
                                          _fmt(r.get("fraction_of_prefill_plus_decode_roofline"), "{:.1f}", 100),
                                          _fmt(r.get("prefill_s"), "{:.2f}")]
                                         + ([r["error"][:120]] if r.get("error") else [])))
+    for path in sorted((work / "cache").glob("caching_*.json")):
+        cache = _load(path)
+        if not cache:
+            continue
+        lines += ["", f"logit cache, {cache.get('shape')} teacher, k = {cache.get('k')}:",
+                  "run | kind | s | input tok/s | GPU J | J/position", "---|---|---|---|---|---"]
+        for r in cache.get("runs", []):
+            lines.append(" | ".join([str(r.get("order")), r.get("kind", "?"), _fmt(r.get("time_s"), "{:.1f}"),
+                                     _fmt(r.get("input_tokens_per_s")), _fmt(r.get("gpu_j")),
+                                     _fmt(r.get("j_per_cached_position"), "{:.4f}")]))
+        lines.append(f"cache / bare forward: {_fmt(cache.get('fraction_of_bare'), '{:.1f} %', 100)} (target "
+                     f"{_fmt(cache.get('target'), '{:.0f} %', 100)}); {cache.get('bytes_per_position')} B/position "
+                     f"(study ~{cache.get('study_bytes_per_position')})")
     return "\n".join(lines)
 
 

@@ -91,16 +91,21 @@ def model(tok):
 
 @pytest.fixture
 def decode_modes(monkeypatch):
-    """The ``hf_decode`` of every batch the chunked generation loop decodes; each batch itself decodes eagerly, fast
-    on the CPU whatever mode was asked for."""
+    """The ``hf_decode`` of every batch the chunked generation loop decodes (and in ``.prefill`` its
+    ``hf_prefill``); each batch itself decodes eagerly, fast on the CPU whatever mode was asked for."""
     import dataclasses
 
     from distill_bench.generation import chunked
 
-    real, seen = chunked.generate, []
+    class Seen(list):
+        prefill: list
+
+    real, seen = chunked.generate, Seen()
+    seen.prefill = []
 
     def spy(model, tok, prompts, settings, on_batch=None):
         seen.append(settings.hf_decode)
+        seen.prefill.append(settings.hf_prefill)
         return real(model, tok, prompts, dataclasses.replace(settings, hf_decode="eager"), on_batch=on_batch)
 
     monkeypatch.setattr(chunked, "generate", spy)

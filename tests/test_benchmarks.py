@@ -30,11 +30,11 @@ def test_shape_benchmark_times_new_and_seen_lengths(tmp_path):
 def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
     out = run("gpu_generation.py", tmp_path, "--shapes", "olmo2-1b,llama3.2-1b", "--variants",
               "eager_b64,graph_b64_n512,llama3.2-1b:graph_b64,llama3.2-1b:graph_b64_bmm,llama3.2-1b:graph_b64_sdpa,"
-              "llama3.2-1b:graph_b64_gqa,llama3.2-1b:graph_b64_pc")
+              "llama3.2-1b:graph_b64_gqa,llama3.2-1b:graph_b64_pc,llama3.2-1b:graph_b64_pp")
     res = json.loads((tmp_path / "gpu_generation.json").read_text())
     for shape, extra in (("olmo2-1b", []),
                          ("llama3.2-1b", ["graph_b64", "graph_b64_bmm", "graph_b64_sdpa", "graph_b64_gqa",
-                                          "graph_b64_pc"])):
+                                          "graph_b64_pc", "graph_b64_pp"])):
         runs = res["shapes"][shape]["runs"]
         assert [r["variant"] for r in runs] == ["eager_b64", "graph_b64_n512"] + extra
         assert all(r["generated_tokens"] > 0 and r["fraction_of_roofline"] > 0 for r in runs)
@@ -45,7 +45,9 @@ def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
         assert by_name[name]["decode_attention"] == attention and by_name[name]["rows_identical_to_eager"] == 1.0
         assert 0 < by_name[name]["fraction_of_prefill_plus_decode_roofline"] < 1
         assert by_name[name]["prefill"] == "eager"
-    assert by_name["graph_b64_pc"]["prefill"] == "compiled" and by_name["graph_b64_pc"]["rows_identical_to_eager"] == 1.0
+    for name, prefill in (("graph_b64_pc", "compiled"), ("graph_b64_pp", "packed")):
+        assert by_name[name]["prefill"] == prefill and by_name[name]["rows_identical_to_eager"] == 1.0
+        assert by_name[name]["rows_identical_to_padded_prefill"] == 1.0
     assert "llama3.2-1b | graph_b64_n512" in out
 
 
@@ -62,6 +64,26 @@ def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_pa
     prof = json.loads((tmp_path / "profile" / "sft_pad_eager_profile.json").read_text())
     assert prof["steps"] == 3 and prof["wall_s"] > 0
     assert "per variant, over its repeats" in out
+
+
+def test_trainer_benchmark_counts_every_micro_batch_of_an_accumulated_step(tmp_path):
+    run("gpu_trainer.py", tmp_path, "--checks", "sdpa", "--variants", "sft_gpu_defaults_ga2")
+    (r,) = json.loads((tmp_path / "trainer_runs.json").read_text())["runs"]
+    assert r["grad_accum"] == 2 and r["status"] == "complete" and r["trained_tokens"] == r["token_budget"]
+    assert r["window"]["examples"] == (r["steps"] - r["warmup_steps"]) * r["batch"] * 2
+
+
+def test_cache_benchmark_compares_the_cache_build_with_a_bare_forward_of_the_same_batches(tmp_path):
+    out = run("gpu_suite.py", tmp_path, "--sections", "caching", "--cache-k", "8")
+    res = json.loads((tmp_path / "caching_olmo2-1b.json").read_text())
+    assert [r["kind"] for r in res["runs"]] == ["bare", "cache", "cache", "bare"]
+    assert len({r["input_tokens"] for r in res["runs"]}) == 1, "both read the same batches"
+    built = [r for r in res["runs"] if r["kind"] == "cache"]
+    assert all(r["positions"] > 0 and r["bytes_per_position"] == res["bytes_per_position"] for r in built)
+    rate = sum(r["input_tokens"] for r in built) / sum(r["time_s"] for r in built)
+    assert res["cache_tokens_per_s"] == pytest.approx(rate)
+    assert res["fraction_of_bare"] == pytest.approx(rate / res["bare_tokens_per_s"])
+    assert res["study_bytes_per_position"] == 1600 and "vs bare forward" in out
 
 
 def test_workstation_benchmark_runs_every_stage_of_the_config_and_scales_it(tmp_path):
@@ -153,6 +175,28 @@ def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
     assert "sft | complete" in summary and "sft_gpu_defaults_fusedclip" in summary
 
 
+def test_one_gpu_session_plan_runs_the_cache_comparison_and_interleaved_optimizer_variants(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+               SESSION_PLAN="one-gpu", SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_ga2")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_perf_session.sh"), "--quick"], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["caching_olmo2-1b.json", "session.tar.gz", "steps.tsv", "summary.txt", "trainer_runs.json"]
+    runs = json.loads((tmp_path / "out" / "trainer_runs.json").read_text())["runs"]
+    assert [(r["variant"], r["repeat"]) for r in runs] == [
+        ("sft_gpu_defaults", 0), ("sft_gpu_defaults_ga2", 0), ("sft_gpu_defaults_ga2", 1), ("sft_gpu_defaults", 1)]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "cache / bare forward:" in summary and "sft_gpu_defaults_ga2" in summary
+
+
+def test_gpu_session_script_refuses_an_unknown_plan(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), SESSION_PLAN="three-gpu")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_perf_session.sh"), "--quick"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "SESSION_PLAN=three-gpu" in proc.stderr
+
+
 def test_harness_overhead_benchmark_times_stage_imports(tmp_path):
     out = run("harness_overhead.py", tmp_path)
     res = json.loads((tmp_path / "harness_overhead.json").read_text())
@@ -180,10 +224,13 @@ def test_generation_variant_names_select_prefill_and_decode_attention():
     assert parse_variant("graph_b64_pc") == ("graph", 64, None, "grouped", "compiled")
     assert parse_variant("graph_b128_n512_pc_bmm") == ("graph", 128, 512, "grouped_bmm", "compiled")
     assert parse_variant("eager_b64_n512") == ("eager", 64, 512, "grouped", "eager")
-    from gpu_generation import eager_twin
+    assert parse_variant("graph_b64_n256_pp_gqa") == ("graph", 64, 256, "sdpa_gqa", "packed")
+    from gpu_generation import eager_twin, padded_twin
 
     assert [eager_twin(n) for n in ("graph_b64_pc_bmm", "hf_static_b64", "graph_b64_n512_gqa", "cb_256")] == \
         ["eager_b64", "eager_b64", "eager_b64_n512", None]
+    assert [padded_twin(n) for n in ("graph_b64_pp", "graph_b64_n512_pc_bmm", "graph_b64", "cb_256")] == \
+        ["graph_b64", "graph_b64_n512_bmm", None, None]
 
 
 def test_benchmark_models_too_large_for_fp32_are_built_in_their_dtype():

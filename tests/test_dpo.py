@@ -231,6 +231,20 @@ def test_dpo_hf_decode_reaches_the_sampling_loop(env, tmp_path, decode_modes):
                           dataset=env["data"], out_dir=str(tmp_path / "bad"), dpo={**dpo, "hf_decode": "fast"}, seed=5)
 
 
+def test_dpo_hf_prefill_reaches_the_sampling_loop_and_a_bad_value_names_the_key(env, tmp_path, decode_modes):
+    from distill_bench.dpo.stage import sample_candidates
+
+    dpo = {"sample_source": "student", "samples_per_prompt": 2, "n_prompts": 2, "max_new_tokens": 4, "batch_size": 4,
+           "hf_decode": "graph", "hf_prefill": "packed"}
+    sample_candidates(meter=FakeMeter(), models={"student": env["student"]}, tokenizer=env["tok_dir"],
+                      dataset=env["data"], out_dir=str(tmp_path / "cand"), dpo=dpo, seed=5)
+    assert decode_modes.prefill and set(decode_modes.prefill) == {"packed"}
+    with pytest.raises(ValueError, match="dpo.hf_prefill"):
+        sample_candidates(meter=FakeMeter(), models={"student": env["student"]}, tokenizer=env["tok_dir"],
+                          dataset=env["data"], out_dir=str(tmp_path / "bad"), dpo={**dpo, "hf_prefill": "fast"},
+                          seed=5)
+
+
 def test_judge_candidates_verifier_writes_pairs_and_counts(env, tmp_path):
     import datasets
 

@@ -37,40 +37,121 @@ def test_static_modes_count_tokens_up_to_eos_and_stop_early(tok, mode):
     assert (cut.text, cut.generated_tokens, cut.finished) == ("ab", 2, False)
 
 
-def test_compiled_prefill_gives_the_eager_greedy_tokens_over_batches_of_different_widths(tok, model):
-    """The prefill compiled with dynamic shapes (one graph for every prompt width; compiled on CPU too) decodes what
-    eager generate decodes; batches of 3 sorted prompts have different widths, so the graph is reused across them."""
+def greedy_by_prompt(model, tok, mode: str, **kw) -> tuple[dict, dict]:
+    """Greedy new tokens per prompt of PROMPTS in batches of 3 (sorted, so batches have different widths), and the
+    decode stats."""
     from distill_bench.generation.hf_backend import generate_ids
 
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
     assert len({len(p) for p in prompt_ids}) > 2
-    eos = {tok.eos_token_id}
+    got, stats = {}, {}
 
-    def run(mode: str, **kw) -> tuple[dict, dict]:
-        got, stats = {}, {}
+    def on_batch(rows, new, _elapsed):
+        got.update({k: samples[0] for k, samples in zip(rows, new)})
 
-        def on_batch(rows, new, _elapsed):
-            got.update({k: samples[0] for k, samples in zip(rows, new)})
+    generate_ids(model, prompt_ids, GenerationSettings(max_new_tokens=10, batch_size=3, hf_decode=mode),
+                 {tok.eos_token_id}, tok.pad_token_id, on_batch, stats=stats, **kw)
+    return got, stats
 
-        generate_ids(model, prompt_ids, GenerationSettings(max_new_tokens=10, batch_size=3, hf_decode=mode), eos,
-                     tok.pad_token_id, on_batch, stats=stats, **kw)
-        return got, stats
 
+def gqa_olmo2(tok):
+    """A tiny OLMo-2 (the study's architecture: q/k norms) with grouped-query attention, 4 heads on 2 K/V heads."""
+    import torch
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(5)
+    return Olmo2ForCausalLM(Olmo2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)).eval()
+
+
+def test_compiled_prefill_gives_the_eager_greedy_tokens_over_batches_of_different_widths(tok, model):
+    """The prefill compiled with dynamic shapes (one graph for every prompt width; compiled on CPU too) decodes what
+    eager generate decodes; batches of 3 sorted prompts have different widths, so the graph is reused across them."""
     from torch._dynamo.utils import counters
 
-    ref, _ = run("eager")
+    ref, _ = greedy_by_prompt(model, tok, "eager")
     compiled_before = counters["stats"]["unique_graphs"]
-    got, stats = run("graph", prefill="compiled")
+    got, stats = greedy_by_prompt(model, tok, "graph", prefill="compiled")
     assert counters["stats"]["unique_graphs"] > compiled_before, "the prefill was traced and compiled, not run eagerly"
     assert stats["prefill"] == "compiled" and len(stats["batches"]) > 1
     assert len({b["width"] for b in stats["batches"]}) > 1
     assert got == ref
 
 
+@pytest.mark.parametrize("arch", ["llama", "olmo2_gqa"])
+def test_packed_prefill_gives_the_eager_greedy_tokens_over_batches_of_different_widths(tok, model, arch):
+    net = model if arch == "llama" else gqa_olmo2(tok)
+    ref, _ = greedy_by_prompt(net, tok, "eager")
+    got, stats = greedy_by_prompt(net, tok, "graph", prefill="packed")
+    assert stats["prefill"] == "packed" and len({b["width"] for b in stats["batches"]}) > 1
+    assert got == ref
+    assert net.config._attn_implementation == "sdpa", "the model's own attention is restored after the prefill"
+
+
+def test_packed_prefill_fills_the_static_cache_as_the_padded_prefill_does_at_every_prompt_position(tok):
+    import torch
+    from transformers import StaticCache
+
+    from distill_bench.generation.packed_prefill import packed_prefill
+
+    net = gqa_olmo2(tok)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    padded, packed = (StaticCache(config=net.config, max_cache_len=width + 8) for _ in range(2))
+    with torch.no_grad():
+        want = net(input_ids=ids, attention_mask=mask, position_ids=pos, cache=padded,
+                   use_cache=True).logits[:, -1]
+    got = packed_prefill(net, ids, mask, pos, packed)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    keep = mask.bool()
+    for a, b in zip(padded.layers, packed.layers):
+        assert int(b.cumulative_length) == int(a.cumulative_length) == width
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            x, y = x[:, :, :width].transpose(1, 2), y[:, :, :width].transpose(1, 2)   # [rows, width, Hkv, D]
+            torch.testing.assert_close(y[keep], x[keep], rtol=1e-4, atol=1e-5)
+            assert not y[~keep].any(), "pad slots stay empty"
+        assert not b.keys[:, :, width:].any() and not b.values[:, :, width:].any()
+
+
+def test_prefill_auto_is_packed_for_plain_causal_models_on_cuda_only(model, monkeypatch):
+    import types
+
+    from transformers import GPT2Config
+
+    from distill_bench.generation.hf_backend import resolve_prefill
+    from distill_bench.train import varlen
+
+    cuda, cpu = types.SimpleNamespace(type="cuda"), types.SimpleNamespace(type="cpu")
+    auto, eager = GenerationSettings(), GenerationSettings(hf_prefill="eager")
+    assert auto.hf_prefill == "auto"
+    assert resolve_prefill(auto, model, cpu) == "eager"
+    monkeypatch.setattr(varlen, "available", lambda: True)   # the kernel exists where CUDA does
+    assert resolve_prefill(auto, model, cuda) == "packed"
+    assert resolve_prefill(eager, model, cuda) == "eager"
+    other = types.SimpleNamespace(config=GPT2Config())   # not a plain-causal llama/olmo/olmo2/qwen2 attention
+    assert resolve_prefill(auto, other, cuda) == "eager"
+    with pytest.raises(ValueError, match="synthetic.*hf_prefill"):
+        GenerationSettings.from_dict({"hf_prefill": "padded"}, where="synthetic")
+
+
+def test_packed_prefill_set_in_the_settings_decodes_the_eager_greedy_tokens(tok, model):
+    ref = generate(model, tok, PROMPTS, GenerationSettings(max_new_tokens=12, batch_size=3))
+    got = generate(model, tok, PROMPTS, GenerationSettings(max_new_tokens=12, batch_size=3, hf_decode="graph",
+                                                           hf_prefill="packed"))
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+
+
 def test_unknown_prefill_mode_is_refused_by_name(model):
     from distill_bench.generation.static_decode import StaticDecoder
 
-    with pytest.raises(ValueError, match="prefill must be one of eager, compiled"):
+    with pytest.raises(ValueError, match="prefill must be one of eager, packed, compiled"):
         StaticDecoder(model, 2, 64, compile=False, prefill="cuda")
 
 

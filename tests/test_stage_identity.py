@@ -94,3 +94,18 @@ def test_adapter_reads_the_id_from_the_energy_json_and_the_meter_files_from_the_
                                "environment_json": sm.input.environment}
     assert seen["kwargs"] == {"dataset": "d", "seed": 1}
     assert (tmp_path / "logs" / "student.train.kd.tiny.arith.log").is_file()   # the declared log is written to
+
+
+def test_the_prefill_kernel_setting_changes_no_artifact_or_experiment_id():
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())
+    plain = build_plan(load_config(raw))
+    for section in ("synthetic", "dpo", "eval"):
+        raw.setdefault(section, {})["hf_prefill"] = "packed"
+    packed = build_plan(load_config(raw))
+    assert {s: packed.config[s]["hf_prefill"] for s in ("synthetic", "dpo", "eval")} == \
+        dict.fromkeys(("synthetic", "dpo", "eval"), "packed")
+    assert sorted(packed.artifacts) == sorted(plain.artifacts)
+    assert sorted(packed.experiments) == sorted(plain.experiments)
+    assert packed.all_stage_ids() == plain.all_stage_ids()

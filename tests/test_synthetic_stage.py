@@ -182,6 +182,16 @@ def test_synthetic_hf_decode_reaches_the_decode_loop(env, decode_modes, mode):
     assert decode_modes and set(decode_modes) == {mode}
 
 
+def test_synthetic_hf_prefill_reaches_the_decode_loop_without_changing_the_artifact_id(env, decode_modes):
+    from distill_bench.synthetic.ids import generation_shard_key, synthetic_artifact_id
+
+    run_shards(env, "prefill-packed", synth(hf_decode="graph", hf_prefill="packed", n_prompts=2), 1)
+    assert decode_modes.prefill and set(decode_modes.prefill) == {"packed"}
+    plain, packed = synth(), synth(hf_prefill="packed")
+    assert generation_shard_key("arith", plain) == generation_shard_key("arith", packed)
+    assert synthetic_artifact_id("arith", plain) == synthetic_artifact_id("arith", packed)
+
+
 def test_merge_applies_filters_and_records_counts(env, greedy_unsharded):
     cfg = synth(filters={"min_tokens": 1, "max_tokens": None, "drop_truncated": True, "dedup": True,
                          "verify_answer": False})

@@ -280,6 +280,8 @@ def _base_teacher_identity(cfg: dict) -> dict:
 # config sections a student's weights depend on, by trainer (training always): an eval setting, or another
 # pipeline's section, changes nothing an artifact built from this student could see
 TRAINER_SECTIONS = {"sft_gt": (), "kd": ("kd",), "sft": ("synthetic",), "dpo": ("dpo",)}
+# keys that choose a kernel, not a computation (the same math, rounded differently in bf16): no identity holds them
+KERNEL_KEYS = ("hf_prefill",)
 
 
 def _model_identity(cfg: dict, experiments: dict[str, Experiment], model_id: str) -> Any:
@@ -287,7 +289,8 @@ def _model_identity(cfg: dict, experiments: dict[str, Experiment], model_id: str
     if model_id == "teacher":
         return _base_teacher_identity(cfg)
     exp = experiments[model_id]
-    sections = {s: exp.sections[s] for s in ("training", *TRAINER_SECTIONS[exp.trainer])}
+    sections = {s: {k: v for k, v in exp.sections[s].items() if k not in KERNEL_KEYS}
+                for s in ("training", *TRAINER_SECTIONS[exp.trainer])}
     return {"experiment": exp.id, "trainer": exp.trainer, "sections": sections,
             "student": cfg["students"][exp.student], "dataset": cfg["datasets"][exp.dataset],
             "upstream": [_model_identity(cfg, experiments, u) for u in exp.lineage[:1]], "seed": exp.seed}

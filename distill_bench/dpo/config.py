@@ -13,6 +13,7 @@ DEFAULTS: dict[str, Any] = section_defaults("dpo")
 SOURCES = allowed_values("dpo", "sample_source")
 JUDGES = allowed_values("dpo", "judge")
 HF_DECODE = allowed_values("dpo", "hf_decode")
+HF_PREFILL = allowed_values("dpo", "hf_prefill")
 # TRL 1.16 DPOTrainer loss types that take one pair per row and no extra hyper-parameter we do not expose
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
               "sigmoid_norm")
@@ -67,6 +68,8 @@ def normalize_dpo(dpo: Mapping[str, Any] | None) -> dict[str, Any]:
         raise bad("precompute_ref_logprobs", "must be true or false")
     if d["hf_decode"] not in HF_DECODE:
         raise bad("hf_decode", f"must be one of {', '.join(HF_DECODE)}")
+    if d["hf_prefill"] not in HF_PREFILL:
+        raise bad("hf_prefill", f"must be one of {', '.join(HF_PREFILL)}")
     if d["loss_type"] not in LOSS_TYPES:
         raise bad("loss_type", f"must be one of {', '.join(LOSS_TYPES)}")
     if d["max_length"] is not None and (not _is_int(d["max_length"]) or d["max_length"] < 2):

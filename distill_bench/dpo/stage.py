@@ -77,7 +77,7 @@ def sample_candidates(*, meter, models: Mapping[str, str], dataset: str, out_dir
         base = GenerationSettings(backend=backend, batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
                                   temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
                                   num_samples=cfg["samples_per_prompt"], seed=int(seed), prompt_overflow="drop",
-                                  hf_decode=cfg["hf_decode"])
+                                  hf_decode=cfg["hf_decode"], hf_prefill=cfg["hf_prefill"])
     except ValueError as e:
         raise ValueError(f"dpo: {e}") from None
 

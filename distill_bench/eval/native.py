@@ -25,7 +25,8 @@ def evaluate_native(*, meter, model: str, tokenizer: str | None, dataset: str | 
     rows = load_split(dataset, split, cfg["limit"])
     tok = load_tokenizer(tokenizer)
     settings = GenerationSettings(backend="auto", batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
-                                  temperature=0.0, seed=int(seed), hf_decode=cfg["hf_decode"])
+                                  temperature=0.0, seed=int(seed), hf_decode=cfg["hf_decode"],
+                                  hf_prefill=cfg["hf_prefill"])
     backend = resolve_backend(settings.backend)
     if backend == "hf":
         from distill_bench.generation.hf_backend import load_model

@@ -111,17 +111,29 @@ def resolve_decode(settings: GenerationSettings, device) -> str:
     return "graph" if getattr(device, "type", "cpu") == "cuda" else "eager"
 
 
+def resolve_prefill(settings: GenerationSettings, model, device) -> str:
+    """``auto`` -> ``packed`` for plain causal models where the varlen kernel runs (CUDA), ``eager`` elsewhere."""
+    if settings.hf_prefill != "auto":
+        return settings.hf_prefill
+    from distill_bench.train import varlen
+
+    config = getattr(model, "config", None)
+    on_cuda = getattr(device, "type", "cpu") == "cuda"
+    return "packed" if config is not None and on_cuda and varlen.auto_applies(config) else "eager"
+
+
 def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSettings, eos: set[int], pad_id: int,
                  on_batch: Callable[[list[int], list[list[list[int]]], float], None], *,
                  bos_id: int | None = None, stats: dict | None = None, decode_attention: str = "grouped",
-                 prefill: str = "eager") -> None:
+                 prefill: str | None = None) -> None:
     """Static-batch decoding of token-id prompts: longest first, ``batch_size // num_samples`` prompts per batch,
     left padded. ``on_batch(prompt_positions, new_tokens_per_prompt_per_sample, elapsed_s)`` per batch; new tokens
     are what ``generate`` returns after the prompt (pad after EOS included; callers count with
     ``count_generated``). ``stats`` (optional dict) receives the resolved mode, row count, cache length and, for
     ``graph``, per-batch prefill/decode times. ``decode_attention`` (``graph`` only): ``grouped`` (default),
     ``grouped_bmm`` or ``model`` (``static_decode.DECODE_ATTENTION``; for the benchmark's comparisons); ``prefill``
-    (``graph`` only): ``eager`` (default) or ``compiled`` (``static_decode.PREFILL``). Shared by
+    (``graph`` only): one of ``static_decode.PREFILL``, overriding ``settings.hf_prefill`` (None: the setting,
+    resolved by ``resolve_prefill``). Shared by
     ``generate_hf`` and benchmarks/gpu_generation.py."""
     import torch
 
@@ -151,7 +163,8 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSetting
 
         decoder = StaticDecoder(model, per_batch * settings.num_samples,
                                 cache_length(longest, settings.max_new_tokens), compile=device.type == "cuda",
-                                attention=decode_attention, prefill=prefill)
+                                attention=decode_attention,
+                                prefill=prefill or resolve_prefill(settings, model, device))
     if stats is not None:
         stats.update(mode=mode, rows_per_batch=per_batch * settings.num_samples,
                      prefill=decoder.prefill if decoder is not None else None,

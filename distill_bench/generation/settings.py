@@ -12,6 +12,7 @@ DEFAULTS = section_defaults("generation")
 BACKENDS = allowed_values("generation", "backend")
 OVERFLOW_POLICIES = allowed_values("generation", "prompt_overflow")
 HF_DECODE = allowed_values("generation", "hf_decode")
+HF_PREFILL = allowed_values("generation", "hf_prefill")
 # config spellings used by other sections (synthetic.samples_per_prompt) -> field name
 ALIASES = {"samples_per_prompt": "num_samples"}
 
@@ -33,6 +34,10 @@ class GenerationSettings:
     ``graph`` = our static-cache loop with the decode step in a CUDA graph (``generation.static_decode``; eager on
     CPU); ``auto`` (default) = ``graph`` on CUDA, ``eager`` elsewhere. Greedy output equals ``eager`` (tests, CPU).
     H100, 1B, batch 64: eager 1,429 tok/s, graph 11,788 tok/s after ~20 s compile (docs/BENCHMARKS.md).
+    ``hf_prefill`` (``graph`` only): ``packed`` = the batch's prompts end to end without padding, attention inside
+    each prompt (``generation.packed_prefill``); ``eager`` = the model's forward over the left-padded batch;
+    ``auto`` (default) = ``packed`` for plain causal llama/olmo/olmo2/qwen2 models where PyTorch's varlen kernel
+    runs (CUDA), else ``eager``. Greedy output equals ``eager`` generate in fp32 (tests, CPU).
     ``dtype``: vllm only (``auto`` lets vLLM choose); the hf backend uses the model as loaded.
     """
 
@@ -47,6 +52,7 @@ class GenerationSettings:
     prompt_overflow: str = DEFAULTS["prompt_overflow"]
     continuous_batching: bool = DEFAULTS["continuous_batching"]
     hf_decode: str = DEFAULTS["hf_decode"]
+    hf_prefill: str = DEFAULTS["hf_prefill"]
     dtype: str = DEFAULTS["dtype"]
 
     def __post_init__(self) -> None:
@@ -75,6 +81,8 @@ class GenerationSettings:
             raise bad("continuous_batching", "must be true or false")
         if self.hf_decode not in HF_DECODE:
             raise bad("hf_decode", f"must be one of {', '.join(HF_DECODE)}")
+        if self.hf_prefill not in HF_PREFILL:
+            raise bad("hf_prefill", f"must be one of {', '.join(HF_PREFILL)}")
         if self.temperature == 0 and self.num_samples > 1:
             raise bad("num_samples", "> 1 needs temperature > 0 (greedy samples would all be identical)")
 

@@ -5,9 +5,12 @@ batch 64 for a 1B model whose weights read in 0.84 ms). Here the KV cache is a t
 fixed length per call, batches are padded to one row count, so the decode step (model forward for one token) has one
 shape and is compiled once with ``torch.compile(mode="reduce-overhead", fullgraph=True)``, i.e. replayed as one CUDA
 graph; the host only queues replays and checks for "all rows finished" every ``CHECK_EVERY`` steps instead of
-synchronising each step. Prefill runs eagerly by default (its shape changes per batch); ``prefill="compiled"``
-compiles it once with dynamic shapes (one graph for every prompt width: fused norms, rotary and elementwise work
-around the matmuls; no CUDA graph, since a prefill is long enough to hide its launches). Decode attention reads
+synchronising each step. Prefill runs eagerly by default (its shape changes per batch); ``prefill="packed"`` runs
+it padding-free: the batch's prompts laid end to end in one row, causal attention inside each prompt only
+(``packed_prefill``), their K/V scattered into the static cache where the left-padded layout puts them, so a batch of
+mixed lengths computes no padding; ``prefill="compiled"`` compiles the padded prefill once with dynamic shapes (one
+graph for every prompt width; the whole model in one graph, so its compile time grows with the layer count).
+Decode attention reads
 grouped K/V in place (``decode_attention``; ``attention="model"`` keeps the model's SDPA path, which repeats K/V per
 query head).
 
@@ -22,12 +25,14 @@ from __future__ import annotations
 import torch
 
 from distill_bench.generation.decode_attention import grouped_decode
+from distill_bench.generation.packed_prefill import packed_prefill
 
 # decode attention: grouped = SDPA on grouped K/V (decode_attention.py, kernel "sdpa"), grouped_bmm = its two-bmm
 # kernel, model = the model's own attention (transformers' SDPA path repeats K/V per query head under a mask)
 DECODE_ATTENTION = ("grouped", "grouped_bmm", "model")
-# prefill: eager (the model's own forward) or compiled (torch.compile, dynamic shapes, on any device)
-PREFILL = ("eager", "compiled")
+# prefill: eager (the model's own forward over the left-padded batch), packed (padding-free, packed_prefill.py) or
+# compiled (the padded forward under torch.compile, dynamic shapes)
+PREFILL = ("eager", "packed", "compiled")
 CHECK_EVERY = 16  # decode steps between host checks of "all rows finished" (each check is one sync)
 LEN_BUCKET = 64   # cache length is rounded up to this, so calls with similar lengths share one compiled graph
 
@@ -94,7 +99,10 @@ class StaticDecoder:
         pos = mask.long().cumsum(-1) - 1
         pos = pos.masked_fill(mask == 0, 0)
         clock = _Clock(dev)
-        logits = self.prefill_step(self.model, ids, pos, full_mask[:, :width], self.cache)
+        if self.prefill == "packed":
+            logits = packed_prefill(self.model, ids, mask, pos, self.cache)
+        else:
+            logits = self.prefill_step(self.model, ids, pos, full_mask[:, :width], self.cache)
         clock.mark()
         next_pos = pos[:, -1:] + 1
         eos_t = torch.tensor(sorted(eos), device=dev)

@@ -21,8 +21,9 @@ from typing import Any, Mapping
 
 from distill_bench.defaults import section_defaults
 
-# keys of the synthetic section that never change the artifact
-NEUTRAL_KEYS = ("shards",)
+# keys of the synthetic section that never change the artifact: how the work is split, and the prefill kernel
+# (packed or left-padded: the same computation, rounded differently in bf16, like any other kernel choice)
+NEUTRAL_KEYS = ("shards", "hf_prefill")
 # the schema's `synthetic` section (a missing key means the default): decoding keys, and the filters
 DECODING_DEFAULTS: dict[str, Any] = {k: v for k, v in section_defaults("synthetic").items()
                                      if k not in (*NEUTRAL_KEYS, "filters")}

@@ -43,9 +43,11 @@ from distill_bench.generation.chunked import (CHUNK_BATCHES, ChunkedRun, Metered
 from distill_bench.generation.hf_backend import load_model
 from distill_bench.generation.prompts import load_tokenizer
 from distill_bench.synthetic.filters import apply_filters
+from distill_bench.defaults import section_defaults
 from distill_bench.synthetic.ids import DECODING_DEFAULTS, generation_shard_key, normalize_filters
 
 log = logging.getLogger(__name__)
+PREFILL_DEFAULT = section_defaults("synthetic")["hf_prefill"]   # a kernel choice: not among the decoding keys
 
 SHARD_INFO = "shard_info.json"
 SYNTHETIC_INFO = "synthetic_info.json"
@@ -110,7 +112,7 @@ def generate_shard(*, meter: Any, teacher: str, tokenizer: str, dataset: str, ou
         backend=backend, batch_size=int(decoding["batch_size"]), max_new_tokens=int(decoding["max_new_tokens"]),
         temperature=float(decoding["temperature"]), top_p=float(decoding["top_p"]),
         num_samples=int(decoding["samples_per_prompt"]), seed=int(seed), prompt_overflow="drop",
-        hf_decode=decoding["hf_decode"])
+        hf_decode=decoding["hf_decode"], hf_prefill=synthetic.get("hf_prefill", PREFILL_DEFAULT))
 
     train = _load_source(dataset)["train"]
     total = len(train) if n_limit is None else min(int(n_limit), len(train))
