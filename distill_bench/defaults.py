@@ -17,6 +17,9 @@ from typing import Any
 import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("config") / "workflow.schema.yaml"
+# config keys that choose a kernel, not a computation (the same math, rounded differently in bf16, like any other
+# kernel choice): no artifact or model identity holds them
+KERNEL_KEYS = ("hf_prefill",)
 
 
 @functools.lru_cache(maxsize=1)

@@ -161,11 +161,16 @@ def test_multi_gpu_benchmark_runs_sft_kd_dpo_and_loss_check_through_the_launch(t
     assert "losscheck: " in out
 
 
-def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=str(ROOT),
-               SESSION_QUICK_RUNS="sft", SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_fusedclip")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_perf_session.sh"), "--quick"], capture_output=True,
+def run_session(out: Path, **env: str) -> subprocess.CompletedProcess:
+    """benchmarks/gpu_perf_session.sh --quick with OUT=out and ``env`` added to this environment."""
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(ROOT), **env)
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_perf_session.sh"), "--quick"], capture_output=True,
                           text=True, env=env, timeout=900)
+
+
+def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
+    proc = run_session(tmp_path / "out", SESSION_QUICK_RUNS="sft",
+                       SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_fusedclip")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["multi_gpu.json", "session.tar.gz", "steps.tsv", "summary.txt", "trainer_runs.json"]
@@ -176,10 +181,8 @@ def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
 
 
 def test_one_gpu_session_plan_runs_the_cache_comparison_and_interleaved_optimizer_variants(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=str(ROOT),
-               SESSION_PLAN="one-gpu", SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_ga2")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_perf_session.sh"), "--quick"], capture_output=True,
-                          text=True, env=env, timeout=900)
+    proc = run_session(tmp_path / "out", SESSION_PLAN="one-gpu",
+                       SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_ga2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["caching_olmo2-1b.json", "session.tar.gz", "steps.tsv", "summary.txt", "trainer_runs.json"]
@@ -191,9 +194,7 @@ def test_one_gpu_session_plan_runs_the_cache_comparison_and_interleaved_optimize
 
 
 def test_gpu_session_script_refuses_an_unknown_plan(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "out"), SESSION_PLAN="three-gpu")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_perf_session.sh"), "--quick"], capture_output=True,
-                          text=True, env=env, timeout=60)
+    proc = run_session(tmp_path / "out", SESSION_PLAN="three-gpu")
     assert proc.returncode == 2 and "SESSION_PLAN=three-gpu" in proc.stderr
 
 

@@ -120,8 +120,11 @@ def test_packed_prefill_fills_the_static_cache_as_the_padded_prefill_does_at_eve
         assert not b.keys[:, :, width:].any() and not b.values[:, :, width:].any()
 
 
-def test_prefill_auto_is_packed_for_plain_causal_models_on_cuda_only(model, monkeypatch):
+def test_prefill_auto_is_packed_for_plain_causal_half_precision_models_on_cuda_only(model, monkeypatch):
+    import copy
     import types
+
+    import torch
 
     from transformers import GPT2Config
 
@@ -130,12 +133,14 @@ def test_prefill_auto_is_packed_for_plain_causal_models_on_cuda_only(model, monk
 
     cuda, cpu = types.SimpleNamespace(type="cuda"), types.SimpleNamespace(type="cpu")
     auto, eager = GenerationSettings(), GenerationSettings(hf_prefill="eager")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
     assert auto.hf_prefill == "auto"
-    assert resolve_prefill(auto, model, cpu) == "eager"
+    assert resolve_prefill(auto, bf16, cpu) == "eager"
     monkeypatch.setattr(varlen, "available", lambda: True)   # the kernel exists where CUDA does
-    assert resolve_prefill(auto, model, cuda) == "packed"
-    assert resolve_prefill(eager, model, cuda) == "eager"
-    other = types.SimpleNamespace(config=GPT2Config())   # not a plain-causal llama/olmo/olmo2/qwen2 attention
+    assert resolve_prefill(auto, bf16, cuda) == "packed"
+    assert resolve_prefill(auto, model, cuda) == "eager", "an fp32 model would attend in bf16 in the flash kernel"
+    assert resolve_prefill(eager, bf16, cuda) == "eager"
+    other = types.SimpleNamespace(config=GPT2Config(), dtype=torch.bfloat16)   # not a plain-causal llama/olmo/...
     assert resolve_prefill(auto, other, cuda) == "eager"
     with pytest.raises(ValueError, match="synthetic.*hf_prefill"):
         GenerationSettings.from_dict({"hf_prefill": "padded"}, where="synthetic")

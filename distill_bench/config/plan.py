@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from distill_bench.config.load import SECTIONS, ConfigError
+from distill_bench.defaults import KERNEL_KEYS
 from distill_bench.models.vocab import vocabulary_hash_from_files
 from distill_bench.synthetic.ids import generation_shard_key, synthetic_artifact_id
 
@@ -280,8 +281,6 @@ def _base_teacher_identity(cfg: dict) -> dict:
 # config sections a student's weights depend on, by trainer (training always): an eval setting, or another
 # pipeline's section, changes nothing an artifact built from this student could see
 TRAINER_SECTIONS = {"sft_gt": (), "kd": ("kd",), "sft": ("synthetic",), "dpo": ("dpo",)}
-# keys that choose a kernel, not a computation (the same math, rounded differently in bf16): no identity holds them
-KERNEL_KEYS = ("hf_prefill",)
 
 
 def _model_identity(cfg: dict, experiments: dict[str, Experiment], model_id: str) -> Any:

@@ -112,14 +112,18 @@ def resolve_decode(settings: GenerationSettings, device) -> str:
 
 
 def resolve_prefill(settings: GenerationSettings, model, device) -> str:
-    """``auto`` -> ``packed`` for plain causal models where the varlen kernel runs (CUDA), ``eager`` elsewhere."""
+    """``auto`` -> ``packed`` for plain causal models in bf16/fp16 where the varlen kernel runs (CUDA), ``eager``
+    elsewhere (the flash kernel takes 16-bit inputs: an fp32 model would attend in lower precision)."""
     if settings.hf_prefill != "auto":
         return settings.hf_prefill
+    import torch
+
     from distill_bench.train import varlen
 
     config = getattr(model, "config", None)
     on_cuda = getattr(device, "type", "cpu") == "cuda"
-    return "packed" if config is not None and on_cuda and varlen.auto_applies(config) else "eager"
+    half = getattr(model, "dtype", None) in (torch.bfloat16, torch.float16)
+    return "packed" if config is not None and on_cuda and half and varlen.auto_applies(config) else "eager"
 
 
 def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSettings, eos: set[int], pad_id: int,

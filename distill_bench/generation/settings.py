@@ -36,8 +36,8 @@ class GenerationSettings:
     H100, 1B, batch 64: eager 1,429 tok/s, graph 11,788 tok/s after ~20 s compile (docs/BENCHMARKS.md).
     ``hf_prefill`` (``graph`` only): ``packed`` = the batch's prompts end to end without padding, attention inside
     each prompt (``generation.packed_prefill``); ``eager`` = the model's forward over the left-padded batch;
-    ``auto`` (default) = ``packed`` for plain causal llama/olmo/olmo2/qwen2 models where PyTorch's varlen kernel
-    runs (CUDA), else ``eager``. Greedy output equals ``eager`` generate in fp32 (tests, CPU).
+    ``auto`` (default) = ``packed`` for plain causal llama/olmo/olmo2/qwen2 models in bf16/fp16 where PyTorch's
+    varlen kernel runs (CUDA), else ``eager``. Greedy output equals ``eager`` generate in fp32 (tests, CPU).
     ``dtype``: vllm only (``auto`` lets vLLM choose); the hf backend uses the model as loaded.
     """
 

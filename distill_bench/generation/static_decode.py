@@ -10,9 +10,8 @@ it padding-free: the batch's prompts laid end to end in one row, causal attentio
 (``packed_prefill``), their K/V scattered into the static cache where the left-padded layout puts them, so a batch of
 mixed lengths computes no padding; ``prefill="compiled"`` compiles the padded prefill once with dynamic shapes (one
 graph for every prompt width; the whole model in one graph, so its compile time grows with the layer count).
-Decode attention reads
-grouped K/V in place (``decode_attention``; ``attention="model"`` keeps the model's SDPA path, which repeats K/V per
-query head).
+Decode attention reads grouped K/V in place (``decode_attention``; ``attention="model"`` keeps the model's SDPA path,
+which repeats K/V per query head).
 
 Semantics equal HF ``generate`` (greedy: token for token, checked on CPU by tests/test_generation_static.py):
 left-padded rows, position ids = cumulative attention mask - 1, a row that produced EOS gets the pad token

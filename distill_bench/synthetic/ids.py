@@ -19,11 +19,10 @@ import json
 import re
 from typing import Any, Mapping
 
-from distill_bench.defaults import section_defaults
+from distill_bench.defaults import KERNEL_KEYS, section_defaults
 
-# keys of the synthetic section that never change the artifact: how the work is split, and the prefill kernel
-# (packed or left-padded: the same computation, rounded differently in bf16, like any other kernel choice)
-NEUTRAL_KEYS = ("shards", "hf_prefill")
+# keys of the synthetic section that never change the artifact: how the work is split, and kernel choices
+NEUTRAL_KEYS = ("shards", *KERNEL_KEYS)
 # the schema's `synthetic` section (a missing key means the default): decoding keys, and the filters
 DECODING_DEFAULTS: dict[str, Any] = {k: v for k, v in section_defaults("synthetic").items()
                                      if k not in (*NEUTRAL_KEYS, "filters")}

@@ -37,13 +37,13 @@ from typing import Any, Mapping
 from distill_bench.artifacts import ChunkCheckpoint
 from distill_bench.atomic import atomic_write_json, write_dir_atomically
 from distill_bench.data.io import content_hash, dataset_hash_or_none, load_dataset_dir
+from distill_bench.defaults import section_defaults
 from distill_bench.generation import GenerationSettings, resolve_backend
 from distill_bench.generation.chunked import (CHUNK_BATCHES, ChunkedRun, MeteredTokens, chunk_bounds, chunk_prompts,
                                              generate_chunks)
 from distill_bench.generation.hf_backend import load_model
 from distill_bench.generation.prompts import load_tokenizer
 from distill_bench.synthetic.filters import apply_filters
-from distill_bench.defaults import section_defaults
 from distill_bench.synthetic.ids import DECODING_DEFAULTS, generation_shard_key, normalize_filters
 
 log = logging.getLogger(__name__)
