@@ -168,28 +168,29 @@ def run_session(out: Path, **env: str) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=900)
 
 
-def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
-    proc = run_session(tmp_path / "out", SESSION_QUICK_RUNS="sft",
-                       SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_fusedclip")
+def session_files(out: Path, **env: str) -> tuple[list[str], str]:
+    """A session that must succeed: the names of the files it left in ``out`` and its summary table."""
+    proc = run_session(out, **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    return sorted(p.name for p in out.iterdir()), (out / "summary.txt").read_text()
+
+
+def test_gpu_session_script_quick_writes_its_files_and_table(tmp_path):
+    files, summary = session_files(tmp_path / "out", SESSION_QUICK_RUNS="sft",
+                                   SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_fusedclip")
     assert files == ["multi_gpu.json", "session.tar.gz", "steps.tsv", "summary.txt", "trainer_runs.json"]
     steps = [line.split("\t") for line in (tmp_path / "out" / "steps.tsv").read_text().splitlines()[1:]]
     assert [(s[0], s[1]) for s in steps] == [("a_multi", "0"), ("c_optimizer", "0")]
-    summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "sft | complete" in summary and "sft_gpu_defaults_fusedclip" in summary
 
 
 def test_one_gpu_session_plan_runs_the_cache_comparison_and_interleaved_optimizer_variants(tmp_path):
-    proc = run_session(tmp_path / "out", SESSION_PLAN="one-gpu",
-                       SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_ga2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    files, summary = session_files(tmp_path / "out", SESSION_PLAN="one-gpu",
+                                   SESSION_QUICK_VARIANTS="sft_gpu_defaults,sft_gpu_defaults_ga2")
     assert files == ["caching_olmo2-1b.json", "session.tar.gz", "steps.tsv", "summary.txt", "trainer_runs.json"]
     runs = json.loads((tmp_path / "out" / "trainer_runs.json").read_text())["runs"]
     assert [(r["variant"], r["repeat"]) for r in runs] == [
         ("sft_gpu_defaults", 0), ("sft_gpu_defaults_ga2", 0), ("sft_gpu_defaults_ga2", 1), ("sft_gpu_defaults", 1)]
-    summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "cache / bare forward:" in summary and "sft_gpu_defaults_ga2" in summary
 
 
