@@ -143,13 +143,9 @@ def eager_twin(name: str) -> str | None:
 
 def padded_twin(name: str) -> str | None:
     """The same variant with the eager prefill over the left-padded batch (None when ``name`` is that one)."""
-    if name.startswith("cb_"):
+    if name.startswith("cb_") or parse_variant(name)[4] == "eager":
         return None
-    mode, rows, new, attention, prefill = parse_variant(name)
-    if prefill == "eager":
-        return None
-    suffix = {"grouped": "", "grouped_bmm": "_bmm", "sdpa": "_sdpa", "sdpa_gqa": "_gqa"}[attention]
-    return f"{mode}_b{rows}" + (f"_n{new}" if new is not None else "") + suffix
+    return "_".join(part for part in name.split("_") if part not in ("pp", "pc"))
 
 
 def prefill_flops(model, prompts: list[list[int]]) -> float:
@@ -175,15 +171,12 @@ def prefill_agreement(model, prompts: list[list[int]], rows: int) -> dict:
     from transformers import StaticCache
 
     from distill_bench.generation.packed_prefill import packed_prefill
+    from distill_bench.generation.static_decode import left_padded, position_ids
 
     batch = sorted(prompts, key=len, reverse=True)[:rows]
-    width = len(batch[0])
-    ids = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, p in enumerate(batch):
-        ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
-    ids, mask = ids.to(dev()), mask.to(dev())
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    ids, mask = (t.to(dev()) for t in left_padded(batch, 0))
+    width = ids.shape[1]
+    pos = position_ids(mask)
     padded_cache, packed_cache = (StaticCache(config=model.config, max_cache_len=width) for _ in range(2))
 
     def padded_logits(n: int, cache) -> torch.Tensor:
@@ -206,8 +199,11 @@ def prefill_agreement(model, prompts: list[list[int]], rows: int) -> dict:
     margin = top2[:, 0] - top2[:, 1]
     differ = padded.argmax(-1) != packed.argmax(-1)
     keep = mask.bool()
-    kv = max(float((a.transpose(1, 2)[:, :width][keep].float() - b.transpose(1, 2)[:, :width][keep].float())
-                   .abs().max() / a.transpose(1, 2)[:, :width][keep].float().abs().max())
+
+    def at_prompts(cache_tensor: torch.Tensor) -> torch.Tensor:   # [rows, Hkv, L, D] -> [prompt tokens, Hkv, D]
+        return cache_tensor.transpose(1, 2)[:, :width][keep].float()
+
+    kv = max(float((at_prompts(a) - at_prompts(b)).abs().max() / at_prompts(a).abs().max())
              for la, lb in zip(padded_cache.layers, packed_cache.layers)
              for a, b in ((la.keys, lb.keys), (la.values, lb.values)))
     return {"rows": len(batch), "width": width, "logit_std": float(padded.std()),

@@ -417,7 +417,8 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     win_j = (eb - ea) / 1e3 if ea is not None and eb is not None else None
     res = {
         "variant": name, "kind": "kd" if kd_cache else "sft_gt", "attn": attn, "training": training,
-        "batch": batch, "grad_accum": accum, "steps": last, "planned_steps": steps, "warmup_steps": warmup, "window_s": dt,
+        "batch": batch, "grad_accum": accum, "steps": last, "planned_steps": steps, "warmup_steps": warmup,
+        "window_s": dt,
         "tokens_per_s": w["real_tokens"] / dt, "loss_tokens_per_s": w["loss_positions"] / dt,
         "padded_tokens_per_s": w["padded_tokens"] / dt,
         "pad_fraction": 0.0 if training.get("padding_free") else 1 - w["real_tokens"] / w["padded_tokens"],

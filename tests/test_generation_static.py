@@ -95,15 +95,13 @@ def test_packed_prefill_fills_the_static_cache_as_the_padded_prefill_does_at_eve
     from transformers import StaticCache
 
     from distill_bench.generation.packed_prefill import packed_prefill
+    from distill_bench.generation.static_decode import left_padded, position_ids
 
     net = gqa_olmo2(tok)
-    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((3, width), dtype=torch.long)
-    mask = torch.zeros((3, width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    ids, mask = left_padded([tok(p)["input_ids"] for p in PROMPTS[:3]], tok.pad_token_id)
+    width = ids.shape[1]
+    assert not mask.all(), "prompts of different lengths: the batch has pads"
+    pos = position_ids(mask)
     padded, packed = (StaticCache(config=net.config, max_cache_len=width + 8) for _ in range(2))
     with torch.no_grad():
         want = net(input_ids=ids, attention_mask=mask, position_ids=pos, cache=padded,

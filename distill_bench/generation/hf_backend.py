@@ -141,6 +141,8 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSetting
     ``generate_hf`` and benchmarks/gpu_generation.py."""
     import torch
 
+    from distill_bench.generation.static_decode import left_padded
+
     if not prompt_ids:
         return
     device = getattr(model, "device", torch.device("cpu"))
@@ -179,13 +181,8 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSetting
         real = len(rows)
         if fixed_rows and real < per_batch:  # filler rows (copies of the first) keep the compiled shape
             rows = rows + [rows[0]] * (per_batch - real)
-        width = max(len(prompt_ids[k]) for k in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, k in enumerate(rows):
-            n = len(prompt_ids[k])
-            ids[row, width - n:] = torch.tensor(prompt_ids[k], dtype=torch.long)
-            mask[row, width - n:] = 1
+        ids, mask = left_padded([prompt_ids[k] for k in rows], pad_id)
+        width = ids.shape[1]
         if not settings.greedy:
             # seeded per batch: sampled output is reproducible for a given batch_size and prompt order
             torch.manual_seed(settings.seed + b)

@@ -36,6 +36,22 @@ CHECK_EVERY = 16  # decode steps between host checks of "all rows finished" (eac
 LEN_BUCKET = 64   # cache length is rounded up to this, so calls with similar lengths share one compiled graph
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts as one left-padded batch: (ids, attention mask), both [rows, longest], on the CPU."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as ``generate`` counts them: 0 at each prompt's first token, 0 on pads."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 def cache_length(longest_prompt: int, max_new_tokens: int) -> int:
     n = longest_prompt + max_new_tokens
     return -(-n // LEN_BUCKET) * LEN_BUCKET
@@ -95,8 +111,7 @@ class StaticDecoder:
         # one mask for the whole batch: prompt padding zeros, then ones; causality hides the not-yet-written slots
         full_mask = torch.ones((rows, self.max_cache_len), dtype=mask.dtype, device=dev)
         full_mask[:, :width] = mask
-        pos = mask.long().cumsum(-1) - 1
-        pos = pos.masked_fill(mask == 0, 0)
+        pos = position_ids(mask)
         clock = _Clock(dev)
         if self.prefill == "packed":
             logits = packed_prefill(self.model, ids, mask, pos, self.cache)
