@@ -39,16 +39,17 @@ import offline_env  # noqa: E402, F401  (sets the offline environment before tra
 import torch  # noqa: E402
 
 import gpu_suite  # noqa: E402
-from gpu_suite import OLMO2_1B, OLMO2_7B, TINY  # noqa: E402
+from gpu_suite import OLMO2_1B, OLMO2_7B, OLMO2_13B, TINY  # noqa: E402
 
 T0 = time.monotonic()
 ENERGY = {"codecarbon": False, "sample_interval_s": 0.1}
-SHAPES = {"olmo2-1b": OLMO2_1B, "olmo2-7b": OLMO2_7B, "tiny": TINY}
+SHAPES = {"olmo2-1b": OLMO2_1B, "olmo2-7b": OLMO2_7B, "olmo2-13b": OLMO2_13B, "tiny": TINY}
 SMALL_LLAMA = dict(arch="llama", hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
                    intermediate_size=4096, vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0,
                    rms_norm_eps=1e-5, tie_word_embeddings=False)
 # expected seconds per run on 2 x H200 (model build + torchrun + load + compile + steps + final save); the skip rule
 EXPECTED_S = {"sft": 140, "kd": 170, "dpo": 60, "losscheck": 60}
+SIZE_FACTOR = {"olmo2-13b": 1.9}   # sft/kd of a larger student: saving, loading and gathering scale with its size
 
 
 def log(msg: str) -> None:
@@ -66,7 +67,9 @@ def write_json(path: Path, payload) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ data
-WORDS = [f"w{i}" for i in range(300)]   # few enough that each becomes one token
+# 300 letter-only syllable words, few enough that each becomes one token (the tokenizer splits digits one per token,
+# so numbered words would cost ~3.6 tokens each and the length range would be in the wrong unit)
+WORDS = [a + b + c for a in "bcdfghjklm" for b in "aeiou" for c in "nprstx"]
 
 
 def random_text(rng: random.Random, n_words: int) -> str:
@@ -74,12 +77,16 @@ def random_text(rng: random.Random, n_words: int) -> str:
 
 
 def make_tokenizer(work: Path):
-    """A word-level-ish BPE over the random words (about one token per word), trained here: no download."""
+    """A BPE over the random words (one token per word, checked), trained here: no download."""
     from distill_bench.models.tokenizer import load_tokenizer, train_tokenizer
 
     rng = random.Random(0)
     train_tokenizer([" ".join(WORDS)] * 4 + [random_text(rng, 200) for _ in range(200)], 2000, work / "tok")
-    return load_tokenizer(work / "tok")
+    tok = load_tokenizer(work / "tok")
+    sample = random_text(rng, 50)
+    if len(tok(sample, add_special_tokens=False)["input_ids"]) != 50:
+        raise RuntimeError(f"benchmark tokenizer: {sample[:40]!r}... is not one token per word")
+    return tok
 
 
 def make_sft_dataset(path: Path, n: int, lo: int, hi: int, seed: int = 0) -> Path:
@@ -210,6 +217,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16, help="optimizer steps per sft/kd run")
     ap.add_argument("--lengths", default="256,1024", help="example length range in tokens (lo,hi)")
     ap.add_argument("--torch-compile", default="auto", help="training.torch_compile for the sft/kd/dpo runs")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="training.gradient_checkpointing for the sft/kd runs (a 13B student's activations)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip a run expected to end past this")
     a = ap.parse_args()
     out = Path(a.out)
@@ -242,7 +251,8 @@ def main() -> int:
     log(f"dataset: {len(examples)} examples, mean {sum(len(e['input_ids']) for e in examples) / len(examples):.0f} "
         f"tokens")
     base = dict(max_length=max_length, grad_accum=1, lr=1e-5, warmup_ratio=0.0, lr_scheduler="constant",
-                precision=precision, save_steps=10 ** 6, logging_steps=1, torch_compile=a.torch_compile)
+                precision=precision, save_steps=10 ** 6, logging_steps=1, torch_compile=a.torch_compile,
+                gradient_checkpointing=a.gradient_checkpointing)
     student: dict | None = None
 
     def need_student() -> dict:
@@ -264,8 +274,9 @@ def main() -> int:
     devices = ",".join(str(i) for i in range(world)) if cuda else None
     compile_mode = a.torch_compile
     for run in runs:
-        if not quick and left(a.budget_s) < EXPECTED_S[run]:
-            record({"run": run, "skipped": f"{left(a.budget_s):.0f}s left, expects ~{EXPECTED_S[run]}s"})
+        expected = EXPECTED_S[run] * (SIZE_FACTOR.get(a.shape, 1.0) if run in ("sft", "kd") else 1.0)
+        if not quick and left(a.budget_s) < expected:
+            record({"run": run, "skipped": f"{left(a.budget_s):.0f}s left, expects ~{expected:.0f}s"})
             continue
         log(f"run {run}")
         try:
@@ -335,6 +346,8 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - one broken run must not lose the others
             traceback.print_exc()
             record({"run": run, "error": repr(e)[:600]})
+        for done in (f"out_{run}", "cache", "out_small1", f"out_small{world}", "out_dpo", "dpo_init", "small"):
+            shutil.rmtree(work / done, ignore_errors=True)   # a 7B/13B student's saves must not fill /dev/shm
         release()
     shutil.rmtree(work, ignore_errors=True)
     print_table(result)

@@ -80,8 +80,11 @@ elif [ -n "$QUICK" ]; then
 else
   # (a)+(b): 134M 1-vs-2-GPU FSDP loss check first (cheap, tells whether FSDP runs at all), 7B SFT, 7B KD, 1B DPO;
   # each run is skipped when it cannot finish inside the budget
-  step a_multi 420 "$PY" benchmarks/gpu_multi.py --out "$WORK/multi" --runs losscheck,sft,kd,dpo --shape olmo2-7b \
-    --gpus 2 --distributed fsdp --per-gpu-batch 4 --steps 12 --budget-s 400
+  # (MULTI_SHAPE=olmo2-13b MULTI_RUNS=sft,kd MULTI_S=520 MULTI_ARGS=--gradient-checkpointing: the 13B student)
+  MULTI_S=${MULTI_S:-420}
+  step a_multi "$MULTI_S" "$PY" benchmarks/gpu_multi.py --out "$WORK/multi" --runs "${MULTI_RUNS:-losscheck,sft,kd,dpo}" \
+    --shape "${MULTI_SHAPE:-olmo2-7b}" --gpus 2 --distributed fsdp --per-gpu-batch 4 --steps 12 \
+    --budget-s $(( MULTI_S - 20 )) ${MULTI_ARGS:-}
   # (c): OLMo-2-1B at batch 4, GPU defaults, fresh shapes: the optimizer step (HF's fused AdamW, the clip folded
   # into it, foreach AdamW), SFT vs KD; with ~100 s left the first two variants fit (the fused/folded comparison)
   L=$(left)

@@ -33,6 +33,10 @@ OLMO2_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, 
 OLMO2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                 intermediate_size=11008, vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0,
                 rms_norm_eps=1e-6, tie_word_embeddings=False)
+# the study's largest student (OLMo-2-1124-13B)
+OLMO2_13B = dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                 intermediate_size=13824, vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False)
 # the study's teacher (OLMo-2-0325-32B): grouped-query attention, 8 K/V heads; 64 GB of bf16 weights, built in the
 # run's dtype directly (in fp32 first it would need 128 GB of the card)
 OLMO2_32B = dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,

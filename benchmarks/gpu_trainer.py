@@ -239,10 +239,16 @@ def profiler_callback(first_step: int, n_steps: int, out_dir: Path, name: str):
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
+    def graphs_compiled() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
     class Prof(TrainerCallback):
         def __init__(self):
             self.prof = None
             self.t = 0.0
+            self.graphs = 0
 
         def on_step_end(self, args, state, control, **kw):
             g = state.global_step
@@ -252,18 +258,23 @@ def profiler_callback(first_step: int, n_steps: int, out_dir: Path, name: str):
                                     + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
                 self.prof.__enter__()
                 self.t = time.perf_counter()
+                self.graphs = graphs_compiled()
             elif self.prof is not None and g == first_step + n_steps:
                 sync()
                 wall = time.perf_counter() - self.t
                 self.prof.__exit__(None, None, None)
-                summarise_profile(self.prof, wall, n_steps, out_dir, name)
+                summarise_profile(self.prof, wall, n_steps, out_dir, name,
+                                  graphs_compiled_in_window=graphs_compiled() - self.graphs)
                 self.prof = None
             return control
 
     return Prof()
 
 
-def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: str) -> dict:
+def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: str,
+                      graphs_compiled_in_window: int = 0) -> dict:
+    """Kernel time by kind over the profiled steps; ``graphs_compiled_in_window`` > 0 marks a profile whose steps
+    include a (re)compilation, so its shares describe compilation as much as training."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kinds: dict[str, float] = {}
     kernels = []
@@ -277,6 +288,7 @@ def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: st
     busy_us = sum(kinds.values())
     kernels.sort(reverse=True)
     res = {"variant": name, "steps": n_steps, "wall_s": wall_s, "step_s": wall_s / n_steps,
+           "graphs_compiled_in_window": graphs_compiled_in_window,
            "gpu_kernel_s": busy_us / 1e6, "gpu_busy_fraction": busy_us / 1e6 / wall_s,
            "kernel_s_by_kind": {k: v / 1e6 for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
            "share_of_wall_by_kind": {k: v / 1e6 / wall_s for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
@@ -287,6 +299,9 @@ def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: st
             (out_dir / f"{name}_{sort}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
         except Exception as e:  # noqa: BLE001 - the JSON above is the result; the tables are extra
             log(f"profile table {sort}: {e!r}")
+    if graphs_compiled_in_window:
+        log(f"profile {name}: {graphs_compiled_in_window} graph(s) compiled inside the profiled steps: this profile "
+            "describes compilation too (raise --profile-warmup)")
     log(f"profile {name}: busy {100 * res['gpu_busy_fraction']:.1f}% of {wall_s:.2f}s; "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in res["share_of_wall_by_kind"].items()))
     return res
@@ -369,7 +384,8 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
         token_budget=budget, max_length=max(len(e["input_ids"]) for e in examples), batch_size=batch, lr=1e-4,
         warmup_ratio=0.0, precision="bf16" if cuda else "fp32", save_steps=10 ** 6, **training))
     if cuda:
-        torch.cuda.empty_cache()
+        if not KEEP_POOL:
+            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = make_model(cfg, torch.float32, attn)
     model.train()
@@ -435,6 +451,7 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
                                                  "torch_compile")},
         "allocator_in_window": {k: v - clock.allocator[warmup][k] for k, v in clock.allocator[last].items()},
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        "keep_pool": KEEP_POOL,
         "train_runtime_s": summary.get("train_runtime_s"),
         "kd_info": {k: v for k, v in info.items() if k in ("kd_cache_k", "kd_top_k", "kd_value_dtype")} or None,
     }
@@ -445,13 +462,18 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     return res
 
 
+# --keep-pool: the caching allocator's pool survives from one variant to the next, so a variant after the first
+# (or after --throwaway) finds its blocks already reserved and makes no cudaMalloc inside its timed window
+KEEP_POOL = False
+
+
 def release() -> None:
     """Free the previous variant's model, optimizer and compiled graphs before the next one."""
     import gc
 
     torch._dynamo.reset()
     gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not KEEP_POOL:
         torch.cuda.empty_cache()
 
 
@@ -493,6 +515,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="run the list this many times, alternating forward and "
                                                            "backward order (ABBA), each run reported")
     ap.add_argument("--throwaway", action="store_true", help="first a short unreported run of the first variant")
+    ap.add_argument("--keep-pool", action="store_true",
+                    help="keep the allocator's reserved memory between variants (no empty_cache)")
     ap.add_argument("--fresh-shapes", action="store_true",
                     help="each run its own data order (seed), so no run meets batch shapes an earlier run met "
                          "(a real run meets new lengths on nearly every step)")
@@ -500,6 +524,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="rows per micro-batch (= per optimizer step)")
     ap.add_argument("--warmup-steps", type=int, default=0, help="at least this many steps before the window")
     ap.add_argument("--profile", default="", help="variant to profile (torch.profiler, 3 steps) in one extra run")
+    ap.add_argument("--profile-warmup", type=int, default=20, help="steps before the profiled ones (past the "
+                                                                     "recompilations new batch shapes cause)")
     ap.add_argument("--timed-s", type=float, default=20.0, help="target steady-state seconds per variant")
     ap.add_argument("--max-wall-s", type=float, default=110.0, help="stop a variant's training past this (s)")
     ap.add_argument("--fixed-cost-s", type=float, default=None,
@@ -507,6 +533,8 @@ def main() -> None:
     ap.add_argument("--checks", default="sdpa,flex_attention",
                     help="attention kernels for the padding-free check (sdpa, eager, flex_attention, varlen)")
     a = ap.parse_args()
+    global KEEP_POOL
+    KEEP_POOL = a.keep_pool
     out = Path(a.out)
     (out / "energy").mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -647,7 +675,7 @@ def main() -> None:
         if rep == THROWAWAY_RUN:
             steps = warm + 3
         elif rep == PROFILE_RUN:
-            warm = min(warm, 20)
+            warm = min(warm, a.profile_warmup) if quick else a.profile_warmup
             steps = warm + 5
         need = (fixed if a.fixed_cost_s is None else a.fixed_cost_s) + steps * step_s * 1.3
         if not quick and left(a.budget_s) < need:

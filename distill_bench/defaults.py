@@ -20,6 +20,29 @@ SCHEMA_PATH = Path(__file__).with_name("config") / "workflow.schema.yaml"
 # config keys that choose a kernel, not a computation (the same math, rounded differently in bf16, like any other
 # kernel choice): no artifact or model identity holds them
 KERNEL_KEYS = ("hf_prefill",)
+# training values that FSDP over several processes cannot run, and why: the config check (before any job) and
+# TrainSettings refuse them with these words
+NOT_WITH_SHARDING = {
+    ("torch_compile", "layers"): "each decoder layer would be compiled before FSDP shards it, which measured no "
+                                 "faster and diverged in its one 2-GPU run (docs/BENCHMARKS.md); use auto (no "
+                                 "compile under FSDP) or none",
+    ("optim", "adamw_fused_clip"): "it clips by the local gradient norm, and FSDP's gradients are sharded; use "
+                                   "adamw_torch_fused",
+}
+
+
+def is_sharded(distributed: str, processes: int) -> bool:
+    """Whether training shards its parameters across processes (FSDP with more than one)."""
+    return distributed == "fsdp" and processes > 1
+
+
+def sharding_conflicts(training: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, "'value' with ... : why") for each value of a filled ``training`` section its FSDP launch cannot run."""
+    processes = training["gpus"] * training["nodes"]
+    if not is_sharded(training["distributed"], processes):
+        return []
+    return [(key, f"{value!r} with training.distributed fsdp on {processes} processes: {why}")
+            for (key, value), why in NOT_WITH_SHARDING.items() if training[key] == value]
 
 
 @functools.lru_cache(maxsize=1)

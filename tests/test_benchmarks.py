@@ -63,6 +63,7 @@ def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_pa
     assert len({r["seed"] for r in runs}) == 5, "--fresh-shapes gives every run its own data order"
     prof = json.loads((tmp_path / "profile" / "sft_pad_eager_profile.json").read_text())
     assert prof["steps"] == 3 and prof["wall_s"] > 0
+    assert prof["graphs_compiled_in_window"] == 0   # an eager variant: nothing compiles inside its profiled steps
     assert "per variant, over its repeats" in out
 
 
@@ -159,6 +160,19 @@ def test_multi_gpu_benchmark_runs_sft_kd_dpo_and_loss_check_through_the_launch(t
     assert runs["sft"]["mfu"] > 0 and res["kd_cache"]["tokens"]["cached_positions"] > 0
     assert res["losscheck"]["max_rel_diff"] < 1e-4   # fp32 on CPU: only the order of float sums differs
     assert "losscheck: " in out
+
+
+def test_fsdp_compile_check_trains_sharded_ways_over_the_same_batches(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           str(ROOT / "benchmarks" / "fsdp_compile_check.py"), "--out", str(tmp_path), "--quick",
+                           "--ways", "none,forward"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "fsdp_compile_check.json").read_text())
+    assert res["world_size"] == 2 and set(res["ways"]) == {"none", "forward"}
+    assert all(r["finite"] and len(r["losses"]) == 3 for r in res["ways"].values())
+    assert res["ways"]["forward"]["max_rel_loss_diff_vs_none"] < 1e-5   # fp32 on CPU: kernels differ, not the math
+    assert "forward | yes" in proc.stdout
 
 
 def run_session(out: Path, **env: str) -> subprocess.CompletedProcess:

@@ -70,6 +70,13 @@ BAD_CONFIGS = [
     ("scratch student without arch", lambda c: _with(c, "students.tiny", {"init": "scratch"}), "students.tiny.arch"),
     ("top_k larger than the vocabulary", lambda c: _with(c, "kd.top_k", 100000), "kd.top_k"),
     ("bad dataset name", lambda c: _with(c, "datasets", {"bad name": {"source": "embedded"}}), "datasets"),
+    ("compiled layers under FSDP",
+     lambda c: _with(c, "training", {**c.get("training", {}), "gpus": 2, "distributed": "fsdp",
+                                     "torch_compile": "layers"}), "training.torch_compile"),
+    ("folded clip under FSDP in a grid",
+     lambda c: _with(_with(c, "training", {**c.get("training", {}), "gpus": 2, "distributed": "fsdp"}),
+                     "experiments.1.grid", {"training.optim": ["auto", "adamw_fused_clip"]}),
+     "experiments[1].grid.training.optim"),
     ("min_steps above max_steps", lambda c: _with(c, "datasets.arith.task.min_steps", 9),
      "datasets.arith.task.min_steps"),
 ]

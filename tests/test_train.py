@@ -520,6 +520,46 @@ def test_speed_settings_are_validated_and_auto_padding_free_is_gpu_only():
     assert resolve_padding_free(True, on_gpu=False, attn_implementation=None) is True
 
 
+def test_a_nan_loss_stops_training_at_that_step_bills_its_tokens_and_saves_no_model(tok, examples, tmp_path):
+    from distill_bench.train.trainer import TrainingDiverged, _loss_positions_sft_trainer
+
+    class NanFromStepThree(_loss_positions_sft_trainer()):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            return loss * float("nan") if self.state.global_step >= 2 else loss
+
+    meter = FakeMeter()
+    s = settings(batch_size=2)
+    with pytest.raises(TrainingDiverged, match=r"loss nan at optimizer step 3 of \d+ \(grad_norm nan\)"):
+        train_student(model=model(tok), tokenizer=tok, examples=examples, settings=s, seed=0,
+                      output_dir=tmp_path / "run", meter=meter, trainer_cls=NanFromStepThree)
+    stream, _ = build_budgeted_dataset(examples, s.token_budget, 0)
+    from distill_bench.train.budget import trained_positions
+
+    assert meter.tokens["trained_tokens"] == sum(trained_positions(e["completion_mask"]) for e in stream[:6])
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_fsdp_trains_uncompiled_under_auto_and_refuses_compiled_layers():
+    from distill_bench.train.speed import resolve_compile, resolve_gpu_defaults
+
+    assert resolve_compile("auto", on_gpu=True, sharded=True) == "none"
+    assert resolve_compile("layers", on_gpu=True, sharded=False) == "layers"
+
+    class Config:
+        model_type, _attn_implementation = "olmo2", "sdpa"
+
+    fsdp = {"gpus": 2, "distributed": "fsdp"}
+    assert resolve_gpu_defaults(fsdp, Config(), on_gpu=True, varlen_available=True)["torch_compile"] == "none"
+    assert resolve_gpu_defaults({**fsdp, "distributed": "ddp"}, Config(), on_gpu=True,
+                                varlen_available=True)["torch_compile"] == "layers"
+    with pytest.raises(ValueError, match="training.torch_compile 'layers' with training.distributed fsdp on 2 "
+                                         "processes: each decoder layer would be compiled before FSDP shards it"):
+        settings(torch_compile="layers", **fsdp)
+    assert settings(torch_compile="layers", gpus=2, distributed="ddp").torch_compile == "layers"
+    assert settings(torch_compile="layers", gpus=1, distributed="fsdp").torch_compile == "layers"
+
+
 def test_layer_compiled_student_trains_the_eager_model(tok, examples, tmp_path):
     """training.torch_compile: layers compiles each decoder layer in place: same learning, portable weights."""
     import torch

@@ -177,7 +177,9 @@ def launch_train(*, meter, settings, target: str, stage_kwargs: Mapping[str, Any
         signal.raise_signal(signum)   # the meter's own handler marks the stage interrupted
         raise TrainingInterrupted(f"distributed training interrupted by signal {signum}; rerun to resume")
     if rc != 0:
-        raise RuntimeError(f"distributed training failed (exit {rc}): {' '.join(cmd)}; see the worker log above")
+        cause = f": {payload['error']}" if payload and payload.get("error") else ""
+        raise RuntimeError(f"distributed training failed (exit {rc}){cause}; command {' '.join(cmd)}; "
+                           "see the worker log above")
     if payload is None or "summary" not in payload:
         raise RuntimeError(f"distributed training ended without a result file {result}")
     return payload["summary"]
@@ -190,7 +192,9 @@ def _replay(meter, payload: Mapping[str, Any]) -> None:
         meter.set_primary_tokens(payload["primary"])
     for key, value in payload.get("metrics", {}).items():
         meter.record(key, value)
-    dist = dict(payload.get("distributed") or {})
+    if "distributed" not in payload:
+        return   # a failed worker's partial result
+    dist = dict(payload["distributed"])
     out_json = getattr(meter, "out_json", None)
     if out_json is not None and int(dist.get("nodes", 1)) > 1:
         dist["node_energy"] = sorted(str(p) for p in Path(out_json).parent.glob(Path(out_json).stem + ".node*.json"))
@@ -226,10 +230,19 @@ def worker_main(spec_path: str) -> int:
     module, func = spec["target"].split(":")
     stage = getattr(importlib.import_module(module), func)
     rec = RecordingMeter()
-    summary = stage(meter=rec, **spec["stage_kwargs"])
+    result = Path(os.environ.get(RESULT_ENV) or spec["result"])
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        summary = stage(meter=rec, **spec["stage_kwargs"])
+    except BaseException as exc:
+        if rank0:   # the launching stage names the cause and still bills the tokens trained before it
+            atomic_write_json(result, {"error": f"{type(exc).__name__}: {exc}", "tokens": rec.tokens,
+                                       "primary": rec.primary, "metrics": rec.metrics},
+                              sort_keys=True, allow_nan=True, default=str)
+        raise
     inventory = _rank_inventory()
-    if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_json(Path(os.environ.get(RESULT_ENV) or spec["result"]),
+    if rank0:
+        atomic_write_json(result,
                           {"summary": summary, "tokens": rec.tokens, "primary": rec.primary, "metrics": rec.metrics,
                            "distributed": inventory}, sort_keys=True, allow_nan=True, default=str)
     return 0

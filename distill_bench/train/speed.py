@@ -8,19 +8,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from distill_bench.defaults import is_sharded, section_defaults
 from distill_bench.train.varlen import CONFIG_NAME, auto_applies
+
+TRAINING_DEFAULTS = section_defaults("training")
 
 COMPILE_MODES = ("none", "model", "layers")
 # attention kernels that keep packed documents apart when a batch has position_ids and no attention mask
 PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
 
 
-def resolve_compile(value: Any, *, on_gpu: bool) -> str:
+def resolve_compile(value: Any, *, on_gpu: bool, sharded: bool = False) -> str:
     """``training.torch_compile``: false/none, true/model (HF Trainer compiles the whole model), layers, or "auto"
-    = layers on a GPU (+48 % tok/s on an H200, docs/BENCHMARKS.md), none on CPU (compile time outweighs tiny runs).
+    = layers on a GPU (+48 % tok/s on an H200, docs/BENCHMARKS.md), none on CPU (compile time outweighs tiny runs)
+    and none when FSDP shards the model (``sharded``: the layers would be compiled before the Trainer shards them,
+    which ``defaults.NOT_WITH_SHARDING`` says FSDP cannot run; TrainSettings refuses an explicit layers there).
     """
     if value == "auto":
-        return "layers" if on_gpu else "none"
+        return "layers" if on_gpu and not sharded else "none"
     if value is False or value is None:
         return "none"
     if value is True:
@@ -91,7 +96,9 @@ def resolve_gpu_defaults(training: Any, config, *, on_gpu: bool, varlen_availabl
                              varlen_available=varlen_available)
     return {"model_type": config.model_type, "attn_implementation": attn or own, "padding_free": padding_free,
             "pad_to_multiple_of": resolve_pad_multiple(get("pad_to_multiple_of", "auto"), on_gpu=on_gpu),
-            "torch_compile": resolve_compile(get("torch_compile", "auto"), on_gpu=on_gpu)}
+            "torch_compile": resolve_compile(get("torch_compile", "auto"), on_gpu=on_gpu, sharded=is_sharded(
+                get("distributed", TRAINING_DEFAULTS["distributed"]),
+                get("gpus", TRAINING_DEFAULTS["gpus"]) * get("nodes", TRAINING_DEFAULTS["nodes"])))}
 
 
 def decoder_layers(model) -> list:

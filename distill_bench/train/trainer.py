@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from distill_bench.atomic import atomic_write_json, short_hash
-from distill_bench.defaults import allowed_values, section_defaults
+from distill_bench.defaults import allowed_values, is_sharded, section_defaults, sharding_conflicts
 from distill_bench.energy import StageInterrupted
 from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import (LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_of,
@@ -125,12 +125,13 @@ class TrainSettings:
                              f"got {self.stale_checkpoints!r}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"training.optim must be one of {OPTIMIZERS}, got {self.optim!r}")
-        if self.optim == "adamw_fused_clip" and self.distributed == "fsdp" and self.gpus * self.nodes > 1:
-            raise ValueError("training.optim adamw_fused_clip clips by the local gradient norm: not with "
-                             "training.distributed fsdp (sharded gradients); use adamw_torch_fused there")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"training.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         resolve_compile(self.torch_compile, on_gpu=False)
+        conflicts = sharding_conflicts(dataclasses.asdict(self))
+        if conflicts:
+            key, why = conflicts[0]
+            raise ValueError(f"training.{key} {why}")
         resolve_padding_free(self.padding_free, on_gpu=False, attn_implementation=self.attn_implementation)
         resolve_pad_multiple(self.pad_to_multiple_of, on_gpu=False)
         if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -296,10 +297,12 @@ def training_callbacks():
     from transformers import TrainerCallback
 
     class StopOnSignal(TrainerCallback):
-        """A signal only sets a flag; the next optimizer-step boundary saves a checkpoint and stops."""
+        """A signal only sets a flag; the next optimizer-step boundary saves a checkpoint and stops. A non-finite
+        logged loss stops training at once (no checkpoint: nothing after it is worth its energy)."""
 
         def __init__(self) -> None:
             self.signum: int | None = None
+            self.diverged: dict[str, Any] | None = None
 
         def handler(self, signum, frame) -> None:  # noqa: ARG002
             log.warning("received signal %s: checkpointing at the end of this optimizer step", signum)
@@ -311,6 +314,15 @@ def training_callbacks():
                 control.should_training_stop = True
             elif state.global_step >= state.max_steps:
                 control.should_log = True  # the final loss and lr always land in the log
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)) and self.diverged is None:
+                self.diverged = {"step": state.global_step, "loss": float(loss),
+                                 "grad_norm": (logs or {}).get("grad_norm")}
+                control.should_training_stop = True
+                control.should_save = False
             return control
 
     class SaveCounts(TrainerCallback):
@@ -471,6 +483,10 @@ def _lr_curve(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
             if "learning_rate" in e and "step" in e]
 
 
+class TrainingDiverged(FloatingPointError):
+    """The logged loss became NaN or infinite: the run stopped at that step and saved no model."""
+
+
 # Ctrl-C is an interruption like a scheduler's SIGTERM: both save a checkpoint so a rerun resumes, not restarts
 CHECKPOINT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -594,6 +610,11 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
     result, start_step = resume_and_train(trainer, stopper, counter, last, job.max_steps, what=job.what)
 
     trained, input_tokens = counter.totals()   # summed over ranks once, here
+    if stopper.diverged is not None:
+        counter.flush()   # the tokens trained up to the divergence are billed
+        d = stopper.diverged
+        raise TrainingDiverged(f"{job.what}training diverged: loss {d['loss']} at optimizer step {d['step']} of "
+                               f"{job.max_steps} (grad_norm {d['grad_norm']}); stopped there, no model saved")
     summary: dict[str, Any] = {
         "trained_tokens": trained,
         "input_tokens": input_tokens,
@@ -692,7 +713,8 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         model.set_attn_implementation(register_varlen())
     elif attn:
         model.set_attn_implementation(attn)
-    compile_mode = resolve_compile(settings.torch_compile, on_gpu=not use_cpu)
+    compile_mode = resolve_compile(settings.torch_compile, on_gpu=not use_cpu,
+                                   sharded=is_sharded(settings.distributed, world))
     if compile_mode == "layers":
         log.info("compiled %d decoder layers", compile_decoder_layers(model))
     args = _sft_config(settings, checkpoints_dir(out), max_steps, seed, use_cpu, compile_mode)
