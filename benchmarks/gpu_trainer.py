@@ -189,6 +189,7 @@ def clock_callback(warmup: int, max_wall_s: float | None):
         def __init__(self):
             self.marks: dict[int, tuple[float, int | None]] = {}
             self.allocator: dict[int, dict] = {}   # caching-allocator counters at the marks (gpu_suite)
+            self.graphs: dict[int, int] = {}       # graphs compiled so far, at the marks
             self.step_ends: list[float] = []
             self.start = None
             self.last_step = None
@@ -207,6 +208,7 @@ def clock_callback(warmup: int, max_wall_s: float | None):
                 sync()
                 self.marks[g] = (time.perf_counter(), nvml_energy_mj())
                 self.allocator[g] = allocator_counters()
+                self.graphs[g] = graphs_compiled()
                 self.last_step = g
             if late and g < state.max_steps:
                 log(f"  stopping at step {g}: past {max_wall_s:.0f}s")
@@ -233,16 +235,18 @@ def kernel_kind(name: str) -> str:
     return "other eager (elementwise, norm, reduction)"
 
 
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far: a difference over a window counts its (re)compilations."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def profiler_callback(first_step: int, n_steps: int, out_dir: Path, name: str):
     """torch.profiler over optimizer steps (first_step, first_step + n_steps]: GPU busy share of the wall clock and
     kernel time by kind (measured, not guessed: what limits the step)."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
-
-    def graphs_compiled() -> int:
-        from torch._dynamo.utils import counters
-
-        return int(counters["stats"]["unique_graphs"])
 
     class Prof(TrainerCallback):
         def __init__(self):
@@ -450,6 +454,7 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
         "resolved": {k: summary.get(k) for k in ("attn_implementation", "padding_free", "pad_to_multiple_of",
                                                  "torch_compile")},
         "allocator_in_window": {k: v - clock.allocator[warmup][k] for k, v in clock.allocator[last].items()},
+        "graphs_compiled_in_window": clock.graphs[last] - clock.graphs[warmup],
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "keep_pool": KEEP_POOL,
         "train_runtime_s": summary.get("train_runtime_s"),
@@ -736,7 +741,7 @@ def alloc_cell(counters: dict | None) -> str:
 
 def table(out: Path, runs: list[dict]) -> None:
     head = ("variant", "rep", "tok/s", "MFU", "MFU(suite)", "step s", "pad %", "GiB", "J/tok", "wait %",
-            "warm-up s", "mallocs/retries")
+            "warm-up s", "mallocs/retries", "compiles")
     rows = []
     for r in runs:
         if "tokens_per_s" not in r:
@@ -747,7 +752,8 @@ def table(out: Path, runs: list[dict]) -> None:
                      f"{100 * r['mfu_suite']:.1f}%", f"{r['step_s']:.3f}", f"{100 * r['pad_fraction']:.0f}",
                      f"{r['peak_mem_gib'] or 0:.1f}", f"{r['j_per_token']:.4f}" if r.get("j_per_token") else "-",
                      f"{100 * r['data_wait_fraction']:.1f}" if r.get("data_wait_fraction") is not None else "-",
-                     f"{r['warmup_s']:.1f}", alloc_cell(r.get("allocator_in_window"))))
+                     f"{r['warmup_s']:.1f}", alloc_cell(r.get("allocator_in_window")),
+                     str(r.get("graphs_compiled_in_window", "-"))))
     means = variant_means(runs)
     mrows = []
     for name, m in means.items():

@@ -60,6 +60,8 @@ def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_pa
         ("sft_pad_eager", 0), ("sft_padfree_layers_m64", 0), ("kd_padfree_eager", 0), ("sft_gpu_defaults_syncs", 0),
         ("sft_pad_eager", -2)]
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in runs)
+    assert runs[0]["graphs_compiled_in_window"] == 0   # eager: nothing compiles inside its timed window
+    assert all(r["graphs_compiled_in_window"] >= 0 for r in runs)
     assert len({r["seed"] for r in runs}) == 5, "--fresh-shapes gives every run its own data order"
     prof = json.loads((tmp_path / "profile" / "sft_pad_eager_profile.json").read_text())
     assert prof["steps"] == 3 and prof["wall_s"] > 0
