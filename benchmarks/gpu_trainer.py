@@ -16,7 +16,7 @@ One entry point, JSON under --out, one table printed last.
 
 A step at batch shapes the process has not met before costs more (benchmarks/gpu_shapes.py), so runs that share a
 data order flatter the later ones: ``--fresh-shapes`` gives each run its own order, ``--repeats 2`` interleaves
-(ABBA), ``--profile VARIANT`` adds one untimed run with torch.profiler over 3 steps (kernel time by kind).
+(ABBA), ``--profile VARIANT[,VARIANT]`` adds one untimed run each with torch.profiler over 3 steps (kernel time by kind).
 
 Data: random token sequences, lengths uniform in [256, 2048], completion = second half, in our `examples` format
 (input_ids, completion_mask, example_index). Every variant starts from the same random init and trains the first
@@ -528,7 +528,8 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=512, help="examples in the pool (KD caches them all)")
     ap.add_argument("--batch", type=int, default=4, help="rows per micro-batch (= per optimizer step)")
     ap.add_argument("--warmup-steps", type=int, default=0, help="at least this many steps before the window")
-    ap.add_argument("--profile", default="", help="variant to profile (torch.profiler, 3 steps) in one extra run")
+    ap.add_argument("--profile", default="", help="variants to profile (comma list; torch.profiler, 3 steps), each "
+                                                  "in one extra run")
     ap.add_argument("--profile-warmup", type=int, default=20, help="steps before the profiled ones (past the "
                                                                      "recompilations new batch shapes cause)")
     ap.add_argument("--timed-s", type=float, default=20.0, help="target steady-state seconds per variant")
@@ -668,10 +669,10 @@ def main() -> None:
     if a.throwaway and order and not quick:   # pays the process's one-time costs (cuBLAS/Triton warm-up, allocator)
         p0 = order[0][0]
         order.insert(0, (("throwaway_" + p0[0],) + p0[1:], THROWAWAY_RUN))
-    if a.profile:   # one extra, untimed run: its 3 profiled steps would distort a throughput sample
-        if a.profile not in {p[0] for p in plan}:
-            raise SystemExit(f"--profile {a.profile}: not among the variants run")
-        order.append((next(p for p in plan if p[0] == a.profile), PROFILE_RUN))
+    for name in filter(None, a.profile.split(",")):   # one extra, untimed run each: 3 profiled steps would
+        if name not in {p[0] for p in plan}:              # distort a throughput sample
+            raise SystemExit(f"--profile {name}: not among the variants run")
+        order.append((next(p for p in plan if p[0] == name), PROFILE_RUN))
     runs = []
     for (name, is_kd, training, attn, step_s, warm, fixed, full_head), rep in order:
         if quick and training.get("dataloader_workers"):

@@ -54,18 +54,19 @@ def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
 def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_path):
     out = run("gpu_trainer.py", tmp_path, "--checks", "sdpa", "--fresh-shapes", "--variants",
               "sft_pad_eager,sft_padfree_layers_m64,kd_padfree_eager,sft_gpu_defaults_syncs", "--profile",
-              "sft_pad_eager")
+              "sft_pad_eager,kd_padfree_eager")
     runs = json.loads((tmp_path / "trainer_runs.json").read_text())["runs"]
     assert [(r["variant"], r["repeat"]) for r in runs] == [
         ("sft_pad_eager", 0), ("sft_padfree_layers_m64", 0), ("kd_padfree_eager", 0), ("sft_gpu_defaults_syncs", 0),
-        ("sft_pad_eager", -2)]
+        ("sft_pad_eager", -2), ("kd_padfree_eager", -2)]
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in runs)
     assert runs[0]["graphs_compiled_in_window"] == 0   # eager: nothing compiles inside its timed window
     assert all(r["graphs_compiled_in_window"] >= 0 for r in runs)
-    assert len({r["seed"] for r in runs}) == 5, "--fresh-shapes gives every run its own data order"
+    assert len({r["seed"] for r in runs}) == 6, "--fresh-shapes gives every run its own data order"
     prof = json.loads((tmp_path / "profile" / "sft_pad_eager_profile.json").read_text())
     assert prof["steps"] == 3 and prof["wall_s"] > 0
     assert prof["graphs_compiled_in_window"] == 0   # an eager variant: nothing compiles inside its profiled steps
+    assert (tmp_path / "profile" / "kd_padfree_eager_profile.json").is_file()
     assert "per variant, over its repeats" in out
 
 

@@ -190,6 +190,24 @@ def test_precomputed_positions_give_the_same_loss_and_the_id_check_can_be_skippe
         kd_loss(student, labels, bad, vals, tails[:, 0], alpha=0.3, temperature=1.0)
 
 
+def test_loss_rows_given_directly_give_the_gathered_loss_and_gradients():
+    """[N, V] logits (the trainer's head on loss positions) take no gather: the same loss and the same gradient as
+    the [B, L, V] logits the rows would be gathered from."""
+    student, teacher, labels = _batch(seed=9)
+    ids, vals, tails = _teacher_rows(teacher, labels, 4, [1.0])
+    mask = labels[:, 1:] != -100
+    rows, cols = mask.nonzero(as_tuple=True)
+    full = student.detach().clone().requires_grad_(True)
+    ref, _ = kd_loss(full, labels, ids, vals, tails[:, 0], alpha=0.3, temperature=1.0)
+    ref.backward()
+    picked = student.detach()[rows, cols].clone().requires_grad_(True)
+    got, stats = kd_loss(picked, None, ids, vals, tails[:, 0], alpha=0.3, temperature=1.0,
+                         positions=(rows, cols, labels[:, 1:][mask]))
+    got.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12) and stats["n_tokens"] == int(mask.sum())
+    assert torch.equal(picked.grad, full.grad[rows, cols])
+
+
 def _sharp_case(tau: float, margin: float = 20.0):
     """A confident student (its top-k ids, the teacher's, lead by ``margin`` logits: tail ~1e-8) and a softer
     teacher that puts real mass in the tail, so KD's tail term matters."""

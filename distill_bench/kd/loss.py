@@ -119,7 +119,9 @@ def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tenso
             ids_checked: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed KD loss over the loss-bearing positions of ``labels`` divided by ``num_items_in_batch``.
 
-    ``logits`` [B, L, V] predicts ``labels`` [B, L] shifted by one (HF causal-LM convention, -100 = ignored).
+    ``logits`` [B, L, V] predicts ``labels`` [B, L] shifted by one (HF causal-LM convention, -100 = ignored), or
+    [N, V]: the loss-bearing rows already, in order (the trainer's head on loss positions), with ``positions``
+    giving their targets; then no gather copies them and no scatter writes their gradient back.
     ``teacher_*`` hold one row per loss-bearing position in row-major order of ``labels[:, 1:] != -100``:
     ids [N, k] int64, values [N, k] log-probs at tau = 1, tail [N] the tail logit at ``temperature`` (see
     :func:`tail_at_temperature`). Returns (loss, stats): ce_sum and kl_sum (detached tensors, no host sync) and n_tokens of this micro-batch.
@@ -156,7 +158,8 @@ def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tenso
     total = logits.new_zeros((), dtype=compute_dtype)
     ce_sum = logits.new_zeros((), dtype=compute_dtype)
     kl_sum = logits.new_zeros((), dtype=compute_dtype)
-    z_all = logits[rows, cols]                                    # [n, V]: one gather, one scatter in backward
+    # [n, V]: the rows as given, or one gather (one scatter in backward)
+    z_all = logits if logits.dim() == 2 else logits[rows, cols]
     for s, z in zip(range(0, n, chunk), z_all.split(chunk)):
         e = min(n, s + chunk)
         args = (z, targets[s:e], teacher_ids[s:e], t_p[s:e], t_negent[s:e], tau, alpha, compute_dtype)

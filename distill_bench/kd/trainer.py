@@ -164,12 +164,9 @@ class KDSFTTrainer(SFTTrainer):
             inputs.pop(extra, None)
         rows, cols, targets = loss_positions_of({"labels": labels, **inputs})
         if self._kd_head and not return_outputs:
-            # logits of the loss-bearing rows only: position i of the one row predicts targets[i] (same loss)
-            z = model(**model_inputs(inputs), kd_rows=rows, kd_cols=cols)
-            logits, labels = z[None], None
-            n = targets.numel()
-            positions = (torch.zeros(n, dtype=torch.long, device=z.device), torch.arange(n, device=z.device), targets)
-            outputs = None
+            # logits of the loss-bearing rows only, [n, V]: row i predicts targets[i] (same loss)
+            logits = model(**model_inputs(inputs), kd_rows=rows, kd_cols=cols)
+            labels, positions, outputs = None, (rows, cols, targets), None
         else:
             outputs = model(**model_inputs(inputs), use_cache=False)
             logits, positions = outputs.logits, (rows, cols, targets)
