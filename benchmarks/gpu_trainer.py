@@ -651,6 +651,11 @@ def main() -> None:
         ("kd_pad_eager_fullhead", True, {**pad, **m0}, "sdpa", 0.24, 5, 25, True, True),
         ("sft_pad_compile", False, {**pad, **m0, "torch_compile": True}, "sdpa", 0.14, 12, 90, False, True),
         ("kd_pad_eager_workers2", True, {**pad, **m0, "dataloader_workers": 2}, "sdpa", 0.22, 5, 25, False, True),
+        # the KD collator (cache reads, teacher tensors) off the training thread, against the same without
+        ("kd_gpu_defaults_fusedclip_workers2", True, {**gpu_defaults, "optim": "adamw_fused_clip",
+                                                      "dataloader_workers": 2}, "sdpa", 0.13, 10, 70, False, True),
+        ("sft_gpu_defaults_fusedclip_workers2", False, {**gpu_defaults, "optim": "adamw_fused_clip",
+                                                        "dataloader_workers": 2}, "sdpa", 0.12, 10, 70, False, True),
     ]
     # eager unless a variant says otherwise (the trainer's GPU default is torch_compile: auto = layers),
     # and on the attention the variant names (the trainer's GPU default is attn_implementation: auto = varlen)
