@@ -44,6 +44,7 @@ import offline_env  # noqa: E402, F401  (sets the offline environment before tra
 
 import torch  # noqa: E402
 
+import gpu_kd_loss  # noqa: E402
 import gpu_suite  # noqa: E402
 from gpu_suite import OLMO2_1B, TINY, allocator_counters, dev, make_model, matmul_params, sync  # noqa: E402
 
@@ -382,6 +383,7 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     cuda = torch.cuda.is_available()
     training = dict(training)
     host_syncs = training.pop("_with_host_syncs", False)
+    loss_compiled = training.pop("_kd_loss_compiled", False)
     accum = int(training.get("grad_accum", 1))
     budget, stream = budget_for(examples, steps * batch * accum, seed)
     settings = TrainSettings.from_dict(dict(
@@ -416,7 +418,8 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     if host_syncs:   # the step as before the sync-free changes: positions found on the GPU, NaN filter, blocking copies
         collator = collator or positionless_collator(tok.pad_token_id)
     try:
-        with host_syncs_as_before(host_syncs):
+        with host_syncs_as_before(host_syncs), \
+                (gpu_kd_loss.compiled_chunk_terms() if loss_compiled else contextlib.nullcontext()):
             summary = train_student(model=model, tokenizer=tok, examples=examples, settings=settings, seed=seed,
                                     output_dir=run_dir, trainer_cls=trainer_cls, collator=collator, meter=meter,
                                     trainer_kwargs={"callbacks": callbacks}, fingerprint_extra={"bench": name})
@@ -654,6 +657,10 @@ def main() -> None:
         # the KD collator (cache reads, teacher tensors) off the training thread, against the same without
         ("kd_gpu_defaults_fusedclip_workers2", True, {**gpu_defaults, "optim": "adamw_fused_clip",
                                                       "dataloader_workers": 2}, "sdpa", 0.13, 10, 70, False, True),
+        # the KD loss's per-chunk terms compiled (an experiment: the package runs them eager)
+        ("kd_gpu_defaults_fusedclip_losscompiled", True, {**gpu_defaults, "optim": "adamw_fused_clip",
+                                                          "_kd_loss_compiled": True}, "sdpa", 0.13, 10, 90, False,
+         True),
         ("sft_gpu_defaults_fusedclip_workers2", False, {**gpu_defaults, "optim": "adamw_fused_clip",
                                                         "dataloader_workers": 2}, "sdpa", 0.12, 10, 70, False, True),
     ]
@@ -765,7 +772,8 @@ def table(out: Path, runs: list[dict]) -> None:
     for name, m in means.items():
         note = f"MFU/45% = {m['mfu'] / 0.45:.2f}"
         if m["kind"] == "kd":
-            ref = means.get(name.replace("kd_", "sft_").replace("_workers2", "").replace("_fullhead", ""))
+            ref = means.get(name.replace("kd_", "sft_").replace("_workers2", "").replace("_fullhead", "")
+                           .replace("_losscompiled", ""))
             if ref:
                 slower = 1 - m["tokens_per_s"] / ref["tokens_per_s"]
                 note += f"; KD {100 * abs(slower):.1f}% {'slower' if slower > 0 else 'faster'} than its SFT twin"

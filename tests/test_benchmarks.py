@@ -262,3 +262,20 @@ def test_benchmark_models_too_large_for_fp32_are_built_in_their_dtype():
     model = make_model(dict(TINY, build_in_dtype=True), torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert torch.get_default_dtype() == torch.float32   # restored after the build
+
+
+def test_kd_collator_benchmark_times_the_collator_and_checks_the_word_decoder_against_bits(tmp_path):
+    out = run("kd_collator_cpu.py", tmp_path)
+    res = json.loads((tmp_path / "kd_collator_cpu.json").read_text())
+    assert res["id_encoding"] == "packed17"
+    for key in ("kd_collator_ms", "teacher_rows_ms", "student_layout_ms", "decode_ids_ms", "decode_ids_bitwise_ms"):
+        assert res[key] > 0, key
+    assert res["positions_per_batch"] > 0 and "kd_collator | " in out
+
+
+def test_kd_loss_benchmark_times_ce_and_kd_and_the_compiled_terms_give_kd_s_gradient(tmp_path):
+    out = run("gpu_kd_loss.py", tmp_path, "--variants", "ce,kd,kd_compiled")
+    runs = {r["variant"]: r for r in json.loads((tmp_path / "gpu_kd_loss.json").read_text())["runs"]}
+    assert set(runs) == {"ce", "kd", "kd_compiled"} and all(r["median_ms"] > 0 for r in runs.values())
+    assert runs["kd"]["max_grad_diff_to_kd"] == 0.0 and runs["kd_compiled"]["max_grad_diff_to_kd"] < 1e-5
+    assert abs(runs["kd_compiled"]["loss"] - runs["kd"]["loss"]) < 1e-4 and "kd_compiled | " in out

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from distill_bench.kd import cache as cache_mod
-from distill_bench.kd.cache import (CacheError, CacheReader, CacheWriter, bytes_per_position, decode_ids, encode_ids,
-                                    encode_values, id_encoding_for, id_row_bytes, loss_positions)
+from distill_bench.kd.cache import (CacheError, CacheReader, CacheWriter, bytes_per_position, decode_ids,
+                                    decode_ids_bitwise, encode_ids, encode_values, id_encoding_for, id_row_bytes,
+                                    loss_positions)
 from distill_bench.kd.loss import kd_loss
 from distill_bench.kd.stage import _topk_rows, build_cache
 from toy_kd import tiny_llama, tiny_tokenizer, toy_encoded
@@ -63,6 +64,21 @@ def test_fp16_uint16_cache_round_trip_is_bit_exact(tmp_path):
         e = reader.get(i)
         assert np.array_equal(e.ids, ids) and np.array_equal(e.values, vals.astype(np.float16).astype(np.float32))
         assert reader.example_hash(i) == h
+
+
+@pytest.mark.parametrize("bits", [17, 18, 20, 24, 25, 26, 31, 32])
+@pytest.mark.parametrize("k", [1, 3, 7, 8, 64, 100])
+def test_packed_ids_of_every_width_and_k_round_trip_through_either_decoder(bits, k):
+    """Up to 25 bits the decoder reads each id as a shifted 32-bit word; above, it unpacks bits: both exact, the
+    largest id of the width included."""
+    rng = np.random.default_rng(bits * 1000 + k)
+    ids = rng.integers(0, 2**bits, size=(9, k), dtype=np.int64)
+    ids[0, 0], ids[-1, -1] = 2**bits - 1, 0
+    raw = encode_ids(ids, f"packed{bits}")
+    assert raw.shape == (9, id_row_bytes(f"packed{bits}", k))
+    assert np.array_equal(decode_ids(raw, f"packed{bits}", k), ids)
+    assert np.array_equal(decode_ids_bitwise(raw, bits, k), ids)
+    assert decode_ids(raw[:0], f"packed{bits}", k).shape == (0, k)
 
 
 def test_packed_ids_and_bfloat16_cache_round_trip_is_bit_exact(tmp_path):

@@ -93,11 +93,29 @@ def encode_ids(ids: np.ndarray, encoding: str) -> np.ndarray:
 
 
 def decode_ids(raw: np.ndarray, encoding: str, k: int) -> np.ndarray:
-    """Inverse of :func:`encode_ids`; returns int64 [P, k]."""
+    """Inverse of :func:`encode_ids`; returns int64 [P, k].
+
+    Packed ids of up to 25 bits are read as words: id j starts at bit j*b, so the four bytes from byte (j*b)//8 hold
+    it whole, shifted by (j*b) % 8 <= 7 bits. One gather per byte of the word instead of unpacking every bit
+    (benchmarks/kd_collator_cpu.py: ~5x faster; with no DataLoader workers this runs on the training thread)."""
     raw = np.asarray(raw)
     if encoding == "uint16":
         return raw.astype(np.int64)
     bits = _packed_bits(encoding)
+    if bits + 7 > 32:
+        return decode_ids_bitwise(raw, bits, k)
+    start = np.arange(k, dtype=np.int64) * bits
+    byte, shift = start // 8, (start % 8).astype(np.uint32)
+    padded = np.zeros((raw.shape[0], raw.shape[1] + 3), dtype=np.uint8)   # the last id's word may run past the row
+    padded[:, :raw.shape[1]] = raw
+    word = padded[:, byte].astype(np.uint32)
+    for i in (1, 2, 3):
+        word |= padded[:, byte + i].astype(np.uint32) << np.uint32(8 * i)
+    return ((word >> shift) & np.uint32((1 << bits) - 1)).astype(np.int64)
+
+
+def decode_ids_bitwise(raw: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Packed ids of any width by unpacking every bit (ids wider than 25 bits, and the reference for the others)."""
     p = raw.shape[0]
     bitplanes = np.unpackbits(raw, axis=1, count=k * bits, bitorder="little").reshape(p, k, bits)
     padded = np.zeros((p, k, 32), dtype=np.uint8)
