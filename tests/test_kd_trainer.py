@@ -1,5 +1,6 @@
 """KD trainer parts: cache validation, collator alignment, top-k folding, the cache_logits stage, a real Trainer run."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,34 +195,46 @@ def kd_parts_and_dataset(setup):
     return tok, trainer_cls, collator, ds
 
 
-def test_head_on_loss_positions_gives_the_full_logits_loss_and_gradients(setup, tmp_path):
-    """kd_head_on_loss_positions (LM head on loss rows only) must be the same function as the [B, L, V] path."""
+def kd_trainer_on(trainer_cls, model, tok, ds, collator, out: Path, **attrs):
+    """A trainer of ``trainer_cls`` (with ``attrs`` set on a subclass) over ``model`` on the CPU, batch 5."""
     from trl import SFTConfig
 
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=5, report_to=[],
+                     dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=True, save_strategy="no")
+    return type("T", (trainer_cls,), attrs)(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                            data_collator=collator)
+
+
+def loss_and_grads(trainer, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One training-mode KD loss on ``batch`` and the gradients it gives every parameter."""
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=None)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+
+
+def assert_same_loss_and_grads(a, b) -> None:
+    (l1, g1), (l2, g2) = a, b
+    assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(g1, g2))
+    assert any(x.abs().sum() > 0 for x in g1)
+
+
+def test_head_on_loss_positions_gives_the_full_logits_loss_and_gradients(setup, tmp_path):
+    """kd_head_on_loss_positions (LM head on loss rows only) must be the same function as the [B, L, V] path."""
     tok, trainer_cls, collator, ds = kd_parts_and_dataset(setup)
     batch = collator([ds[i] for i in range(5)])
     results = []
     for head_only in (True, False):
-        cls = type("T", (trainer_cls,), {"kd_head_on_loss_positions": head_only})
-        args = SFTConfig(output_dir=str(tmp_path / f"o{head_only}"), per_device_train_batch_size=5, report_to=[],
-                         dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=True, save_strategy="no")
-        model = tiny_llama(len(tok), seed=3)
-        trainer = cls(model=model, args=args, train_dataset=ds, processing_class=tok, data_collator=collator)
+        trainer = kd_trainer_on(trainer_cls, tiny_llama(len(tok), seed=3), tok, ds, collator,
+                                tmp_path / f"o{head_only}", kd_head_on_loss_positions=head_only)
         assert trainer._kd_head is head_only
-        model.train()
-        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (l1, g1), (l2, g2) = results
-    assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))
-    assert any(a.abs().sum() > 0 for a in g1)
+        results.append(loss_and_grads(trainer, batch))
+    assert_same_loss_and_grads(*results)
 
 
 def test_padding_free_kd_batch_gives_the_padded_loss_and_gradients(setup, tmp_path):
     """The collator's flattened layout (train_student sets it on a GPU) must give the padded batch's KD loss."""
-    from trl import SFTConfig
-
     tok, trainer_cls, collator, ds = kd_parts_and_dataset(setup)
     results = []
     for padding_free, multiple in ((False, None), (True, None), (True, 16)):
@@ -232,16 +245,28 @@ def test_padding_free_kd_batch_gives_the_padded_loss_and_gradients(setup, tmp_pa
         assert batch["num_real_tokens"] == real and batch["input_ids"].numel() >= real
         if multiple:
             assert batch["input_ids"].shape[1] % multiple == 0
-        args = SFTConfig(output_dir=str(tmp_path / f"o{padding_free}"), per_device_train_batch_size=5,
-                         report_to=[], dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=True,
-                         save_strategy="no")
-        model = tiny_llama(len(tok), seed=3)
-        trainer = trainer_cls(model=model, args=args, train_dataset=ds, processing_class=tok, data_collator=collator)
-        model.train()
-        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (l1, g1) = results[0]
-    for l2, g2 in results[1:]:
-        assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))
+        trainer = kd_trainer_on(trainer_cls, tiny_llama(len(tok), seed=3), tok, ds, collator,
+                                tmp_path / f"o{padding_free}{multiple}")
+        results.append(loss_and_grads(trainer, batch))
+    for other in results[1:]:
+        assert_same_loss_and_grads(results[0], other)
+
+
+def test_kd_loss_terms_compile_with_the_layers_and_give_the_eager_loss_and_gradients(setup, tmp_path):
+    """The KD trainer compiles its loss's per-chunk terms exactly when the decoder layers are compiled (the GPU
+    default), and the compiled terms are the eager loss and gradients (inductor's own kernels, rounded alike in fp32)."""
+    from distill_bench.train.speed import compile_decoder_layers
+
+    tok, trainer_cls, collator, ds = kd_parts_and_dataset(setup)
+    batch = collator([ds[i] for i in range(5)])
+    assert kd_trainer_on(trainer_cls, tiny_llama(len(tok), seed=3), tok, ds, collator,
+                         tmp_path).kd_loss_compiled is False
+    layered = tiny_llama(len(tok), seed=3)
+    compile_decoder_layers(layered)   # nothing compiles before a forward; the trainer only reads the marks
+    assert kd_trainer_on(trainer_cls, layered, tok, ds, collator, tmp_path).kd_loss_compiled is True
+    assert kd_trainer_on(trainer_cls, layered, tok, ds, collator, tmp_path,
+                         kd_compile_loss=False).kd_loss_compiled is False
+    results = [loss_and_grads(kd_trainer_on(trainer_cls, tiny_llama(len(tok), seed=3), tok, ds, collator,
+                                            tmp_path / f"c{compiled}", kd_compile_loss=compiled), batch)
+               for compiled in (False, True)]
+    assert_same_loss_and_grads(*results)

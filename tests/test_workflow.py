@@ -231,18 +231,29 @@ def test_bad_config_stops_before_any_job_naming_the_key(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_lm_eval_backend_runs_offline_and_the_table_carries_its_scores(tmp_path):
-    """Issue 6: the embedded task as a local lm-evaluation-harness task, scored offline, stderr in the table."""
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory) -> Path:
+    """The tiny config's sft_gt baseline again, at twice the token budget and scored by lm-evaluation-harness: one
+    run serves the lm_eval backend's test and the two-run comparison's."""
     cfg = yaml.safe_load(TINY.read_text())
+    cfg["run_name"] = "tiny-budget-3000"
+    cfg["training"]["token_budget"] = 3000
     cfg["eval"]["backend"] = "lm_eval"
-    cfg["experiments"] = [cfg["experiments"][0]]          # the sft_gt baseline is enough here
-    config = tmp_path / "lm_eval.yaml"
+    cfg["experiments"] = [cfg["experiments"][0]]
+    cfg["report"] = {"wandb": {"enabled": False}}
+    workdir = tmp_path_factory.mktemp("second_run")
+    config = workdir / "budget_lm_eval.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    _run_tiny(tmp_path, config)
-    table = pd.read_csv(tmp_path / "results" / "summary" / "comparison.csv")
+    _run_tiny(workdir, config)
+    return workdir
+
+
+def test_lm_eval_backend_runs_offline_and_the_table_carries_its_scores(second_run):
+    """The embedded task as a local lm-evaluation-harness task, scored offline, stderr in the table."""
+    table = pd.read_csv(second_run / "results" / "summary" / "comparison.csv")
     assert list(table.eval_backend) == ["lm_eval"]
     assert table.strict_stderr.notna().all() and table.flexible_stderr.notna().all()
-    result = json.loads((tmp_path / "results" / "eval" / "sft_gt.tiny.arith.s1" / "arith.json").read_text())
+    result = json.loads((second_run / "results" / "eval" / "sft_gt.tiny.arith.s1" / "arith.json").read_text())
     assert result["backend"] == "lm_eval"
     assert "harness_version" in json.dumps(result) or "lm_eval_version" in json.dumps(result)
 
@@ -288,18 +299,9 @@ def test_self_distillation_builds_the_earlier_student_first(tmp_path):
     assert "results/models/students/sft_gt.tiny.arith.s1/final" in train, "and it is also where the student starts"
 
 
-def test_compare_joins_two_runs_with_different_token_budgets(tiny_run, tmp_path):
-    """Issue 8: `distill-bench compare` on two runs of one config that differ in the token budget."""
-    cfg = yaml.safe_load(TINY.read_text())
-    cfg["run_name"] = "tiny-budget-3000"
-    cfg["training"]["token_budget"] = 3000
-    cfg["experiments"] = [cfg["experiments"][0]]
-    cfg["report"] = {"wandb": {"enabled": False}}
-    config = tmp_path / "budget.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    second = tmp_path / "second"
-    second.mkdir()
-    _run_tiny(second, config)
+def test_compare_joins_two_runs_with_different_token_budgets(tiny_run, second_run, tmp_path):
+    """`distill-bench compare` on two runs of one config that differ in the token budget."""
+    second = second_run
     out = tmp_path / "cmp"
     proc = subprocess.run([sys.executable, "-m", "distill_bench", "compare", str(tiny_run / "results"),
                            str(second / "results"), "--out", str(out)], capture_output=True, text=True, timeout=300)

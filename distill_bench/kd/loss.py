@@ -14,11 +14,17 @@ top-k entries. Chunks bound the [chunk, V] temporaries, and with gradients on ea
 (activation checkpointing) instead of keeping its [chunk, V] activations. The loss-bearing rows are gathered from
 the [B, L, V] logits once and cut into chunks by one ``split``: indexing the logits per chunk would make autograd
 write a zero-filled [B, L, V] gradient per chunk (hundreds at a 100k vocabulary; see docs/BENCHMARKS.md).
+
+Compiled terms (``compiled_terms=True``; the KD trainer sets it when its decoder layers are compiled): the per-chunk
+work is a chain of full-vocabulary passes (log-softmax, gather, masked scatter, logsumexp and their backward) that
+eager mode runs as ~70 kernels, each reading or writing [chunk, V] float32; compiled, they fuse into a few. Same
+math, a different kernel (rounded differently, like any kernel choice).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -112,11 +118,18 @@ def _chunk_terms(z: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, t_p:
     return total, ce.detach().sum(), kl.detach().sum()
 
 
+@functools.cache
+def compiled_chunk_terms(backend: str = "inductor") -> Callable:
+    """``_chunk_terms`` compiled once per process, with dynamic shapes (the number of loss positions changes every
+    batch, so a static graph would recompile each step)."""
+    return torch.compile(_chunk_terms, dynamic=True, backend=backend)
+
+
 def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor, teacher_values: torch.Tensor,
             teacher_tail: torch.Tensor, *, alpha: float, temperature: float,
             num_items_in_batch: int | torch.Tensor | None = None, chunk_size: int | None = None,
             compute_dtype: torch.dtype = torch.float32, positions: tuple[torch.Tensor, ...] | None = None,
-            ids_checked: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+            ids_checked: bool = False, compiled_terms: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed KD loss over the loss-bearing positions of ``labels`` divided by ``num_items_in_batch``.
 
     ``logits`` [B, L, V] predicts ``labels`` [B, L] shifted by one (HF causal-LM convention, -100 = ignored), or
@@ -127,7 +140,8 @@ def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tenso
     :func:`tail_at_temperature`). Returns (loss, stats): ce_sum and kl_sum (detached tensors, no host sync) and n_tokens of this micro-batch.
     ``positions`` = (rows, cols, targets) of the loss-bearing positions, when the caller has them (then ``labels`` is
     not read; the trainer's come from the collator, so no host synchronisation); ``ids_checked`` = the caller made
-    sure every teacher id is below the logits' size (else one host read per call checks it).
+    sure every teacher id is below the logits' size (else one host read per call checks it). ``compiled_terms`` =
+    run the per-chunk terms through :func:`compiled_chunk_terms`.
     """
     alpha, tau = float(alpha), float(temperature)
     if not 0.0 <= alpha <= 1.0:
@@ -160,13 +174,14 @@ def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tenso
     kl_sum = logits.new_zeros((), dtype=compute_dtype)
     # [n, V]: the rows as given, or one gather (one scatter in backward)
     z_all = logits if logits.dim() == 2 else logits[rows, cols]
+    terms = compiled_chunk_terms() if compiled_terms else _chunk_terms
     for s, z in zip(range(0, n, chunk), z_all.split(chunk)):
         e = min(n, s + chunk)
         args = (z, targets[s:e], teacher_ids[s:e], t_p[s:e], t_negent[s:e], tau, alpha, compute_dtype)
         if use_ckpt:
-            part, ce_c, kl_c = checkpoint(_chunk_terms, *args, use_reentrant=False)
+            part, ce_c, kl_c = checkpoint(terms, *args, use_reentrant=False)
         else:
-            part, ce_c, kl_c = _chunk_terms(*args)
+            part, ce_c, kl_c = terms(*args)
         total = total + part
         ce_sum = ce_sum + ce_c
         kl_sum = kl_sum + kl_c

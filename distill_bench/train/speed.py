@@ -111,6 +111,14 @@ def decoder_layers(model) -> list:
     return layers
 
 
+def layers_compiled(model) -> bool:
+    """Whether :func:`compile_decoder_layers` compiled this model's decoder layers (``nn.Module.compile`` keeps the
+    compiled call on the module)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return any(type(m).__name__ in names and getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
+
+
 def compile_decoder_layers(model) -> int:
     """Compile each decoder layer in place (``nn.Module.compile``; state-dict keys unchanged, checkpoints portable).
 

@@ -654,6 +654,7 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
 SFT_REPORT_KEYS = ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
                    "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile",
                    "attn_implementation", "token_budget", "budget_epochs", "stream_examples", "data_wait_fraction",
+                   "kd_loss_compiled",
                    "speed")
 
 
@@ -750,6 +751,8 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         }
         if hasattr(trainer, "data_wait_fraction"):  # KD: time waiting for the cache reads, as a share of step time
             own["data_wait_fraction"] = trainer.data_wait_fraction()
+        if hasattr(trainer, "kd_loss_compiled"):    # KD: the loss's terms compiled with the layers
+            own["kd_loss_compiled"] = trainer.kd_loss_compiled
         return own
 
     def restore_attention() -> None:
