@@ -17,7 +17,7 @@ write a zero-filled [B, L, V] gradient per chunk (hundreds at a 100k vocabulary;
 
 Compiled terms (``compiled_terms=True``; the KD trainer sets it when its decoder layers are compiled): the per-chunk
 work is a chain of full-vocabulary passes (log-softmax, gather, masked scatter, logsumexp and their backward) that
-eager mode runs as ~70 kernels, each reading or writing [chunk, V] float32; compiled, they fuse into a few. Same
+eager mode runs as dozens of kernels, each reading or writing [chunk, V] float32; compiled, they fuse into a few. Same
 math, a different kernel (rounded differently, like any kernel choice).
 """
 from __future__ import annotations
@@ -119,10 +119,10 @@ def _chunk_terms(z: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, t_p:
 
 
 @functools.cache
-def compiled_chunk_terms(backend: str = "inductor") -> Callable:
+def compiled_chunk_terms() -> Callable:
     """``_chunk_terms`` compiled once per process, with dynamic shapes (the number of loss positions changes every
     batch, so a static graph would recompile each step)."""
-    return torch.compile(_chunk_terms, dynamic=True, backend=backend)
+    return torch.compile(_chunk_terms, dynamic=True)
 
 
 def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor, teacher_values: torch.Tensor,
@@ -159,7 +159,11 @@ def kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tenso
         raise KDConfigError(f"cached teacher id {int(teacher_ids.max())} is outside the student's vocabulary "
                             f"({vocab} logits): teacher and student vocabularies differ")
     denom = n if num_items_in_batch is None else num_items_in_batch
-    denom = torch.as_tensor(denom, device=logits.device, dtype=compute_dtype).clamp(min=1)
+    if isinstance(denom, torch.Tensor):
+        denom = denom.to(device=logits.device, dtype=compute_dtype)
+    else:   # a device fill, not a (blocking) copy of a host value
+        denom = torch.full((), float(denom), device=logits.device, dtype=compute_dtype)
+    denom = denom.clamp(min=1)
     if n == 0:
         zero = logits.new_zeros((), dtype=compute_dtype)
         return logits.sum() * 0.0, {"ce_sum": zero, "kl_sum": zero, "n_tokens": 0}

@@ -114,7 +114,7 @@ class KDSFTTrainer(SFTTrainer):
     kd_temperature: float = 1.0
     kd_chunk_size: int | None = None
     # None = compile the KD loss's per-chunk terms when the decoder layers are compiled (training.torch_compile layers,
-    # or auto on a GPU): on an H200 the loss alone went from 9.4 to 4.9 ms per step (docs/BENCHMARKS.md)
+    # or auto on a GPU): the loss alone then takes about half its eager GPU time (docs/BENCHMARKS.md)
     kd_compile_loss: bool | None = None
 
     def __init__(self, *args, kd_alpha: float | None = None, kd_temperature: float | None = None,
@@ -188,8 +188,10 @@ class KDSFTTrainer(SFTTrainer):
             loss = loss * self.accelerator.num_processes   # DDP averages gradients; num_items counts all ranks
         mode = "train" if model.training else "eval"
         if stats["n_tokens"]:
-            self._kd_sums.append(torch.stack([stats["ce_sum"], stats["kl_sum"],
-                                              torch.as_tensor(float(stats["n_tokens"]), device=loss.device)]))
+            # the count as a device fill: a host value copied to the GPU (torch.as_tensor) would be a blocking copy,
+            # which waits for the forward and the loss to finish before the backward can be queued
+            count = torch.full((), float(stats["n_tokens"]), device=loss.device, dtype=stats["ce_sum"].dtype)
+            self._kd_sums.append(torch.stack([stats["ce_sum"], stats["kl_sum"], count]))
         self._kd_mode = mode
         return (loss, outputs) if return_outputs else loss
 
