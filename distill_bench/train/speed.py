@@ -101,22 +101,26 @@ def resolve_gpu_defaults(training: Any, config, *, on_gpu: bool, varlen_availabl
                 get("gpus", TRAINING_DEFAULTS["gpus"]) * get("nodes", TRAINING_DEFAULTS["nodes"])))}
 
 
+def _layers_by_class(model) -> list:
+    """The modules of ``model`` whose classes HF lists in ``_no_split_modules`` (its repeated transformer blocks)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def decoder_layers(model) -> list:
     """The repeated transformer blocks of ``model`` (the classes HF lists in ``_no_split_modules``)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = _layers_by_class(model)
     if not layers:
+        names = sorted(set(getattr(model, "_no_split_modules", None) or []))
         raise ValueError(f"training.torch_compile: layers needs a model whose decoder-layer classes are listed in "
-                         f"_no_split_modules; {type(model).__name__} lists {sorted(names) or 'none'}")
+                         f"_no_split_modules; {type(model).__name__} lists {names or 'none'}")
     return layers
 
 
 def layers_compiled(model) -> bool:
     """Whether :func:`compile_decoder_layers` compiled this model's decoder layers (``nn.Module.compile`` keeps the
     compiled call on the module)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return any(type(m).__name__ in names and getattr(m, "_compiled_call_impl", None) is not None
-               for m in model.modules())
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in _layers_by_class(model))
 
 
 def compile_decoder_layers(model) -> int:
