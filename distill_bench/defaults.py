@@ -36,13 +36,24 @@ def is_sharded(distributed: str, processes: int) -> bool:
     return distributed == "fsdp" and processes > 1
 
 
-def sharding_conflicts(training: dict[str, Any]) -> list[tuple[str, str]]:
-    """(key, "'value' with ... : why") for each value of a filled ``training`` section its FSDP launch cannot run."""
+# training values that fp16 training cannot run, and why (refused in the same two places)
+NOT_WITH_FP16 = {
+    ("optim", "adamw_fused_clip"): "fp16's loss scaler hands fused AdamW its grad_scale, the hook the folded clip "
+                                   "also uses; use precision bf16, or optim auto",
+}
+
+
+def training_conflicts(training: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, "'value' with ... : why") for each value of a filled ``training`` section that its FSDP launch or its
+    precision cannot run."""
+    found = [(key, f"{value!r} with training.precision fp16: {why}")
+             for (key, value), why in NOT_WITH_FP16.items()
+             if training["precision"] == "fp16" and training[key] == value]
     processes = training["gpus"] * training["nodes"]
-    if not is_sharded(training["distributed"], processes):
-        return []
-    return [(key, f"{value!r} with training.distributed fsdp on {processes} processes: {why}")
-            for (key, value), why in NOT_WITH_SHARDING.items() if training[key] == value]
+    if is_sharded(training["distributed"], processes):
+        found += [(key, f"{value!r} with training.distributed fsdp on {processes} processes: {why}")
+                  for (key, value), why in NOT_WITH_SHARDING.items() if training[key] == value]
+    return found
 
 
 @functools.lru_cache(maxsize=1)

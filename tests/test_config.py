@@ -77,6 +77,9 @@ BAD_CONFIGS = [
      lambda c: _with(_with(c, "training", {**c.get("training", {}), "gpus": 2, "distributed": "fsdp"}),
                      "experiments.1.grid", {"training.optim": ["auto", "adamw_fused_clip"]}),
      "experiments[1].grid.training.optim"),
+    ("folded clip with fp16 in an override",
+     lambda c: _with(c, "experiments.1.overrides", {"training": {"precision": "fp16", "optim": "adamw_fused_clip"}}),
+     "experiments[1].overrides.training"),
     ("min_steps above max_steps", lambda c: _with(c, "datasets.arith.task.min_steps", 9),
      "datasets.arith.task.min_steps"),
 ]

@@ -500,6 +500,46 @@ def test_collator_finds_loss_positions_on_the_cpu_and_gpu_steps_need_no_host_syn
     assert training_arguments(settings(), tmp_path, 10, 0, use_cpu=True)["accelerator_config"] is None
 
 
+def test_trainer_counts_the_model_parameters_once_for_its_flop_total(tok, examples, tmp_path, monkeypatch):
+    """HF would walk every module for the count at each micro-batch; the total it reports stays HF's."""
+    from transformers import TrainerCallback
+
+    import distill_bench.train.trainer as trainer_module
+
+    def run(name: str) -> tuple[float, int, int]:
+        m = model(tok)
+        walks = []
+        real_count = type(m).num_parameters
+
+        def counting(self, *args, **kwargs):
+            walks.append(kwargs)
+            return real_count(self, *args, **kwargs)
+
+        seen = {}
+
+        class Flos(TrainerCallback):
+            def on_train_end(self, args, state, control, **kwargs):
+                seen["total_flos"] = state.total_flos
+
+        monkeypatch.setattr(type(m), "num_parameters", counting)
+        res = train_student(model=m, tokenizer=tok, examples=examples, settings=settings(batch_size=2), seed=0,
+                            output_dir=tmp_path / name, trainer_kwargs={"callbacks": [Flos()]})
+        monkeypatch.undo()
+        return seen["total_flos"], walks.count({"exclude_embeddings": True}), res["steps"]
+
+    ours, our_walks, steps = run("ours")
+    counting_class = trainer_module._counting_trainer_class
+
+    def with_hf_flops(base):   # the same trainer with HF's own per-micro-batch count
+        cls = counting_class(base)
+        return type(cls.__name__, (cls,), {"floating_point_ops": base.floating_point_ops})
+
+    monkeypatch.setattr(trainer_module, "_counting_trainer_class", with_hf_flops)
+    hf, hf_walks, _ = run("hf")
+    assert steps >= 4 and our_walks == 1 and hf_walks >= steps
+    assert ours == hf > 0
+
+
 def test_speed_settings_are_validated_and_auto_padding_free_is_gpu_only():
     from distill_bench.train.speed import resolve_compile, resolve_padding_free
 

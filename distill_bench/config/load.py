@@ -10,7 +10,7 @@ import jsonschema
 import yaml
 
 from distill_bench.defaults import schema as _schema
-from distill_bench.defaults import sharding_conflicts
+from distill_bench.defaults import training_conflicts
 from distill_bench.refs import missing_local_path
 
 SECTIONS = ("training", "kd", "synthetic", "eval", "dpo", "selfdistill")
@@ -202,7 +202,7 @@ def _semantic_checks(cfg: dict) -> None:
                     problems.append(f"config key 'experiments[{index}].{field}': unknown {field[:-1]} "
                                     f"{item!r}{did}; defined: {sorted(known)}")
     problems += _top_k_problems(cfg)
-    problems += _sharding_problems(cfg)
+    problems += _training_conflict_problems(cfg)
     for index, value in enumerate(cfg["seeds"]):
         if not isinstance(value, int) or isinstance(value, bool):   # the schema lets 1.0 pass as an integer
             problems.append(f"config key 'seeds[{index}]': {value!r} is not an integer")
@@ -238,12 +238,13 @@ def _top_k_problems(cfg: dict) -> list[str]:
             for key, value in candidates if value > vocab]
 
 
-def _sharding_problems(cfg: dict) -> list[str]:
-    """Training values an FSDP launch cannot run (defaults.NOT_WITH_SHARDING): at the top level, then as each
-    experiment resolves them (its overrides.training, and each value of a training.* grid) where that adds one."""
+def _training_conflict_problems(cfg: dict) -> list[str]:
+    """Training values an FSDP launch or the precision cannot run (defaults.training_conflicts): at the top level,
+    then as each experiment resolves them (its overrides.training, each value of a training.* grid) where that adds
+    one."""
     top = cfg["training"]
-    seen = {key for key, _ in sharding_conflicts(top)}
-    problems = [f"config key 'training.{key}': {why}" for key, why in sharding_conflicts(top)]
+    seen = {key for key, _ in training_conflicts(top)}
+    problems = [f"config key 'training.{key}': {why}" for key, why in training_conflicts(top)]
     for index, exp in enumerate(cfg["experiments"]):
         merged = {**top, **((exp.get("overrides") or {}).get("training") or {})}
         variants = [(f"experiments[{index}].overrides.training", merged)]
@@ -252,7 +253,7 @@ def _sharding_problems(cfg: dict) -> list[str]:
             if section == "training" and key in merged:
                 variants += [(f"experiments[{index}].grid.{dotted}", {**merged, key: v}) for v in values]
         for where, training in variants:
-            for key, why in sharding_conflicts(training):
+            for key, why in training_conflicts(training):
                 if key not in seen:
                     seen.add(key)
                     problems.append(f"config key '{where}': training.{key} {why}")

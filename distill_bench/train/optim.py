@@ -7,6 +7,10 @@ full extra read + write of the fp32 gradients. Fused AdamW already divides gradi
 inside its kernel (the hook AMP's GradScaler uses), so the clip coefficient can travel there instead: same update,
 one pass over the gradients fewer, no host synchronisation (the coefficient stays a device tensor).
 
+The Trainer logs a gradient norm every step; with its own clip off it would compute one itself, through
+``clip_grad_norm_(max_norm=inf)``: a second norm pass and a multiply of every gradient by 1. The trainers ask this
+optimizer for its norm instead (``clip_norm``, computed once per step and reused by ``step``).
+
 Single process or DDP only (DDP's gradients are identical on every rank, so the local norm is the global one); with
 FSDP each rank holds a shard and the norm would need an all-reduce, which this does not do.
 """
@@ -29,16 +33,26 @@ def clipped_fused_adamw_class():
             super().__init__(params, **kwargs)
             self.max_grad_norm = float(max_grad_norm)
             self.last_grad_norm: torch.Tensor | None = None
+            self.grad_scale = None
 
         @torch.no_grad()
-        def step(self, closure=None):
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
+        def clip_norm(self) -> torch.Tensor | None:
+            """This step's gradient norm before clipping (a device tensor; None without gradients). Computed once:
+            the coming ``step`` clips with it."""
+            if self.grad_scale is None:
+                grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+                if not grads:
+                    return None
                 # the same norm and coefficient as torch.nn.utils.clip_grad_norm_ (error_if_nonfinite=False)
                 norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
                 self.last_grad_norm = norm
                 # fused AdamW divides each gradient by grad_scale: 1 / min(1, max_norm / (norm + 1e-6))
                 self.grad_scale = torch.clamp((norm + 1e-6) / self.max_grad_norm, min=1.0).float()
+            return self.last_grad_norm
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            self.clip_norm()
             try:
                 return super().step(closure)
             finally:
