@@ -48,7 +48,7 @@ lint: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint --directory "$$(mktemp -d)"
 
 test: lint
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf results .snakemake

@@ -243,8 +243,9 @@ def graphs_compiled() -> int:
 
 
 def profiler_callback(first_step: int, n_steps: int, out_dir: Path, name: str):
-    """torch.profiler over optimizer steps (first_step, first_step + n_steps]: GPU busy share of the wall clock and
-    kernel time by kind (measured, not guessed: what limits the step)."""
+    """torch.profiler over optimizer steps (first_step, first_step + n_steps]: GPU busy share of the wall clock,
+    kernel time by kind, the GPU's idle gaps with what the host ran during them, and every host synchronisation
+    (torch's sync debug mode, with the Python stack that asked for it). Measured, not guessed: what limits the step."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
@@ -253,6 +254,7 @@ def profiler_callback(first_step: int, n_steps: int, out_dir: Path, name: str):
             self.prof = None
             self.t = 0.0
             self.graphs = 0
+            self.syncs = SyncRecorder()
 
         def on_step_end(self, args, state, control, **kw):
             g = state.global_step
@@ -263,20 +265,129 @@ def profiler_callback(first_step: int, n_steps: int, out_dir: Path, name: str):
                 self.prof.__enter__()
                 self.t = time.perf_counter()
                 self.graphs = graphs_compiled()
+                self.syncs.start()
             elif self.prof is not None and g == first_step + n_steps:
+                self.syncs.stop()
                 sync()
                 wall = time.perf_counter() - self.t
                 self.prof.__exit__(None, None, None)
                 summarise_profile(self.prof, wall, n_steps, out_dir, name,
-                                  graphs_compiled_in_window=graphs_compiled() - self.graphs)
+                                  graphs_compiled_in_window=graphs_compiled() - self.graphs,
+                                  host_syncs=self.syncs.summary())
                 self.prof = None
             return control
 
     return Prof()
 
 
+class SyncRecorder:
+    """Host synchronisations between start() and stop(): torch.cuda's sync debug mode warns at each one (a blocking
+    copy, .item(), a data-dependent shape); the Python stack at the warning says who asked. No-op without CUDA."""
+
+    FRAMES = 6   # innermost frames kept per stack, outside warnings/torch internals
+
+    def __init__(self):
+        self.stacks: dict[tuple[str, ...], int] = {}
+        self._ctx = None
+
+    def start(self) -> None:
+        if not torch.cuda.is_available():
+            return
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/warnings.py" not in f.filename and f.filename != __file__]
+        key = (str(message).split("\n")[0][:80],) + tuple(
+            f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}"
+            for f in frames[-self.FRAMES:])
+        self.stacks[key] = self.stacks.get(key, 0) + 1
+
+    def stop(self) -> None:
+        if self._ctx is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._ctx.__exit__(None, None, None)
+        self._ctx = None
+
+    def summary(self) -> list[dict]:
+        return [{"count": n, "what": k[0], "stack": list(k[1:])}
+                for k, n in sorted(self.stacks.items(), key=lambda kv: -kv[1])]
+
+
+def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[str, str, float, float, int | None]],
+              min_gap_us: float = 20.0, top: int = 20) -> dict:
+    """The GPU's idle time between its first and last kernel, and what the host executed during it.
+
+    ``kernels``: (start, end) in µs of every device activity (kernels, copies, fills). ``host_ops``: (thread label,
+    name, start, end, index of the parent op or None), on the profiler's clock. A host op's share is its *self* time
+    inside the gaps (its children's time is theirs); time inside a gap that no op of a thread covers is that thread's
+    untraced Python. Gaps shorter than ``min_gap_us`` are launch latency, not idleness, and are left out."""
+    import bisect
+
+    busy: list[list[float]] = []
+    for a, b in sorted(kernels):
+        if busy and a <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], b)
+        else:
+            busy.append([a, b])
+    gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1) if busy[i + 1][0] - busy[i][1] >= min_gap_us]
+    ends = [g[1] for g in gaps]
+
+    def inside(a: float, b: float) -> float:
+        total, i = 0.0, bisect.bisect_right(ends, a)
+        while i < len(gaps) and gaps[i][0] < b:
+            total += max(0.0, min(b, gaps[i][1]) - max(a, gaps[i][0]))
+            i += 1
+        return total
+
+    idle = sum(b - a for a, b in gaps)
+    overlap = [inside(a, b) for _, _, a, b, _ in host_ops]
+    self_us = list(overlap)
+    covered: dict[str, float] = {}
+    for i, (thread, _, _, _, parent) in enumerate(host_ops):
+        if parent is None:
+            covered[thread] = covered.get(thread, 0.0) + overlap[i]
+        else:
+            self_us[parent] -= overlap[i]
+    by_op: dict[tuple[str, str], float] = {}
+    for (thread, op, _, _, _), us in zip(host_ops, self_us):
+        if us > 0:
+            by_op[(thread, op)] = by_op.get((thread, op), 0.0) + us
+    for thread, us in covered.items():
+        if idle - us > 0:
+            by_op[(thread, "(no traced op: Python between ops)")] = idle - us
+    ranked = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+    return {"gpu_span_us": busy[-1][1] - busy[0][0] if busy else 0.0, "idle_us": idle, "gaps": len(gaps),
+            "largest_gaps_us": sorted((round(b - a, 1) for a, b in gaps), reverse=True)[:10],
+            "min_gap_us": min_gap_us,
+            "host_self_us_in_gaps": [{"thread": t, "op": op[:120], "us": round(us, 1)} for (t, op), us in ranked]}
+
+
+def profile_gaps(prof, min_gap_us: float = 20.0) -> dict:
+    """``idle_gaps`` over a torch.profiler run: device events against host ops, threads labelled main (the one that
+    ran the optimizer step) and other (autograd's device thread launches the backward)."""
+    events = list(prof.events())
+    device = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+              and not (getattr(e, "is_user_annotation", False) or "#" in e.name)]
+    host = [e for e in events if str(getattr(e, "device_type", "")).endswith("CPU")]
+    main_thread = next((e.thread for e in host if e.name.startswith("Optimizer.step")), None)
+    index = {id(e): i for i, e in enumerate(host)}
+    ops = [("main" if e.thread == main_thread else f"thread {e.thread}", e.name, e.time_range.start,
+            e.time_range.end, index.get(id(e.cpu_parent)) if e.cpu_parent is not None else None) for e in host]
+    return idle_gaps([(e.time_range.start, e.time_range.end) for e in device], ops, min_gap_us)
+
+
 def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: str,
-                      graphs_compiled_in_window: int = 0) -> dict:
+                      graphs_compiled_in_window: int = 0, host_syncs: list[dict] | None = None) -> dict:
     """Kernel time by kind over the profiled steps; ``graphs_compiled_in_window`` > 0 marks a profile whose steps
     include a (re)compilation, so its shares describe compilation as much as training."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +407,12 @@ def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: st
            "gpu_kernel_s": busy_us / 1e6, "gpu_busy_fraction": busy_us / 1e6 / wall_s,
            "kernel_s_by_kind": {k: v / 1e6 for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
            "share_of_wall_by_kind": {k: v / 1e6 / wall_s for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
-           "top_kernels": [{"s": us / 1e6, "calls": c, "name": k} for us, c, k in kernels[:30]]}
+           "top_kernels": [{"s": us / 1e6, "calls": c, "name": k} for us, c, k in kernels[:30]],
+           "host_syncs": host_syncs or []}
+    try:
+        res["idle"] = profile_gaps(prof)
+    except Exception as e:  # noqa: BLE001 - the kernel table above is the result; the gap analysis is extra
+        res["idle"] = {"error": repr(e)[:300]}
     (out_dir / f"{name}_profile.json").write_text(json.dumps(res, indent=2))
     for sort in ("self_cuda_time_total", "self_cpu_time_total"):
         try:
@@ -308,6 +424,13 @@ def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: st
             "describes compilation too (raise --profile-warmup)")
     log(f"profile {name}: busy {100 * res['gpu_busy_fraction']:.1f}% of {wall_s:.2f}s; "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in res["share_of_wall_by_kind"].items()))
+    idle = res["idle"]
+    if "idle_us" in idle:
+        log(f"profile {name}: GPU idle {idle['idle_us'] / 1e3 / n_steps:.1f} ms per step in {idle['gaps']} gaps; "
+            "host during them (ms per step): " + ", ".join(
+                f"{h['thread']} {h['op'][:60]} {h['us'] / 1e3 / n_steps:.2f}" for h in idle["host_self_us_in_gaps"][:8]))
+    for h in res["host_syncs"]:
+        log(f"profile {name}: {h['count']} host sync(s): {h['what']} at " + " <- ".join(reversed(h["stack"][-3:])))
     return res
 
 
@@ -387,7 +510,8 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     budget, stream = budget_for(examples, steps * batch * accum, seed)
     settings = TrainSettings.from_dict(dict(
         token_budget=budget, max_length=max(len(e["input_ids"]) for e in examples), batch_size=batch, lr=1e-4,
-        warmup_ratio=0.0, precision="bf16" if cuda else "fp32", save_steps=10 ** 6, **training))
+        warmup_ratio=0.0, precision="bf16" if cuda else "fp32", save_steps=10 ** 6,
+        **{"logging_steps": LOGGING_STEPS, **training}))
     if cuda:
         if not KEEP_POOL:
             torch.cuda.empty_cache()
@@ -440,7 +564,7 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     win_j = (eb - ea) / 1e3 if ea is not None and eb is not None else None
     res = {
         "variant": name, "kind": "kd" if kd_cache else "sft_gt", "attn": attn, "training": training,
-        "batch": batch, "grad_accum": accum, "steps": last, "planned_steps": steps, "warmup_steps": warmup,
+        "batch": batch, "grad_accum": accum, "logging_steps": settings.logging_steps, "steps": last, "planned_steps": steps, "warmup_steps": warmup,
         "window_s": dt,
         "tokens_per_s": w["real_tokens"] / dt, "loss_tokens_per_s": w["loss_positions"] / dt,
         "padded_tokens_per_s": w["padded_tokens"] / dt,
@@ -474,6 +598,10 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
 # --keep-pool: the caching allocator's pool survives from one variant to the next, so a variant after the first
 # (or after --throwaway) finds its blocks already reserved and makes no cudaMalloc inside its timed window
 KEEP_POOL = False
+# a study-length run logs every 50 optimizer steps (the package's default for runs of 2,500 steps or more); each log
+# reads the loss and gradient norm on the host, a synchronisation. A benchmark run of ~100 steps would otherwise log
+# every step, a synchronisation per step that the run it stands for does not have
+LOGGING_STEPS = 50
 
 
 def release() -> None:
@@ -516,6 +644,7 @@ def plain_ce_trainer_cls():
 
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
+    global KEEP_POOL, LOGGING_STEPS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU")
@@ -523,7 +652,9 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="comma list to run, in this order (default: all)")
     ap.add_argument("--repeats", type=int, default=1, help="run the list this many times, alternating forward and "
                                                            "backward order (ABBA), each run reported")
-    ap.add_argument("--throwaway", action="store_true", help="first a short unreported run of the first variant")
+    ap.add_argument("--throwaway", action="store_true", help="first a short unreported run of each variant")
+    ap.add_argument("--logging-steps", type=int, default=LOGGING_STEPS,
+                    help="log every N optimizer steps (each log is a host synchronisation; 50 = a study-length run)")
     ap.add_argument("--keep-pool", action="store_true",
                     help="keep the allocator's reserved memory between variants (no empty_cache)")
     ap.add_argument("--fresh-shapes", action="store_true",
@@ -543,8 +674,8 @@ def main() -> None:
     ap.add_argument("--checks", default="sdpa,flex_attention",
                     help="attention kernels for the padding-free check (sdpa, eager, flex_attention, varlen)")
     a = ap.parse_args()
-    global KEEP_POOL
     KEEP_POOL = a.keep_pool
+    LOGGING_STEPS = a.logging_steps
     out = Path(a.out)
     (out / "energy").mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -679,9 +810,9 @@ def main() -> None:
     order = []
     for rep in range(a.repeats):
         order += [(p, rep) for p in (plan if rep % 2 == 0 else plan[::-1])]
-    if a.throwaway and order and not quick:   # pays the process's one-time costs (cuBLAS/Triton warm-up, allocator)
-        p0 = order[0][0]
-        order.insert(0, (("throwaway_" + p0[0],) + p0[1:], THROWAWAY_RUN))
+    if a.throwaway and order and not quick:   # each variant pays its one-time costs (Triton autotuning of its own
+        # kernels, its collator's first reads, the allocator) before any timed run, not only the first variant
+        order[:0] = [(("throwaway_" + p[0],) + p[1:], THROWAWAY_RUN) for p in plan]
     for name in filter(None, a.profile.split(",")):   # one extra, untimed run each: 3 profiled steps would
         if name not in {p[0] for p in plan}:              # distort a throughput sample
             raise SystemExit(f"--profile {name}: not among the variants run")

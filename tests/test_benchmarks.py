@@ -282,3 +282,20 @@ def test_kd_loss_benchmark_times_ce_and_kd_against_the_eager_loss_at_each_temper
     for name in ("kd", "kd_tau2"):   # each against the eager loss at its own temperature
         assert runs[name]["max_grad_diff_to_eager"] == 0.0 and runs[name]["loss_diff_to_eager"] == 0.0
     assert runs["kd_tau2"]["loss"] != runs["kd"]["loss"] and "kd_tau2 | " in out
+
+
+def test_profile_idle_gaps_charge_each_host_op_its_self_time_while_the_gpu_waits():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_trainer import idle_gaps
+
+    kernels = [(0, 100), (90, 200), (300, 400), (405, 500), (700, 800)]   # gaps 200-300 and 500-700; 400-405 is not
+    ops = [("main", "enumerate(DataLoader)", 150, 350, None),   # 100 of it in the first gap, 60 of them its child's
+           ("main", "aten::copy_", 240, 300, 0),
+           ("main", "cudaStreamSynchronize", 480, 650, None),
+           ("thread 7", "autograd", 0, 800, None)]
+    res = idle_gaps(kernels, ops, min_gap_us=10)
+    assert res["idle_us"] == 300 and res["gaps"] == 2 and res["largest_gaps_us"] == [200, 100]
+    got = {(h["thread"], h["op"]): h["us"] for h in res["host_self_us_in_gaps"]}
+    assert got == {("main", "enumerate(DataLoader)"): 40, ("main", "aten::copy_"): 60,
+                   ("main", "cudaStreamSynchronize"): 150, ("main", "(no traced op: Python between ops)"): 50,
+                   ("thread 7", "autograd"): 300}
