@@ -353,7 +353,11 @@ def _save_pairs(path, rows):
     return str(path)
 
 
-def test_dpo_raises_implicit_reward_accuracy_on_its_training_pairs(env, tmp_path, capsys):
+def test_dpo_raises_implicit_reward_accuracy_on_its_training_pairs(env, tmp_path, capsys, monkeypatch):
+    """With the clip folded into fused AdamW, as the SFT and KD trainers, its gradient norm is the logged one (HF's
+    clip_grad_norm_ never runs)."""
+    import torch
+
     from distill_bench.dpo.train import implicit_rewards, train_dpo
     from distill_bench.models.build import load_model
 
@@ -362,8 +366,13 @@ def test_dpo_raises_implicit_reward_accuracy_on_its_training_pairs(env, tmp_path
     init = load_model(env["student"])
     before = implicit_rewards(init, load_model(env["student"]), env["tok"], rows, beta=0.1)
     meter = FakeMeter()
+    hf_clips = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: hf_clips.append(1) or clip(*a, **k))
     train_dpo(meter=meter, pairs=pairs, tokenizer=env["tok_dir"], init_model=env["student"],
-              out_dir=str(tmp_path / "dpo"), dpo={"epochs": 2, "beta": 0.1}, training=TRAINING, seed=0)
+              out_dir=str(tmp_path / "dpo"), dpo={"epochs": 2, "beta": 0.1},
+              training={**TRAINING, "optim": "adamw_fused_clip"}, seed=0)
+    assert hf_clips == []
     after = implicit_rewards(load_model(tmp_path / "dpo" / "final"), init, env["tok"], rows, beta=0.1)
     with capsys.disabled():
         print(f"\n[dpo] implicit reward accuracy before {before['accuracy']:.3f} after {after['accuracy']:.3f} "

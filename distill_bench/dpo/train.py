@@ -32,8 +32,9 @@ from distill_bench.models.build import (check_model_tokenizer, load_model, resol
                                        tokenizer_source_for_model)
 from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
 from distill_bench.train.optim import trainer_optimizer
-from distill_bench.train.trainer import (TrainingJob, TrainSettings, check_even_split, checkpoints_dir, mean_loss,
-                                         one_process_one_gpu, prepare_process, run_training, training_arguments)
+from distill_bench.train.trainer import (StepBookkeeping, TrainingJob, TrainSettings, check_even_split,
+                                         checkpoints_dir, mean_loss, one_process_one_gpu, prepare_process,
+                                         run_training, training_arguments)
 from distill_bench.dpo.judges import sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _dpo_trainer_class():
     ``precompute_reference`` stage (TRL would otherwise recompute them in its constructor)."""
     from trl import DPOTrainer
 
-    class CountingDPOTrainer(DPOTrainer):
+    class CountingDPOTrainer(StepBookkeeping, DPOTrainer):
         _db_trained_tokens = 0
         _db_input_tokens = 0
         _db_pairs = 0

@@ -252,13 +252,47 @@ def check_even_split(n_examples: int, batch_size: int, world: int) -> None:
             f"exact token budget): change training.token_budget or training.batch_size, or train on one GPU")
 
 
+class StepBookkeeping:
+    """HF Trainer bookkeeping done without extra work on the step's critical path (mixed into every trainer: SFT,
+    KD, DPO). At a 1B student's batch 4 the host barely keeps ahead of the GPU, so host time and extra passes over
+    the gradients show up in the step time (docs/BENCHMARKS.md)."""
+
+    _db_body_params: int | None = None
+
+    def floating_point_ops(self, inputs):
+        """HF's estimate for its ``total_flos`` (6 x input tokens x non-embedding parameters), with the parameter
+        count taken once instead of by a walk over every module at each micro-batch (host time, ~1 ms at 1B,
+        that a GPU step whose host barely keeps ahead waits for)."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        if self._db_body_params is None:
+            self._db_body_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._db_body_params
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The logged gradient norm without extra passes over the gradients. With its clip off, HF computes it
+        through ``clip_grad_norm_(max_norm=inf)``: a norm pass plus a multiply of every gradient by 1. The folded
+        clip's optimizer already computes the norm; unsharded gradients need only the norm."""
+        if grad_norm is not None:
+            return super()._get_grad_norm(model, grad_norm)
+        folded = getattr(getattr(self, "optimizer", None), "optimizer", None)   # under accelerate's wrapper
+        if folded is not None and hasattr(folded, "clip_norm"):
+            return folded.clip_norm()
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return super()._get_grad_norm(model, grad_norm)
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
 def _counting_trainer_class(base: type) -> type:
     """Subclass ``base`` so every micro-batch actually trained adds its exact token counts."""
 
-    class _Counting(base):  # type: ignore[misc, valid-type]
+    class _Counting(StepBookkeeping, base):  # type: ignore[misc, valid-type]
         _db_trained_tokens = 0
         _db_input_tokens = 0
-        _db_body_params: int | None = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             labels = inputs.get("labels")
@@ -279,33 +313,6 @@ def _counting_trainer_class(base: type) -> type:
             else:  # TRL's padding-free batches hold no padding
                 self._db_input_tokens += int(inputs["input_ids"].numel())
             return super().training_step(model, inputs, num_items_in_batch)
-
-        def floating_point_ops(self, inputs):
-            """HF's estimate for its ``total_flos`` (6 x input tokens x non-embedding parameters), with the parameter
-            count taken once instead of by a walk over every module at each micro-batch (host time, ~1 ms at 1B,
-            that a GPU step whose host barely keeps ahead waits for)."""
-            main = getattr(self.model, "main_input_name", "input_ids")
-            if main not in inputs or not hasattr(self.model, "num_parameters"):
-                return super().floating_point_ops(inputs)
-            if self._db_body_params is None:
-                self._db_body_params = self.model.num_parameters(exclude_embeddings=True)
-            return 6 * inputs[main].numel() * self._db_body_params
-
-        def _get_grad_norm(self, model, grad_norm=None):
-            """The logged gradient norm without extra passes over the gradients. With its clip off, HF computes it
-            through ``clip_grad_norm_(max_norm=inf)``: a norm pass plus a multiply of every gradient by 1. The folded
-            clip's optimizer already computes the norm; unsharded gradients need only the norm."""
-            if grad_norm is not None:
-                return super()._get_grad_norm(model, grad_norm)
-            folded = getattr(getattr(self, "optimizer", None), "optimizer", None)   # under accelerate's wrapper
-            if folded is not None and hasattr(folded, "clip_norm"):
-                return folded.clip_norm()
-            if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-                return super()._get_grad_norm(model, grad_norm)
-            import torch
-
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            return torch.nn.utils.get_total_norm(grads) if grads else None
 
         def create_model_card(self, *args, **kwargs):
             """No hub model cards in checkpoints (TRL 1.16's breaks when wandb is merely installed)."""
