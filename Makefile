@@ -47,14 +47,8 @@ lint: setup
 	$(BIN)/snakefmt --check Snakefile rules/
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint --directory "$$(mktemp -d)"
 
-# The real-SLURM test (marker slurm) mostly waits on the scheduler's status checks, so it runs beside the rest of the
-# suite instead of after it; its output follows the suite's, and either failing fails the target.
 test: lint
-	@slurm_log=$$(mktemp); export PATH="$(abspath $(BIN)):$$PATH"; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m slurm > "$$slurm_log" 2>&1 & slurm_pid=$$!; \
-	$(BIN)/python -m pytest -q --durations=15 -m "not slurm"; suite=$$?; \
-	wait $$slurm_pid; slurm=$$?; echo "--- real-SLURM test (run beside the suite) ---"; cat "$$slurm_log"; \
-	rm -f "$$slurm_log"; exit $$(( suite != 0 || slurm != 0 ))
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf results .snakemake
