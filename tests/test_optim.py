@@ -1,6 +1,6 @@
 """training.optim: adamw_fused_clip (the gradient-norm clip inside fused AdamW) makes the same update as HF's
-clip_grad_norm_ followed by fused AdamW, alone and through the trainer; settings refuse it with FSDP. The logged
-gradient norm costs no extra pass over the gradients."""
+clip_grad_norm_ followed by fused AdamW, alone and through the trainer; settings refuse it with FSDP and with fp16.
+The logged gradient norm costs no extra pass over the gradients."""
 from __future__ import annotations
 
 import os
