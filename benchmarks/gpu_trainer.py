@@ -426,9 +426,10 @@ def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: st
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in res["share_of_wall_by_kind"].items()))
     idle = res["idle"]
     if "idle_us" in idle:
+        hosts = ", ".join(f"{h['thread']} {h['op'][:60]} {h['us'] / 1e3 / n_steps:.2f}"
+                          for h in idle["host_self_us_in_gaps"][:8])
         log(f"profile {name}: GPU idle {idle['idle_us'] / 1e3 / n_steps:.1f} ms per step in {idle['gaps']} gaps; "
-            "host during them (ms per step): " + ", ".join(
-                f"{h['thread']} {h['op'][:60]} {h['us'] / 1e3 / n_steps:.2f}" for h in idle["host_self_us_in_gaps"][:8]))
+            f"host during them (ms per step): {hosts}")
     for h in res["host_syncs"]:
         log(f"profile {name}: {h['count']} host sync(s): {h['what']} at " + " <- ".join(reversed(h["stack"][-3:])))
     return res
@@ -564,7 +565,8 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
     win_j = (eb - ea) / 1e3 if ea is not None and eb is not None else None
     res = {
         "variant": name, "kind": "kd" if kd_cache else "sft_gt", "attn": attn, "training": training,
-        "batch": batch, "grad_accum": accum, "logging_steps": settings.logging_steps, "steps": last, "planned_steps": steps, "warmup_steps": warmup,
+        "batch": batch, "grad_accum": accum, "logging_steps": settings.logging_steps, "steps": last,
+        "planned_steps": steps, "warmup_steps": warmup,
         "window_s": dt,
         "tokens_per_s": w["real_tokens"] / dt, "loss_tokens_per_s": w["loss_positions"] / dt,
         "padded_tokens_per_s": w["padded_tokens"] / dt,
