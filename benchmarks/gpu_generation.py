@@ -18,8 +18,10 @@ HBM bandwidth: a 4 GiB device copy in the same call (bytes read + written); matm
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -112,7 +114,8 @@ def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
     """``<mode>_b<rows>[_n<new tokens>][_pp|_pc][_bmm|_sdpa|_gqa]`` -> (hf_decode mode, rows, new tokens or None,
     decode attention, prefill).
 
-    Prefill of ``graph`` variants (``static_decode.PREFILL``): ``_pp`` packed (padding-free), ``_pc`` the padded
+    Prefill of ``graph`` variants (``static_decode.PREFILL``): ``_pp`` packed (padding-free), ``_ppu`` packed with
+    its norms and SwiGLU product left unfused (``packed_unfused``, this benchmark's A/B only), ``_pc`` the padded
     prefill compiled with dynamic shapes, else eager over the left-padded batch.
 
     Decode attention of ``graph`` variants: ``grouped`` (default, distill_bench.generation.decode_attention: SDPA
@@ -124,7 +127,7 @@ def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
     attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa", "bmm": "grouped_bmm"}.get(parts[-1], "grouped")
     if attention != "grouped":
         parts.pop()
-    prefill = {"pc": "compiled", "pp": "packed"}.get(parts[-1], "eager")
+    prefill = {"pc": "compiled", "pp": "packed", "ppu": "packed_unfused"}.get(parts[-1], "eager")
     if prefill != "eager":
         parts.pop()
     new = int(parts.pop()[1:]) if parts[-1].startswith("n") and parts[-1][1:].isdigit() else None
@@ -145,7 +148,7 @@ def padded_twin(name: str) -> str | None:
     """The same variant with the eager prefill over the left-padded batch (None when ``name`` is that one)."""
     if name.startswith("cb_") or parse_variant(name)[4] == "eager":
         return None
-    return "_".join(part for part in name.split("_") if part not in ("pp", "pc"))
+    return "_".join(part for part in name.split("_") if part not in ("pp", "ppu", "pc"))
 
 
 def prefill_flops(model, prompts: list[list[int]]) -> float:
@@ -223,11 +226,73 @@ def prefill_agreement(model, prompts: list[list[int]], rows: int) -> dict:
                                                                   .float().mean())}}
 
 
+def profile_prefill(model, prompts: list[list[int]], rows: int, peak_tflops: float, out: Path, shape: str) -> dict:
+    """``profile_packed_prefill`` with the norms and SwiGLU product fused (the default) and unfused."""
+    from distill_bench.generation import packed_prefill
+
+    res = {}
+    for fused in (True, False):
+        packed_prefill.FUSE_ELEMENTWISE = fused
+        try:
+            res["fused" if fused else "unfused"] = profile_packed_prefill(
+                model, prompts, rows, peak_tflops, out, f"{shape}_packed_prefill{'' if fused else '_unfused'}")
+        finally:
+            packed_prefill.FUSE_ELEMENTWISE = True
+    return res
+
+
+def profile_packed_prefill(model, prompts: list[list[int]], rows: int, peak_tflops: float, out: Path,
+                           name: str) -> dict:
+    """torch.profiler over the packed prefill of ``prompts`` in the backend's batches (longest first, ``rows`` per
+    batch; a static cache per batch as the decoder allocates it): kernel time by kind, the GPU's idle gaps with what
+    the host ran meanwhile, and the prefill against its matmul ideal. Two untimed passes first (allocator, compiles,
+    kernels' first-call setup)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+
+    from distill_bench.generation.packed_prefill import packed_prefill
+    from distill_bench.generation.static_decode import left_padded, position_ids
+    from gpu_trainer import summarise_profile
+
+    ordered = sorted(prompts, key=len, reverse=True)
+    batches = []
+    for i in range(0, len(ordered), rows):
+        ids, mask = (t.to(dev()) for t in left_padded(ordered[i:i + rows], 0))
+        batches.append((ids, mask, position_ids(mask), StaticCache(config=model.config, max_cache_len=ids.shape[1])))
+
+    def once() -> None:
+        for ids, mask, pos, cache in batches:
+            packed_prefill(model, ids, mask, pos, cache)
+
+    for _ in range(2):
+        once()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        once()
+        sync()
+        wall = time.perf_counter() - t
+    res = summarise_profile(prof, wall, len(batches), out / "profiles", f"{name}_b{rows}")
+    trace = out / "profiles" / f"{name}_b{rows}_trace.json"
+    prof.export_chrome_trace(str(trace))   # every kernel and host op on one timeline (chrome://tracing, Perfetto)
+    with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
+    ideal_s = prefill_flops(model, ordered) / (peak_tflops * 1e12)
+    gemm_s = res["kernel_s_by_kind"].get("gemm")
+    res.update(prompt_tokens=sum(map(len, ordered)), batches=len(batches), prefill_ideal_s=ideal_s,
+               fraction_of_ideal=ideal_s / wall, gemm_kernels_fraction_of_ideal=ideal_s / gemm_s if gemm_s else None)
+    print(f"[{time.monotonic() - T0:6.1f}s] {name} profile: {wall:.3f}s for {len(batches)} batches, "
+          f"{100 * res['fraction_of_ideal']:.1f}% of the matmul ideal"
+          + (f"; its GEMM kernels alone at {100 * ideal_s / gemm_s:.1f}% of it" if gemm_s else ""), flush=True)
+    return res
+
+
 def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float, tmp: Path,
               on_variant=lambda payload: None) -> dict:
     """Every variant of one shape; ``on_variant(payload)`` after each (the caller writes the JSON: a later variant
     stopped by a time limit keeps the earlier ones)."""
-    from distill_bench.generation import GenerationSettings
+    from distill_bench.generation import GenerationSettings, packed_prefill
     from gpu_suite import SHAPES, decode_weight_bytes
 
     quick = a.quick
@@ -258,6 +323,11 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
         print(f"[{time.monotonic() - T0:6.1f}s] {shape} prefill check: {json.dumps(check)}", flush=True)
         payload = {"shape": shape, "runs": runs, "prefill_check": check}
         on_variant(payload)
+    if a.profile_prefill:
+        profile = profile_prefill(model, sets.setdefault(64, prompts(128 // scale)), 64 // scale, peak_tflops,
+                                  Path(a.out), shape)
+        payload = {"shape": shape, "runs": runs, "prefill_check": check, "prefill_profile": profile}
+        on_variant(payload)
     for name in variants:
         left = a.budget_s - (time.monotonic() - T0)
         if left < (40 if name.startswith("eager") else 90):
@@ -279,12 +349,14 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                 st = GenerationSettings(batch_size=max(1, batch // scale), max_new_tokens=new, hf_decode=mode)
                 # read when the step is traced
                 os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if attention == "sdpa_gqa" else "0"
+                packed_prefill.FUSE_ELEMENTWISE = prefill != "packed_unfused"
                 try:
                     r = run_variant(model, name, ps, st, eos=eos, tmp=tmp,
                                     decode_attention=attention if attention.startswith("grouped") else "model",
-                                    prefill=prefill)
+                                    prefill="packed" if prefill == "packed_unfused" else prefill)
                 finally:
                     os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
+                    packed_prefill.FUSE_ELEMENTWISE = True
                 r["decode_attention"] = attention
                 r["prefill"] = prefill
                 r["roofline_rows"] = batch // scale
@@ -330,7 +402,8 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
         runs.append(r)
         print(f"[{time.monotonic() - T0:6.1f}s] {json.dumps(r, default=str)}", flush=True)
         payload = {"shape": shape, "model_config": {k: v for k, v in cfg.items()}, "weight_bytes": weight_bytes,
-                   "kv_bytes_per_position": kv_bytes_per_pos, "runs": runs, "prefill_check": check}
+                   "kv_bytes_per_position": kv_bytes_per_pos, "runs": runs, "prefill_check": check,
+                   "prefill_profile": payload.get("prefill_profile")}
         on_variant(payload)
     del model
     if torch.cuda.is_available():
@@ -354,6 +427,8 @@ def main() -> None:
                          "shape:variant limits one to that shape")
     ap.add_argument("--prefill-check", action="store_true",
                     help="first compare the padded and packed prefill of one batch (logits, K/V, near-ties)")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="first profile the packed prefill of the batch-64 prompt set (kernels by kind, idle gaps)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -323,22 +323,31 @@ class SyncRecorder:
                 for k, n in sorted(self.stacks.items(), key=lambda kv: -kv[1])]
 
 
-def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[str, str, float, float, int | None]],
+def idle_gaps(kernels: list[tuple], host_ops: list[tuple[str, str, float, float, int | None]],
               min_gap_us: float = 20.0, top: int = 20) -> dict:
     """The GPU's idle time between its first and last kernel, and what the host executed during it.
 
-    ``kernels``: (start, end) in µs of every device activity (kernels, copies, fills). ``host_ops``: (thread label,
+    ``kernels``: (start, end[, name]) in µs of every device activity (kernels, copies, fills); with names, the idle
+    time is also totalled by the pair of activities around each gap (the one that ended it last, the one after it),
+    which tells a gap the GPU waits in with work queued from one the host leaves. ``host_ops``: (thread label,
     name, start, end, index of the parent op or None), on the profiler's clock. A host op's share is its *self* time
     inside the gaps (its children's time is theirs); time inside a gap that no op of a thread covers is that thread's
     untraced Python. Gaps shorter than ``min_gap_us`` are launch latency, not idleness, and are left out."""
     import bisect
 
-    busy: list[list[float]] = []
-    for a, b in sorted(kernels):
+    busy: list[list] = []   # [start, end, name of the activity that started it, name of the one that ends last]
+    for k in sorted(kernels):
+        a, b, name = k[0], k[1], (k[2] if len(k) > 2 else "")
         if busy and a <= busy[-1][1]:
-            busy[-1][1] = max(busy[-1][1], b)
+            if b > busy[-1][1]:
+                busy[-1][1], busy[-1][3] = b, name
         else:
-            busy.append([a, b])
+            busy.append([a, b, name, name])
+    around: dict[tuple[str, str], float] = {}
+    for i in range(len(busy) - 1):
+        if busy[i + 1][0] - busy[i][1] >= min_gap_us:
+            key = (busy[i][3][:80], busy[i + 1][2][:80])
+            around[key] = around.get(key, 0.0) + busy[i + 1][0] - busy[i][1]
     gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1) if busy[i + 1][0] - busy[i][1] >= min_gap_us]
     ends = [g[1] for g in gaps]
 
@@ -369,7 +378,10 @@ def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[str, str,
     return {"gpu_span_us": busy[-1][1] - busy[0][0] if busy else 0.0, "idle_us": idle, "gaps": len(gaps),
             "largest_gaps_us": sorted((round(b - a, 1) for a, b in gaps), reverse=True)[:10],
             "min_gap_us": min_gap_us,
-            "host_self_us_in_gaps": [{"thread": t, "op": op[:120], "us": round(us, 1)} for (t, op), us in ranked]}
+            "host_self_us_in_gaps": [{"thread": t, "op": op[:120], "us": round(us, 1)} for (t, op), us in ranked],
+            "idle_us_between": [{"after": a, "before": b, "us": round(us, 1)}
+                                for (a, b), us in sorted(around.items(), key=lambda kv: -kv[1])[:top]
+                                if a or b]}
 
 
 def profile_gaps(prof, min_gap_us: float = 20.0) -> dict:
@@ -383,7 +395,7 @@ def profile_gaps(prof, min_gap_us: float = 20.0) -> dict:
     index = {id(e): i for i, e in enumerate(host)}
     ops = [("main" if e.thread == main_thread else f"thread {e.thread}", e.name, e.time_range.start,
             e.time_range.end, index.get(id(e.cpu_parent)) if e.cpu_parent is not None else None) for e in host]
-    return idle_gaps([(e.time_range.start, e.time_range.end) for e in device], ops, min_gap_us)
+    return idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in device], ops, min_gap_us)
 
 
 def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: str,
@@ -430,6 +442,8 @@ def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: st
                           for h in idle["host_self_us_in_gaps"][:8])
         log(f"profile {name}: GPU idle {idle['idle_us'] / 1e3 / n_steps:.1f} ms per step in {idle['gaps']} gaps; "
             f"host during them (ms per step): {hosts}")
+        log(f"profile {name}: idle ms per step between device activities: " + "; ".join(
+            f"{g['after'][:50]} -> {g['before'][:50]} {g['us'] / 1e3 / n_steps:.2f}" for g in idle["idle_us_between"][:6]))
     for h in res["host_syncs"]:
         log(f"profile {name}: {h['count']} host sync(s): {h['what']} at " + " <- ".join(reversed(h["stack"][-3:])))
     return res

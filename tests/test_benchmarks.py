@@ -30,11 +30,11 @@ def test_shape_benchmark_times_new_and_seen_lengths(tmp_path):
 def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
     out = run("gpu_generation.py", tmp_path, "--shapes", "olmo2-1b,llama3.2-1b", "--variants",
               "eager_b64,graph_b64_n512,llama3.2-1b:graph_b64,llama3.2-1b:graph_b64_bmm,llama3.2-1b:graph_b64_sdpa,"
-              "llama3.2-1b:graph_b64_gqa,llama3.2-1b:graph_b64_pp")
+              "llama3.2-1b:graph_b64_gqa,llama3.2-1b:graph_b64_pp,llama3.2-1b:graph_b64_ppu", "--profile-prefill")
     res = json.loads((tmp_path / "gpu_generation.json").read_text())
     for shape, extra in (("olmo2-1b", []),
                          ("llama3.2-1b", ["graph_b64", "graph_b64_bmm", "graph_b64_sdpa", "graph_b64_gqa",
-                                          "graph_b64_pp"])):
+                                          "graph_b64_pp", "graph_b64_ppu"])):
         runs = res["shapes"][shape]["runs"]
         assert [r["variant"] for r in runs] == ["eager_b64", "graph_b64_n512"] + extra
         assert all(r["generated_tokens"] > 0 and r["fraction_of_roofline"] > 0 for r in runs)
@@ -48,7 +48,17 @@ def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
     # the packed prefill; the compiled one (_pc) is the package's, tested in test_generation_static.py
     assert by_name["graph_b64_pp"]["prefill"] == "packed" and by_name["graph_b64_pp"]["rows_identical_to_eager"] == 1.0
     assert by_name["graph_b64_pp"]["rows_identical_to_padded_prefill"] == 1.0
+    assert by_name["graph_b64_ppu"]["prefill"] == "packed_unfused"
+    assert by_name["graph_b64_ppu"]["rows_identical_to_padded_prefill"] == 1.0
     assert "llama3.2-1b | graph_b64_n512" in out
+    for shape in ("olmo2-1b", "llama3.2-1b"):   # the packed prefill profiled with and without fusing
+        profile = res["shapes"][shape]["prefill_profile"]
+        assert set(profile) == {"fused", "unfused"}
+        for kind, p in profile.items():
+            assert p["batches"] == 2 and p["prompt_tokens"] > 0 and 0 < p["fraction_of_ideal"]
+            name = f"{shape}_packed_prefill{'' if kind == 'fused' else '_unfused'}_b8"
+            assert (tmp_path / "profiles" / f"{name}_profile.json").exists()
+            assert (tmp_path / "profiles" / f"{name}_trace.json.gz").stat().st_size > 0
 
 
 def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_path):
@@ -244,12 +254,13 @@ def test_generation_variant_names_select_prefill_and_decode_attention():
     assert parse_variant("graph_b128_n512_pc_bmm") == ("graph", 128, 512, "grouped_bmm", "compiled")
     assert parse_variant("eager_b64_n512") == ("eager", 64, 512, "grouped", "eager")
     assert parse_variant("graph_b64_n256_pp_gqa") == ("graph", 64, 256, "sdpa_gqa", "packed")
+    assert parse_variant("graph_b64_ppu") == ("graph", 64, None, "grouped", "packed_unfused")
     from gpu_generation import eager_twin, padded_twin
 
     assert [eager_twin(n) for n in ("graph_b64_pc_bmm", "hf_static_b64", "graph_b64_n512_gqa", "cb_256")] == \
         ["eager_b64", "eager_b64", "eager_b64_n512", None]
-    assert [padded_twin(n) for n in ("graph_b64_pp", "graph_b64_n512_pc_bmm", "graph_b64", "cb_256")] == \
-        ["graph_b64", "graph_b64_n512_bmm", None, None]
+    assert [padded_twin(n) for n in ("graph_b64_pp", "graph_b64_ppu", "graph_b64_n512_pc_bmm", "graph_b64",
+                                     "cb_256")] == ["graph_b64", "graph_b64", "graph_b64_n512_bmm", None, None]
 
 
 def test_benchmark_models_too_large_for_fp32_are_built_in_their_dtype():
@@ -299,3 +310,16 @@ def test_profile_idle_gaps_charge_each_host_op_its_self_time_while_the_gpu_waits
     assert got == {("main", "enumerate(DataLoader)"): 40, ("main", "aten::copy_"): 60,
                    ("main", "cudaStreamSynchronize"): 150, ("main", "(no traced op: Python between ops)"): 50,
                    ("thread 7", "autograd"): 300}
+    assert res["idle_us_between"] == [], "unnamed activities: no pairs"
+
+
+def test_profile_idle_gaps_total_the_idle_time_by_the_activities_around_each_gap():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_trainer import idle_gaps
+
+    kernels = [(0, 100, "gemm"), (50, 150, "norm"), (170, 200, "attention"), (260, 300, "gemm"),
+               (300, 330, "norm"), (350, 400, "attention")]   # gaps 150-170 (20), 200-260 (60), 330-350 (20)
+    res = idle_gaps(kernels, [], min_gap_us=10)
+    assert res["idle_us"] == 100
+    assert res["idle_us_between"] == [{"after": "attention", "before": "gemm", "us": 60},
+                                      {"after": "norm", "before": "attention", "us": 40}]

@@ -181,3 +181,86 @@ def test_auto_is_eager_on_cpu_and_bad_mode_names_the_key(tok, model):
 def test_cache_length_is_bucketed_and_fits_prompt_plus_new_tokens():
     assert cache_length(1, 1) == LEN_BUCKET
     assert cache_length(500, 128) == 640 and cache_length(513, 128) == 704
+
+
+def test_fused_elementwise_computes_the_models_own_norms_and_mlps_and_restores_their_forwards(tok):
+    """The fused prefill functions (compiled; on CPU here) give the model's own logits, patch every RMSNorm (q/k norms,
+    both post-norms per layer, the final norm) and every SwiGLU MLP, and leave no patched forward behind."""
+    import torch
+
+    from distill_bench.generation.packed_prefill import fused_elementwise
+
+    net = gqa_olmo2(tok)
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    with torch.no_grad():
+        want = net(input_ids=ids).logits
+        with fused_elementwise(net) as patched:
+            got = net(input_ids=ids).logits
+    layers = net.config.num_hidden_layers
+    assert patched == layers * 4 + 1 + layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in net.modules())
+
+
+@pytest.mark.parametrize("norm_class", ["Olmo2RMSNorm", "LlamaRMSNorm"])
+def test_fused_rms_norm_rounds_where_the_models_own_norm_does_in_bf16(norm_class):
+    """OLMo-2 applies the norm's weight in fp32 and rounds once; Llama rounds, then applies the weight in bf16. The
+    fused norm follows each model's order: bitwise equal to the module's forward almost everywhere (a reduction
+    in another order may move a value by one rounding step), far more often than the other order manages."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    from distill_bench.generation.packed_prefill import RMS_NORMS, fused_elementwise
+
+    torch.manual_seed(0)
+    norm = {"Olmo2RMSNorm": Olmo2RMSNorm, "LlamaRMSNorm": LlamaRMSNorm}[norm_class](256).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(256) * 3 + 0.1)
+        x = torch.randn(64, 256).to(torch.bfloat16)
+        want = norm(x)
+        with fused_elementwise(norm) as patched:
+            got = norm(x)
+        RMS_NORMS[norm_class] = {"after_weight": "before_weight", "before_weight": "after_weight"}[RMS_NORMS[norm_class]]
+        try:
+            with fused_elementwise(norm):
+                swapped = norm(x)
+        finally:
+            RMS_NORMS[norm_class] = {"after_weight": "before_weight",
+                                     "before_weight": "after_weight"}[RMS_NORMS[norm_class]]
+    assert patched == 1 and got.dtype == want.dtype == torch.bfloat16
+    same, same_swapped = (float((y == want).float().mean()) for y in (got, swapped))
+    assert same > 0.99 and same_swapped < 0.9, (same, same_swapped)
+
+
+def test_packed_prefill_launches_the_varlen_kernel_for_its_longest_prompt_and_decodes_the_eager_tokens(
+        tok, monkeypatch):
+    """Through the varlen path (here a CPU stand-in for the flash kernel, causal inside each prompt): the kernel is
+    told the batch's longest prompt, not the packed row's length (which would launch work blocks for thousands of
+    empty positions per prompt), and greedy decoding still gives eager generate's tokens."""
+    import torch
+
+    from distill_bench.generation import packed_prefill as pp
+    from distill_bench.train import varlen
+
+    longest_told, row_lengths = [], []
+
+    def flash_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None):
+        assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max_k
+        longest_told.append(max_q)
+        row_lengths.append(q.shape[0])
+        bounds = cu_q.tolist()
+        return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True,
+            scale=scale).transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
+
+    net = gqa_olmo2(tok)
+    ref, _ = greedy_by_prompt(net, tok, "eager")
+    monkeypatch.setattr(pp, "_varlen_runs", lambda query: True)
+    monkeypatch.setattr(varlen, "_kernel", lambda: flash_stand_in)
+    got, stats = greedy_by_prompt(net, tok, "graph", prefill="packed")
+    assert got == ref
+    widths = [b["width"] for b in stats["batches"]]
+    layers = net.config.num_hidden_layers
+    assert longest_told == [w for w in widths for _ in range(layers)]
+    assert all(told < length for told, length in zip(longest_told, row_lengths)), "several prompts per row"

@@ -8,12 +8,26 @@ on a GPU, one causal SDPA per prompt elsewhere), and each layer's K/V are writte
 the slots the left-padded layout gives them. The decode steps that follow read the same cache as after a padded
 prefill (pad slots hold zeros instead of pad-token K/V; the mask hides both). Only the last position of each prompt
 goes through the LM head.
+
+On CUDA the prefill also runs the RMSNorms and the SwiGLU product as fused kernels (``fused_elementwise``): eager,
+each norm is six passes over fp32 copies of the activations, which at a 32B teacher's prefill is a tenth of the
+matmul time; the fused functions compute the same expressions in the same dtypes, one pass each.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 
 NAME = "distill_bench_packed_prefill"   # the transformers AttentionInterface key
+# fuse the norms and SwiGLU product during a CUDA prefill (benchmarks set it False to measure what fusing saves)
+FUSE_ELEMENTWISE = True
+# RMSNorm classes whose forward is the expression below, by where they cast back to the input dtype: OLMo-2 applies
+# the weight in fp32 and casts once; Llama and Qwen2 cast, then apply the weight in the input dtype
+RMS_NORMS = {"Olmo2RMSNorm": "after_weight", "LlamaRMSNorm": "before_weight", "Qwen2RMSNorm": "before_weight"}
+SWIGLU_MLPS = ("Olmo2MLP", "LlamaMLP", "Qwen2MLP")   # forward: down_proj(act_fn(gate_proj(x)) * up_proj(x))
+SILU = ("SiLU", "SiLUActivation")   # torch's and transformers' act_fn classes for hidden_act "silu"/"swish"
 
 
 class CacheWriter:
@@ -33,6 +47,12 @@ class CacheWriter:
         layer.cumulative_length.fill_(self.width)   # in place: the decode graph holds this tensor's address
 
 
+def _varlen_runs(query: torch.Tensor) -> bool:
+    from distill_bench.train import varlen
+
+    return query.is_cuda and varlen.available()
+
+
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, packed_cache=None,
                      cu_seq_lens_q=None, **kwargs):
     """``AttentionInterface`` function: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None); the
@@ -46,15 +66,66 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         raise ValueError("packed prefill supports plain causal attention only (no dropout, sliding window, "
                          "soft-capping or sinks)")
     packed_cache.write(module.layer_idx, key, value)
-    if query.is_cuda and varlen.available():
+    if _varlen_runs(query):
         return varlen.varlen_attention(module, query, key, value, None, scaling=scaling,
-                                       cu_seq_lens_q=cu_seq_lens_q)
+                                       cu_seq_lens_q=cu_seq_lens_q, longest=kwargs.get("max_length_q"))
     bounds = cu_seq_lens_q.tolist()
     grouped = key.shape[1] != query.shape[1]
     out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, enable_gqa=grouped)
         for a, b in zip(bounds, bounds[1:])], dim=2)
     return out.transpose(1, 2), None
+
+
+def _rms_norm_cast_after_weight(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h).to(x.dtype)
+
+
+def _rms_norm_cast_before_weight(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _silu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+@functools.cache
+def _compiled(fn):
+    """One compiled graph per function for every prompt-set size (dynamic shapes); shared by all layers, whose
+    weights are arguments. Intermediate casts to bf16/fp16 round as they do eagerly (Inductor would otherwise keep
+    fp32 between fused ops), so the fused kernels give the model's own numbers."""
+    return torch.compile(fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+
+
+@contextlib.contextmanager
+def fused_elementwise(model, enabled: bool = True):
+    """While open, the model's known RMSNorms and SwiGLU MLPs run their elementwise work as fused (compiled) kernels;
+    modules of other classes, or MLPs with another activation, keep their own forward. Restores every forward on
+    exit, so graphs compiled over the model elsewhere (the decode step) see it unchanged."""
+    patched = []
+    if enabled:
+        norms = {"after_weight": _compiled(_rms_norm_cast_after_weight),
+                 "before_weight": _compiled(_rms_norm_cast_before_weight)}
+        silu_product = _compiled(_silu_product)
+        for module in model.modules():
+            kind = type(module).__name__
+            if kind in RMS_NORMS:
+                module.forward = functools.partial(norms[RMS_NORMS[kind]], weight=module.weight,
+                                                   eps=module.variance_epsilon)
+            elif kind in SWIGLU_MLPS and type(getattr(module, "act_fn", None)).__name__ in SILU:
+                module.forward = (lambda x, m=module: m.down_proj(silu_product(m.gate_proj(x), m.up_proj(x))))
+            else:
+                continue
+            patched.append(module)
+    try:
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward
 
 
 def register() -> str:
@@ -78,9 +149,10 @@ def packed_prefill(model, ids: torch.Tensor, mask: torch.Tensor, positions: torc
     current = model.config._attn_implementation
     model.set_attn_implementation(register())
     try:
-        out = model(input_ids=ids[row_idx, col_idx][None], position_ids=positions[row_idx, col_idx][None],
-                    use_cache=False, logits_to_keep=(cu[1:] - 1).long(), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                    max_length_q=width, max_length_k=width, packed_cache=writer)
+        with fused_elementwise(model, enabled=FUSE_ELEMENTWISE and ids.is_cuda):
+            out = model(input_ids=ids[row_idx, col_idx][None], position_ids=positions[row_idx, col_idx][None],
+                        use_cache=False, logits_to_keep=(cu[1:] - 1).long(), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                        max_length_q=width, max_length_k=width, packed_cache=writer)
     finally:
         model.set_attn_implementation(current)
     return out.logits[0].float()

@@ -44,8 +44,12 @@ def _kernel():
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
-                     **kwargs):
-    """``AttentionInterface`` function: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
+                     longest: int | None = None, **kwargs):
+    """``AttentionInterface`` function: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None).
+
+    ``longest``: the longest document, where the caller knows it without reading the boundaries back from the device
+    (the packed prefill: its batch's width); the kernel launches work blocks for that many positions of every
+    document. Unknown, the row's length bounds it (training: a value per batch would recompile the compiled layers)."""
     import torch   # here, not at import: the trainer (and so every stage resolving it) imports this module
 
     if cu_seq_lens_q is None or query.shape[0] != 1:
@@ -63,7 +67,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
     q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))   # [T, H, D]
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-    t = q.shape[0]   # an upper bound of the longest document: no host read of the boundaries
+    t = longest or q.shape[0]
     out = _kernel()(q, k, v, cu, cu, t, t, scale=scaling, window_size=(-1, 0))   # (-1, 0): causal
     return out.to(query.dtype).unsqueeze(0), None
 
