@@ -222,8 +222,8 @@ KERNEL_KINDS = (  # first match wins; lower-case substrings of CUDA kernel names
     ("attention", ("fmha", "flash", "attention", "efficient_attention", "cutlass_sdpa")),
     ("gemm", ("gemm", "cutlass", "nvjet", "cublas", "xmma", "matmul", "splitk")),
     ("optimizer", ("adam", "multi_tensor")),
+    ("compiled (triton)", ("triton",)),   # before copy: a fused kernel's name lists its ops (e.g. _to_copy)
     ("copy/fill", ("copy", "memcpy", "memset", "fill", "cat_")),
-    ("compiled (triton)", ("triton",)),
 )
 
 
@@ -384,12 +384,21 @@ def idle_gaps(kernels: list[tuple], host_ops: list[tuple[str, str, float, float,
                                 if a or b]}
 
 
+def is_annotation(event, name: str) -> bool:
+    """A user annotation on the device timeline (e.g. "Optimizer.step#AdamW.step"): a range over kernels that are
+    listed on their own, so not a kernel to count. Kernel names hold a '#' too when they are C++ templates over
+    lambdas ("...{lambda()#1}..."), but always with brackets; an annotation's name has none."""
+    if getattr(event, "is_user_annotation", False):
+        return True
+    return "#" in name and not any(c in name for c in "<({")
+
+
 def profile_gaps(prof, min_gap_us: float = 20.0) -> dict:
     """``idle_gaps`` over a torch.profiler run: device events against host ops, threads labelled main (the one that
     ran the optimizer step) and other (autograd's device thread launches the backward)."""
     events = list(prof.events())
     device = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
-              and not (getattr(e, "is_user_annotation", False) or "#" in e.name)]
+              and not is_annotation(e, e.name)]
     host = [e for e in events if str(getattr(e, "device_type", "")).endswith("CPU")]
     main_thread = next((e.thread for e in host if e.name.startswith("Optimizer.step")), None)
     index = {id(e): i for i, e in enumerate(host)}
@@ -406,9 +415,7 @@ def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: st
     kinds: dict[str, float] = {}
     kernels = []
     for evt in prof.key_averages():
-        # user annotations (e.g. "Optimizer.step#AdamW.step") are ranges over kernels listed on their own: skip
-        annotation = getattr(evt, "is_user_annotation", False) or "#" in evt.key
-        if str(getattr(evt, "device_type", "")).endswith("CUDA") and not annotation:
+        if str(getattr(evt, "device_type", "")).endswith("CUDA") and not is_annotation(evt, evt.key):
             us = float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
             kinds[kernel_kind(evt.key)] = kinds.get(kernel_kind(evt.key), 0.0) + us
             kernels.append((us, evt.count, evt.key[:120]))

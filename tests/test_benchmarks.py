@@ -313,6 +313,33 @@ def test_profile_idle_gaps_charge_each_host_op_its_self_time_while_the_gpu_waits
     assert res["idle_us_between"] == [], "unnamed activities: no pairs"
 
 
+def test_profile_kernel_kinds_name_fused_kernels_compiled_even_when_their_ops_include_a_copy():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_trainer import kernel_kind
+
+    assert kernel_kind("triton_red_fused__to_copy_mean_mul_pow_rsqrt_0") == "compiled (triton)"
+    assert kernel_kind("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>") == "copy/fill"
+    assert kernel_kind("nvjet_sm90_tst_192x208_64x4_1x2_h_bz_coopB_TNT") == "gemm"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+
+
+def test_profile_counts_kernels_named_after_lambdas_and_skips_user_annotations():
+    """Eager elementwise kernels are templates over lambdas ("{lambda()#1}"): counting them as annotations once left
+    them out of the kernel table and made their time look like idle gaps."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from types import SimpleNamespace
+
+    from gpu_trainer import is_annotation
+
+    kernel = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+              "BinaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, at::native::binary_internal::"
+              "MulFunctor<float> > >(at::TensorIteratorBase&, {lambda(int)#1}>(int, {lambda(int)#1})")
+    plain = SimpleNamespace()
+    assert not is_annotation(plain, kernel) and not is_annotation(plain, "triton_poi_fused_mul_silu_0")
+    assert is_annotation(plain, "Optimizer.step#AdamW.step") and is_annotation(plain, "ProfilerStep#3")
+    assert is_annotation(SimpleNamespace(is_user_annotation=True), "my_range")
+
+
 def test_profile_idle_gaps_total_the_idle_time_by_the_activities_around_each_gap():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gpu_trainer import idle_gaps

@@ -183,13 +183,17 @@ def test_cache_length_is_bucketed_and_fits_prompt_plus_new_tokens():
     assert cache_length(500, 128) == 640 and cache_length(513, 128) == 704
 
 
-def test_fused_elementwise_computes_the_models_own_norms_and_mlps_and_restores_their_forwards(tok):
+def test_fused_elementwise_computes_the_models_own_norms_mlps_and_rotary_and_restores_them(tok):
     """The fused prefill functions (compiled; on CPU here) give the model's own logits, patch every RMSNorm (q/k norms,
-    both post-norms per layer, the final norm) and every SwiGLU MLP, and leave no patched forward behind."""
+    both post-norms per layer, the final norm), every SwiGLU MLP and the modelling file's rotary function, and leave
+    no patched forward or function behind."""
     import torch
+
+    from transformers.models.olmo2 import modeling_olmo2
 
     from distill_bench.generation.packed_prefill import fused_elementwise
 
+    own_rotary = modeling_olmo2.apply_rotary_pos_emb
     net = gqa_olmo2(tok)
     ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
     with torch.no_grad():
@@ -197,9 +201,10 @@ def test_fused_elementwise_computes_the_models_own_norms_and_mlps_and_restores_t
         with fused_elementwise(net) as patched:
             got = net(input_ids=ids).logits
     layers = net.config.num_hidden_layers
-    assert patched == layers * 4 + 1 + layers
+    assert patched == layers * 4 + 1 + layers + 1   # norms, the final norm, MLPs, the rotary function
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not any("forward" in vars(m) for m in net.modules())
+    assert modeling_olmo2.apply_rotary_pos_emb is own_rotary
 
 
 @pytest.mark.parametrize("norm_class", ["Olmo2RMSNorm", "LlamaRMSNorm"])
@@ -264,3 +269,49 @@ def test_packed_prefill_launches_the_varlen_kernel_for_its_longest_prompt_and_de
     layers = net.config.num_hidden_layers
     assert longest_told == [w for w in widths for _ in range(layers)]
     assert all(told < length for told, length in zip(longest_told, row_lengths)), "several prompts per row"
+
+
+@pytest.mark.parametrize("family", ["olmo2", "llama"])
+def test_fused_rotary_embedding_is_the_models_own_function_bitwise_in_bf16(family):
+    """The compiled rotary embedding is the modelling file's own function, rounding where it rounds: bitwise equal
+    to it on bf16 q/k in the prefill's layout (heads transposed over the packed row)."""
+    import importlib
+
+    import torch
+
+    from distill_bench.generation.packed_prefill import _compiled
+
+    own = importlib.import_module(f"transformers.models.{family}.modeling_{family}").apply_rotary_pos_emb
+    torch.manual_seed(0)
+    tokens, heads, kv_heads, dim = 37, 4, 2, 16
+    q = torch.randn(1, tokens, heads, dim).to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, tokens, kv_heads, dim).to(torch.bfloat16).transpose(1, 2)
+    angles = torch.arange(tokens)[:, None] * torch.rand(dim // 2)[None]
+    cos, sin = (f(torch.cat([angles, angles], -1))[None].to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    for want, got in zip(own(q, k, cos, sin), _compiled(own)(q, k, cos, sin)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_fused_packed_prefill_decodes_the_eager_tokens_and_never_recompiles_the_decode_step(tok, monkeypatch):
+    """The fused norms, rotary and SwiGLU (switched on here on CPU) leave the decode step's compiled graph valid:
+    the forwards and functions they swap are restored before it runs, so batches after the first compile nothing
+    (their prompt widths differ: the fused functions' graphs take any length)."""
+    from torch._dynamo.utils import counters
+
+    from distill_bench.generation import packed_prefill as pp
+    from distill_bench.generation import static_decode
+
+    net = gqa_olmo2(tok)
+    ref, _ = greedy_by_prompt(net, tok, "eager")
+    graphs_at_prefill = []
+
+    def counting_prefill(*args, **kwargs):
+        graphs_at_prefill.append(counters["stats"]["unique_graphs"])
+        return pp.packed_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(pp, "_fuses", lambda ids: True)
+    monkeypatch.setattr(static_decode, "packed_prefill", counting_prefill)
+    got, stats = greedy_by_prompt(net, tok, "graph", prefill="packed")
+    assert got == ref and len(graphs_at_prefill) == len(stats["batches"]) > 2
+    assert len({b["width"] for b in stats["batches"]}) > 1
+    assert counters["stats"]["unique_graphs"] == graphs_at_prefill[1], "a batch after the first compiled a graph"

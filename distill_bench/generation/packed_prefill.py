@@ -9,14 +9,16 @@ the slots the left-padded layout gives them. The decode steps that follow read t
 prefill (pad slots hold zeros instead of pad-token K/V; the mask hides both). Only the last position of each prompt
 goes through the LM head.
 
-On CUDA the prefill also runs the RMSNorms and the SwiGLU product as fused kernels (``fused_elementwise``): eager,
-each norm is six passes over fp32 copies of the activations, which at a 32B teacher's prefill is a tenth of the
-matmul time; the fused functions compute the same expressions in the same dtypes, one pass each.
+On CUDA the prefill also runs the RMSNorms, the rotary embedding and the SwiGLU product as fused kernels
+(``fused_elementwise``): eagerly each is several passes over the activations (a norm six, over fp32 copies; the
+rotary embedding's multiply, negate, concatenate and add on q and k), together about a fifth of the matmul time at a
+32B teacher's prefill. The fused functions compute the same expressions in the same dtypes, one pass each.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 
 import torch
 
@@ -28,6 +30,8 @@ FUSE_ELEMENTWISE = True
 RMS_NORMS = {"Olmo2RMSNorm": "after_weight", "LlamaRMSNorm": "before_weight", "Qwen2RMSNorm": "before_weight"}
 SWIGLU_MLPS = ("Olmo2MLP", "LlamaMLP", "Qwen2MLP")   # forward: down_proj(act_fn(gate_proj(x)) * up_proj(x))
 SILU = ("SiLU", "SiLUActivation")   # torch's and transformers' act_fn classes for hidden_act "silu"/"swish"
+# attention classes whose forward calls their modelling file's module-level apply_rotary_pos_emb(q, k, cos, sin)
+ROTARY_ATTENTIONS = ("Olmo2Attention", "LlamaAttention", "Qwen2Attention")
 
 
 class CacheWriter:
@@ -45,6 +49,11 @@ class CacheWriter:
         layer.keys[self.rows, :, self.cols] = key[0].transpose(0, 1).to(layer.keys.dtype)
         layer.values[self.rows, :, self.cols] = value[0].transpose(0, 1).to(layer.values.dtype)
         layer.cumulative_length.fill_(self.width)   # in place: the decode graph holds this tensor's address
+
+
+def _fuses(ids: torch.Tensor) -> bool:
+    """Fused kernels where they pay: on CUDA (on a CPU the compile costs more than the passes it saves)."""
+    return FUSE_ELEMENTWISE and ids.is_cuda
 
 
 def _varlen_runs(query: torch.Tensor) -> bool:
@@ -103,10 +112,13 @@ def _compiled(fn):
 
 @contextlib.contextmanager
 def fused_elementwise(model, enabled: bool = True):
-    """While open, the model's known RMSNorms and SwiGLU MLPs run their elementwise work as fused (compiled) kernels;
-    modules of other classes, or MLPs with another activation, keep their own forward. Restores every forward on
-    exit, so graphs compiled over the model elsewhere (the decode step) see it unchanged."""
+    """While open, the model's known RMSNorms and SwiGLU MLPs run their elementwise work as fused (compiled) kernels,
+    and its known attention classes call their modelling file's own ``apply_rotary_pos_emb`` compiled; modules of
+    other classes, or MLPs with another activation, keep their own forward. Restores every forward and function on
+    exit, so graphs compiled over the model elsewhere (the decode step) see it unchanged. Yields how many modules
+    and modelling files it patched."""
     patched = []
+    rotary: dict[str, object] = {}   # modelling module name -> its own apply_rotary_pos_emb
     if enabled:
         norms = {"after_weight": _compiled(_rms_norm_cast_after_weight),
                  "before_weight": _compiled(_rms_norm_cast_before_weight)}
@@ -119,13 +131,20 @@ def fused_elementwise(model, enabled: bool = True):
             elif kind in SWIGLU_MLPS and type(getattr(module, "act_fn", None)).__name__ in SILU:
                 module.forward = (lambda x, m=module: m.down_proj(silu_product(m.gate_proj(x), m.up_proj(x))))
             else:
+                if kind in ROTARY_ATTENTIONS:
+                    home = sys.modules[type(module).__module__]
+                    if type(module).__module__ not in rotary and hasattr(home, "apply_rotary_pos_emb"):
+                        rotary[type(module).__module__] = home.apply_rotary_pos_emb
+                        home.apply_rotary_pos_emb = _compiled(home.apply_rotary_pos_emb)
                 continue
             patched.append(module)
     try:
-        yield len(patched)
+        yield len(patched) + len(rotary)
     finally:
         for module in patched:
             del module.forward
+        for name, own in rotary.items():
+            sys.modules[name].apply_rotary_pos_emb = own
 
 
 def register() -> str:
@@ -149,7 +168,7 @@ def packed_prefill(model, ids: torch.Tensor, mask: torch.Tensor, positions: torc
     current = model.config._attn_implementation
     model.set_attn_implementation(register())
     try:
-        with fused_elementwise(model, enabled=FUSE_ELEMENTWISE and ids.is_cuda):
+        with fused_elementwise(model, enabled=_fuses(ids)):
             out = model(input_ids=ids[row_idx, col_idx][None], position_ids=positions[row_idx, col_idx][None],
                         use_cache=False, logits_to_keep=(cu[1:] - 1).long(), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                         max_length_q=width, max_length_k=width, packed_cache=writer)
