@@ -11,8 +11,9 @@ goes through the LM head.
 
 On CUDA the prefill also runs the RMSNorms, the rotary embedding and the SwiGLU product as fused kernels
 (``fused_elementwise``): eagerly each is several passes over the activations (a norm six, over fp32 copies; the
-rotary embedding's multiply, negate, concatenate and add on q and k), together about a fifth of the matmul time at a
-32B teacher's prefill. The fused functions compute the same expressions in the same dtypes, one pass each.
+rotary embedding's multiply, negate, concatenate and add on q and k), together over a quarter of a 32B teacher's
+prefill time (docs/BENCHMARKS.md). The fused functions compute the same expressions, rounding where the model's
+code rounds, one pass each.
 """
 from __future__ import annotations
 
