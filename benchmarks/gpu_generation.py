@@ -115,7 +115,7 @@ def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
     decode attention, prefill).
 
     Prefill of ``graph`` variants (``static_decode.PREFILL``): ``_pp`` packed (padding-free), ``_ppu`` packed with
-    its norms and SwiGLU product left unfused (``packed_unfused``, this benchmark's A/B only), ``_pc`` the padded
+    its norms, rotary embedding and SwiGLU product left unfused (``packed_unfused``, this benchmark's A/B only), ``_pc`` the padded
     prefill compiled with dynamic shapes, else eager over the left-padded batch.
 
     Decode attention of ``graph`` variants: ``grouped`` (default, distill_bench.generation.decode_attention: SDPA
@@ -227,7 +227,8 @@ def prefill_agreement(model, prompts: list[list[int]], rows: int) -> dict:
 
 
 def profile_prefill(model, prompts: list[list[int]], rows: int, peak_tflops: float, out: Path, shape: str) -> dict:
-    """``profile_packed_prefill`` with the norms and SwiGLU product fused (the default) and unfused."""
+    """``profile_packed_prefill`` with the norms, rotary embedding and SwiGLU product fused (the default) and
+    unfused."""
     from distill_bench.generation import packed_prefill
 
     res = {}

@@ -328,8 +328,8 @@ def idle_gaps(kernels: list[tuple], host_ops: list[tuple[str, str, float, float,
     """The GPU's idle time between its first and last kernel, and what the host executed during it.
 
     ``kernels``: (start, end[, name]) in µs of every device activity (kernels, copies, fills); with names, the idle
-    time is also totalled by the pair of activities around each gap (the one that ended it last, the one after it),
-    which tells a gap the GPU waits in with work queued from one the host leaves. ``host_ops``: (thread label,
+    time is also totalled by the pair of activities around each gap (the one that ended last before it, the one
+    after it): which kernels the GPU waits between. ``host_ops``: (thread label,
     name, start, end, index of the parent op or None), on the profiler's clock. A host op's share is its *self* time
     inside the gaps (its children's time is theirs); time inside a gap that no op of a thread covers is that thread's
     untraced Python. Gaps shorter than ``min_gap_us`` are launch latency, not idleness, and are left out."""

@@ -24,7 +24,8 @@ import sys
 import torch
 
 NAME = "distill_bench_packed_prefill"   # the transformers AttentionInterface key
-# fuse the norms and SwiGLU product during a CUDA prefill (benchmarks set it False to measure what fusing saves)
+# fuse the norms, rotary embedding and SwiGLU product during a CUDA prefill (benchmarks set it False to measure
+# what fusing saves)
 FUSE_ELEMENTWISE = True
 # RMSNorm classes whose forward is the expression below, by where they cast back to the input dtype: OLMo-2 applies
 # the weight in fp32 and casts once; Llama and Qwen2 cast, then apply the weight in the input dtype
@@ -120,32 +121,30 @@ def fused_elementwise(model, enabled: bool = True):
     and modelling files it patched."""
     patched = []
     rotary: dict[str, object] = {}   # modelling module name -> its own apply_rotary_pos_emb
-    if enabled:
-        norms = {"after_weight": _compiled(_rms_norm_cast_after_weight),
-                 "before_weight": _compiled(_rms_norm_cast_before_weight)}
-        silu_product = _compiled(_silu_product)
-        for module in model.modules():
-            kind = type(module).__name__
-            if kind in RMS_NORMS:
-                module.forward = functools.partial(norms[RMS_NORMS[kind]], weight=module.weight,
-                                                   eps=module.variance_epsilon)
-            elif kind in SWIGLU_MLPS and type(getattr(module, "act_fn", None)).__name__ in SILU:
-                module.forward = (lambda x, m=module: m.down_proj(silu_product(m.gate_proj(x), m.up_proj(x))))
-            else:
-                if kind in ROTARY_ATTENTIONS:
-                    home = sys.modules[type(module).__module__]
-                    if type(module).__module__ not in rotary and hasattr(home, "apply_rotary_pos_emb"):
-                        rotary[type(module).__module__] = home.apply_rotary_pos_emb
-                        home.apply_rotary_pos_emb = _compiled(home.apply_rotary_pos_emb)
-                continue
-            patched.append(module)
     try:
+        if enabled:
+            norms = {"after_weight": _compiled(_rms_norm_cast_after_weight),
+                     "before_weight": _compiled(_rms_norm_cast_before_weight)}
+            silu_product = _compiled(_silu_product)
+            for module in model.modules():
+                kind, home = type(module).__name__, type(module).__module__
+                if kind in RMS_NORMS:
+                    module.forward = functools.partial(norms[RMS_NORMS[kind]], weight=module.weight,
+                                                       eps=module.variance_epsilon)
+                    patched.append(module)
+                elif kind in SWIGLU_MLPS and type(getattr(module, "act_fn", None)).__name__ in SILU:
+                    module.forward = (lambda x, m=module: m.down_proj(silu_product(m.gate_proj(x), m.up_proj(x))))
+                    patched.append(module)
+                elif (kind in ROTARY_ATTENTIONS and home not in rotary
+                      and hasattr(sys.modules[home], "apply_rotary_pos_emb")):
+                    rotary[home] = sys.modules[home].apply_rotary_pos_emb
+                    sys.modules[home].apply_rotary_pos_emb = _compiled(rotary[home])
         yield len(patched) + len(rotary)
     finally:
         for module in patched:
             del module.forward
-        for name, own in rotary.items():
-            sys.modules[name].apply_rotary_pos_emb = own
+        for home, own in rotary.items():
+            sys.modules[home].apply_rotary_pos_emb = own
 
 
 def register() -> str:
