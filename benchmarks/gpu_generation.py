@@ -18,6 +18,7 @@ HBM bandwidth: a 4 GiB device copy in the same call (bytes read + written); matm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -229,17 +230,24 @@ def prefill_agreement(model, prompts: list[list[int]], rows: int) -> dict:
 def profile_prefill(model, prompts: list[list[int]], rows: int, peak_tflops: float, out: Path, shape: str) -> dict:
     """``profile_packed_prefill`` with the norms, rotary embedding and SwiGLU product fused (the default) and
     unfused."""
-    from distill_bench.generation import packed_prefill
-
     res = {}
     for fused in (True, False):
-        packed_prefill.FUSE_ELEMENTWISE = fused
-        try:
+        with fusing(fused):
             res["fused" if fused else "unfused"] = profile_packed_prefill(
                 model, prompts, rows, peak_tflops, out, f"{shape}_packed_prefill{'' if fused else '_unfused'}")
-        finally:
-            packed_prefill.FUSE_ELEMENTWISE = True
     return res
+
+
+@contextlib.contextmanager
+def fusing(on: bool):
+    """The packed prefill with its elementwise work fused (the default) or not, for the block only."""
+    from distill_bench.generation import packed_prefill
+
+    packed_prefill.FUSE_ELEMENTWISE = on
+    try:
+        yield
+    finally:
+        packed_prefill.FUSE_ELEMENTWISE = True
 
 
 def profile_packed_prefill(model, prompts: list[list[int]], rows: int, peak_tflops: float, out: Path,
@@ -293,7 +301,7 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
               on_variant=lambda payload: None) -> dict:
     """Every variant of one shape; ``on_variant(payload)`` after each (the caller writes the JSON: a later variant
     stopped by a time limit keeps the earlier ones)."""
-    from distill_bench.generation import GenerationSettings, packed_prefill
+    from distill_bench.generation import GenerationSettings
     from gpu_suite import SHAPES, decode_weight_bytes
 
     quick = a.quick
@@ -350,14 +358,13 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                 st = GenerationSettings(batch_size=max(1, batch // scale), max_new_tokens=new, hf_decode=mode)
                 # read when the step is traced
                 os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if attention == "sdpa_gqa" else "0"
-                packed_prefill.FUSE_ELEMENTWISE = prefill != "packed_unfused"
                 try:
-                    r = run_variant(model, name, ps, st, eos=eos, tmp=tmp,
-                                    decode_attention=attention if attention.startswith("grouped") else "model",
-                                    prefill="packed" if prefill == "packed_unfused" else prefill)
+                    with fusing(prefill != "packed_unfused"):
+                        r = run_variant(model, name, ps, st, eos=eos, tmp=tmp,
+                                        decode_attention=attention if attention.startswith("grouped") else "model",
+                                        prefill="packed" if prefill == "packed_unfused" else prefill)
                 finally:
                     os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
-                    packed_prefill.FUSE_ELEMENTWISE = True
                 r["decode_attention"] = attention
                 r["prefill"] = prefill
                 r["roofline_rows"] = batch // scale

@@ -343,12 +343,13 @@ def idle_gaps(kernels: list[tuple], host_ops: list[tuple[str, str, float, float,
                 busy[-1][1], busy[-1][3] = b, name
         else:
             busy.append([a, b, name, name])
+    gaps: list[tuple[float, float]] = []
     around: dict[tuple[str, str], float] = {}
-    for i in range(len(busy) - 1):
-        if busy[i + 1][0] - busy[i][1] >= min_gap_us:
-            key = (busy[i][3][:80], busy[i + 1][2][:80])
-            around[key] = around.get(key, 0.0) + busy[i + 1][0] - busy[i][1]
-    gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1) if busy[i + 1][0] - busy[i][1] >= min_gap_us]
+    for before, after in zip(busy, busy[1:]):
+        if after[0] - before[1] >= min_gap_us:
+            gaps.append((before[1], after[0]))
+            key = (before[3][:80], after[2][:80])
+            around[key] = around.get(key, 0.0) + after[0] - before[1]
     ends = [g[1] for g in gaps]
 
     def inside(a: float, b: float) -> float:

@@ -208,7 +208,7 @@ def test_fused_elementwise_computes_the_models_own_norms_mlps_and_rotary_and_res
 
 
 @pytest.mark.parametrize("norm_class", ["Olmo2RMSNorm", "LlamaRMSNorm"])
-def test_fused_rms_norm_rounds_where_the_models_own_norm_does_in_bf16(norm_class):
+def test_fused_rms_norm_rounds_where_the_models_own_norm_does_in_bf16(norm_class, monkeypatch):
     """OLMo-2 applies the norm's weight in fp32 and rounds once; Llama rounds, then applies the weight in bf16. The
     fused norm follows each model's order: bitwise equal to the module's forward almost everywhere (a reduction
     in another order may move a value by one rounding step), far more often than the other order manages."""
@@ -226,13 +226,10 @@ def test_fused_rms_norm_rounds_where_the_models_own_norm_does_in_bf16(norm_class
         want = norm(x)
         with fused_elementwise(norm) as patched:
             got = norm(x)
-        RMS_NORMS[norm_class] = {"after_weight": "before_weight", "before_weight": "after_weight"}[RMS_NORMS[norm_class]]
-        try:
-            with fused_elementwise(norm):
-                swapped = norm(x)
-        finally:
-            RMS_NORMS[norm_class] = {"after_weight": "before_weight",
-                                     "before_weight": "after_weight"}[RMS_NORMS[norm_class]]
+        other_order = {"after_weight": "before_weight", "before_weight": "after_weight"}[RMS_NORMS[norm_class]]
+        monkeypatch.setitem(RMS_NORMS, norm_class, other_order)
+        with fused_elementwise(norm):
+            swapped = norm(x)
     assert patched == 1 and got.dtype == want.dtype == torch.bfloat16
     same, same_swapped = (float((y == want).float().mean()) for y in (got, swapped))
     assert same > 0.99 and same_swapped < 0.9, (same, same_swapped)

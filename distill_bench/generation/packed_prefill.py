@@ -88,16 +88,17 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out.transpose(1, 2), None
 
 
-def _rms_norm_cast_after_weight(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * h).to(x.dtype)
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rms_norm_cast_after_weight(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return (weight * _rms_normalised(x, eps)).to(x.dtype)
 
 
 def _rms_norm_cast_before_weight(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return weight * _rms_normalised(x, eps).to(x.dtype)
 
 
 def _silu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
