@@ -111,8 +111,29 @@ def continuous(model, name, prompts, new, eos, tmp) -> dict:
             "gpu_avg_w": m.avg_w, "_tokens": dict(enumerate(toks))}
 
 
+def decode_compile_mode(name: str) -> str:
+    """``..._mat``: the decode step compiled with ``max-autotune`` (Triton GEMM templates timed against cuBLAS, CUDA
+    graphs kept); else the package's default."""
+    from distill_bench.generation import static_decode
+
+    return "max-autotune" if name.endswith("_mat") else static_decode.DECODE_COMPILE_MODE
+
+
+@contextlib.contextmanager
+def decode_compiled(mode: str):
+    """The decode step compiled in ``mode`` for the block only."""
+    from distill_bench.generation import static_decode
+
+    default = static_decode.DECODE_COMPILE_MODE
+    static_decode.DECODE_COMPILE_MODE = mode
+    try:
+        yield
+    finally:
+        static_decode.DECODE_COMPILE_MODE = default
+
+
 def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
-    """``<mode>_b<rows>[_n<new tokens>][_pp|_pc][_bmm|_sdpa|_gqa]`` -> (hf_decode mode, rows, new tokens or None,
+    """``<mode>_b<rows>[_n<new tokens>][_pp|_pc][_bmm|_flex|_sdpa|_gqa][_mat]`` -> (hf_decode mode, rows, new tokens or None,
     decode attention, prefill).
 
     Prefill of ``graph`` variants (``static_decode.PREFILL``): ``_pp`` packed (padding-free), ``_ppu`` packed with
@@ -120,12 +141,15 @@ def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
     prefill compiled with dynamic shapes, else eager over the left-padded batch.
 
     Decode attention of ``graph`` variants: ``grouped`` (default, distill_bench.generation.decode_attention: SDPA
-    with ``enable_gqa`` on the grouped K/V of the one decode token); ``_bmm`` = its two-bmm kernel; ``_sdpa`` = the
-    model's own SDPA path (transformers repeats K/V to every query head under a mask); ``_gqa`` = that path with
-    TRANSFORMERS_SDPA_FORCE_GQA=1 (grouped K/V with ``enable_gqa`` in prefill too).
+    with ``enable_gqa`` on the grouped K/V of the one decode token); ``_bmm`` = its two-bmm kernel; ``_flex`` = its
+    FlexAttention kernel (cache blocks no row may attend are skipped); ``_sdpa`` = the model's own SDPA path
+    (transformers repeats K/V to every query head under a mask); ``_gqa`` = that path with
+    TRANSFORMERS_SDPA_FORCE_GQA=1 (grouped K/V with ``enable_gqa`` in prefill too). A trailing ``_mat`` (the decode
+    step's compile mode, ``decode_compile_mode``) is not part of the tuple.
     """
-    parts = name.split("_")
-    attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa", "bmm": "grouped_bmm"}.get(parts[-1], "grouped")
+    parts = name.removesuffix("_mat").split("_")
+    attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa", "bmm": "grouped_bmm", "flex": "grouped_flex"}.get(parts[-1],
+                                                                                                    "grouped")
     if attention != "grouped":
         parts.pop()
     prefill = {"pc": "compiled", "pp": "packed", "ppu": "packed_unfused"}.get(parts[-1], "eager")
@@ -150,6 +174,14 @@ def padded_twin(name: str) -> str | None:
     if name.startswith("cb_") or parse_variant(name)[4] == "eager":
         return None
     return "_".join(part for part in name.split("_") if part not in ("pp", "ppu", "pc"))
+
+
+def decode_twin(name: str) -> str | None:
+    """The same variant with the default decode attention and compile mode (None when ``name`` is that one)."""
+    if name.startswith("cb_"):
+        return None
+    twin = "_".join(part for part in name.split("_") if part not in ("bmm", "flex", "mat"))
+    return None if twin == name else twin
 
 
 def prefill_flops(model, prompts: list[list[int]]) -> float:
@@ -297,6 +329,78 @@ def profile_packed_prefill(model, prompts: list[list[int]], rows: int, peak_tflo
     return res
 
 
+def profile_decode(model, prompts: list[list[int]], rows: int, bw_tb_s: float, out: Path, shape: str, *,
+                   weight_bytes: int, kv_bytes_per_pos: int, attention: str, eos: set[int],
+                   new_tokens: int = 128) -> dict:
+    """torch.profiler over the CUDA-graph decode steps of the longest ``rows`` prompts (packed prefill, ``attention``
+    as the decode attention): kernel time per decode step by kind and by kernel, set against the bytes a step must
+    read. A ``new_tokens`` run minus a 2-token run of the same batch and decoder, so the prefill and the per-call
+    work cancel and what is left is ``new_tokens - 2`` decode steps. Two untimed runs first (compile, capture)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from distill_bench.generation.static_decode import StaticDecoder, cache_length, left_padded
+    from gpu_trainer import is_annotation, summarise_profile
+
+    batch = sorted(prompts, key=len, reverse=True)[:rows]
+    ids, mask = (t.to(dev()) for t in left_padded(batch, 0))
+    cache_len = cache_length(ids.shape[1], new_tokens)
+    decoder = StaticDecoder(model, rows, cache_len, compile=dev().type == "cuda", attention=attention,
+                            prefill="packed")
+    tc = time.perf_counter()
+    for _ in range(2):
+        decoder.generate(ids, mask, max_new_tokens=new_tokens, eos=eos, pad_id=0, greedy=True)
+    sync()
+    warm_s = time.perf_counter() - tc
+    name = f"{shape}_decode_{attention}_b{rows}"
+    by_run = {}
+    for n in (2, new_tokens):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            decoder.generate(ids, mask, max_new_tokens=n, eos=eos, pad_id=0, greedy=True)
+            sync()
+            wall = time.perf_counter() - t
+        steps = decoder.timings[-1]["decode_steps"]
+        kernels: dict[str, float] = {}
+        for evt in prof.key_averages():
+            if str(getattr(evt, "device_type", "")).endswith("CUDA") and not is_annotation(evt, evt.key):
+                us = float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
+                kernels[evt.key] = kernels.get(evt.key, 0.0) + us
+        summary = summarise_profile(prof, wall, 1, out / "profiles", f"{name}_n{n}")
+        by_run[n] = {"wall_s": wall, "decode_steps": steps, "kernels_us": kernels,
+                     "kinds_s": summary["kernel_s_by_kind"]}
+    short, long = by_run[2], by_run[new_tokens]
+    steps = long["decode_steps"] - short["decode_steps"]
+    from gpu_trainer import kernel_kind
+
+    per_kernel = {k: (long["kernels_us"].get(k, 0.0) - short["kernels_us"].get(k, 0.0)) / steps
+                  for k in set(long["kernels_us"]) | set(short["kernels_us"])}
+    per_kind: dict[str, float] = {}
+    for k, us in per_kernel.items():
+        per_kind[kernel_kind(k)] = per_kind.get(kernel_kind(k), 0.0) + us
+    step_us = 1e6 * (long["wall_s"] - short["wall_s"]) / steps
+    kv_bytes = rows * cache_len * kv_bytes_per_pos
+    ideal_us = {"weights": 1e6 * weight_bytes / (bw_tb_s * 1e12), "kv_cache": 1e6 * kv_bytes / (bw_tb_s * 1e12)}
+    res = {"attention": attention, "rows": rows, "width": ids.shape[1], "cache_len": cache_len,
+           "decode_steps": steps, "warmup_s": warm_s, "step_us_wall": step_us,
+           "kernel_us_per_step": sum(per_kernel.values()), "us_per_step_by_kind": dict(sorted(
+               per_kind.items(), key=lambda x: -x[1])),
+           "top_kernels_us_per_step": [{"us": us, "name": k[:140]} for k, us in
+                                       sorted(per_kernel.items(), key=lambda x: -x[1])[:25]],
+           "weight_bytes": weight_bytes, "kv_cache_bytes": kv_bytes, "ideal_us_at_copy_rate": ideal_us,
+           "weights_over_gemm_kernels": ideal_us["weights"] / per_kind["gemm"] if per_kind.get("gemm") else None,
+           "kv_cache_over_attention_kernels": (ideal_us["kv_cache"] / per_kind["attention"]
+                                               if per_kind.get("attention") else None),
+           "weight_roofline_over_step": ideal_us["weights"] / step_us if step_us > 0 else None}
+    (out / "profiles").mkdir(parents=True, exist_ok=True)
+    (out / "profiles" / f"{name}.json").write_text(json.dumps(res, indent=2))
+    print(f"[{time.monotonic() - T0:6.1f}s] {name}: {step_us:.0f} us/step wall, kernels "
+          + ", ".join(f"{k} {v:.0f}" for k, v in res["us_per_step_by_kind"].items())
+          + f" us; weights at the copy rate {ideal_us['weights']:.0f} us, K/V {ideal_us['kv_cache']:.0f} us",
+          flush=True)
+    del decoder
+    return res
+
+
 def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float, tmp: Path,
               on_variant=lambda payload: None) -> dict:
     """Every variant of one shape; ``on_variant(payload)`` after each (the caller writes the JSON: a later variant
@@ -337,6 +441,15 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                                   Path(a.out), shape)
         payload = {"shape": shape, "runs": runs, "prefill_check": check, "prefill_profile": profile}
         on_variant(payload)
+    if a.profile_decode:
+        decode = {}
+        for attention in a.profile_decode.split(","):
+            decode[attention] = profile_decode(model, sets.setdefault(64, prompts(128 // scale)), 64 // scale, bw,
+                                               Path(a.out), shape, weight_bytes=weight_bytes,
+                                               kv_bytes_per_pos=kv_bytes_per_pos, attention=attention, eos=eos,
+                                               new_tokens=16 if quick else 128)
+            payload = dict(payload or {"shape": shape, "runs": runs, "prefill_check": check}, decode_profile=decode)
+            on_variant(payload)
     for name in variants:
         left = a.budget_s - (time.monotonic() - T0)
         if left < (40 if name.startswith("eager") else 90):
@@ -359,13 +472,14 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                 # read when the step is traced
                 os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if attention == "sdpa_gqa" else "0"
                 try:
-                    with fusing(prefill != "packed_unfused"):
+                    with fusing(prefill != "packed_unfused"), decode_compiled(decode_compile_mode(name)):
                         r = run_variant(model, name, ps, st, eos=eos, tmp=tmp,
                                         decode_attention=attention if attention.startswith("grouped") else "model",
                                         prefill="packed" if prefill == "packed_unfused" else prefill)
                 finally:
                     os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
                 r["decode_attention"] = attention
+                r["decode_compile_mode"] = decode_compile_mode(name)
                 r["prefill"] = prefill
                 r["roofline_rows"] = batch // scale
                 r["prompt_set"] = batch
@@ -401,6 +515,12 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
                 ref, got = tokens[base], tokens[name]
                 r["rows_identical_to_eager"] = sum(ref[k] == got[k] for k in ref) / len(ref)
                 r["first_token_identical"] = sum(ref[k][:1] == got[k][:1] for k in ref) / len(ref)
+            twin = decode_twin(name)
+            if twin in tokens:   # the same prefill, another decode kernel (bf16 near-ties may flip)
+                ref, got = tokens[twin], tokens[name]
+                r["rows_identical_to_default_decode"] = sum(ref[k] == got[k] for k in ref) / len(ref)
+                r["tokens_identical_to_default_decode"] = (sum(sum(a == b for a, b in zip(ref[k], got[k]))
+                                                               for k in ref) / sum(len(ref[k]) for k in ref))
             padded = padded_twin(name)
             if padded in tokens:   # the same decode after the padded prefill (bf16 may differ)
                 ref, got = tokens[padded], tokens[name]
@@ -411,7 +531,7 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
         print(f"[{time.monotonic() - T0:6.1f}s] {json.dumps(r, default=str)}", flush=True)
         payload = {"shape": shape, "model_config": {k: v for k, v in cfg.items()}, "weight_bytes": weight_bytes,
                    "kv_bytes_per_position": kv_bytes_per_pos, "runs": runs, "prefill_check": check,
-                   "prefill_profile": payload.get("prefill_profile")}
+                   "prefill_profile": payload.get("prefill_profile"), "decode_profile": payload.get("decode_profile")}
         on_variant(payload)
     del model
     if torch.cuda.is_available():
@@ -430,13 +550,17 @@ def main() -> None:
     ap.add_argument("--shapes", default="olmo2-1b", help=f"comma list of {sorted(SHAPES)}")
     ap.add_argument("--variants", default="eager_b64,graph_b64,eager_b256,graph_b256,cb_256,hf_static_b64,"
                                           "graph_b512",
-                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_pp|_pc][_bmm|_sdpa|_gqa] or "
+                    help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_pp|_ppu|_pc]"
+                         "[_bmm|_flex|_sdpa|_gqa][_mat] or "
                          "cb_<rows>; "
                          "shape:variant limits one to that shape")
     ap.add_argument("--prefill-check", action="store_true",
                     help="first compare the padded and packed prefill of one batch (logits, K/V, near-ties)")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="first profile the packed prefill of the batch-64 prompt set (kernels by kind, idle gaps)")
+    ap.add_argument("--profile-decode", default="",
+                    help="then profile the CUDA-graph decode steps of the batch-64 prompt set's longest batch with "
+                         "these decode attentions, e.g. grouped,grouped_flex (kernel time per step vs bytes read)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

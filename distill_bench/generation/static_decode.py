@@ -27,8 +27,13 @@ from distill_bench.generation.decode_attention import grouped_decode
 from distill_bench.generation.packed_prefill import packed_prefill
 
 # decode attention: grouped = SDPA on grouped K/V (decode_attention.py, kernel "sdpa"), grouped_bmm = its two-bmm
-# kernel, model = the model's own attention (transformers' SDPA path repeats K/V per query head under a mask)
-DECODE_ATTENTION = ("grouped", "grouped_bmm", "model")
+# kernel, grouped_flex = FlexAttention over the cache blocks the batch may attend, model = the model's own attention
+# (transformers' SDPA path repeats K/V per query head under a mask)
+DECODE_ATTENTION = ("grouped", "grouped_bmm", "grouped_flex", "model")
+GROUPED_KERNEL = {"grouped": "sdpa", "grouped_bmm": "bmm", "grouped_flex": "flex"}
+# torch.compile mode of the decode step: "reduce-overhead" replays it as a CUDA graph; "max-autotune" also times
+# Triton GEMM templates against cuBLAS for each of the step's matmul shapes (minutes of warm-up)
+DECODE_COMPILE_MODE = "reduce-overhead"
 # prefill: eager (the model's own forward over the left-padded batch), packed (padding-free, packed_prefill.py) or
 # compiled (the padded forward under torch.compile, dynamic shapes)
 PREFILL = ("eager", "packed", "compiled")
@@ -85,7 +90,7 @@ class StaticDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self.compiled = compile
         self.timings: list[dict] = []  # per batch: prefill_s, decode_s, decode_steps (CUDA events on GPU)
-        self.step = (torch.compile(_forward, mode="reduce-overhead", fullgraph=True, dynamic=False) if compile
+        self.step = (torch.compile(_forward, mode=DECODE_COMPILE_MODE, fullgraph=True, dynamic=False) if compile
                      else _forward)
         self.prefill = prefill
         self.prefill_step = (torch.compile(_prefill_forward, fullgraph=True, dynamic=True) if prefill == "compiled"
@@ -96,7 +101,7 @@ class StaticDecoder:
         max_new_tokens; pad after a row's EOS), like ``generate(...)[:, width:]``. Keywords: ``_decode``'s."""
         if self.attention == "model":
             return self._decode(ids, mask, **kw)
-        with grouped_decode(self.model, "bmm" if self.attention == "grouped_bmm" else "sdpa"):
+        with grouped_decode(self.model, GROUPED_KERNEL[self.attention]):
             return self._decode(ids, mask, **kw)
 
     @torch.no_grad()
