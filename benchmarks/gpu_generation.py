@@ -133,7 +133,7 @@ def decode_compiled(mode: str):
 
 
 def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
-    """``<mode>_b<rows>[_n<new tokens>][_pp|_pc][_bmm|_flex|_sdpa|_gqa][_mat]`` -> (hf_decode mode, rows, new tokens or None,
+    """``<mode>_b<rows>[_n<new tokens>][_pp|_pc][_bmm|_sdpa|_gqa][_mat]`` -> (hf_decode mode, rows, new tokens or None,
     decode attention, prefill).
 
     Prefill of ``graph`` variants (``static_decode.PREFILL``): ``_pp`` packed (padding-free), ``_ppu`` packed with
@@ -141,15 +141,13 @@ def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
     prefill compiled with dynamic shapes, else eager over the left-padded batch.
 
     Decode attention of ``graph`` variants: ``grouped`` (default, distill_bench.generation.decode_attention: SDPA
-    with ``enable_gqa`` on the grouped K/V of the one decode token); ``_bmm`` = its two-bmm kernel; ``_flex`` = its
-    FlexAttention kernel (cache blocks no row may attend are skipped); ``_sdpa`` = the model's own SDPA path
-    (transformers repeats K/V to every query head under a mask); ``_gqa`` = that path with
+    with ``enable_gqa`` on the grouped K/V of the one decode token); ``_bmm`` = its two-bmm kernel; ``_sdpa`` = the
+    model's own SDPA path (transformers repeats K/V to every query head under a mask); ``_gqa`` = that path with
     TRANSFORMERS_SDPA_FORCE_GQA=1 (grouped K/V with ``enable_gqa`` in prefill too). A trailing ``_mat`` (the decode
     step's compile mode, ``decode_compile_mode``) is not part of the tuple.
     """
     parts = name.removesuffix("_mat").split("_")
-    attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa", "bmm": "grouped_bmm", "flex": "grouped_flex"}.get(parts[-1],
-                                                                                                    "grouped")
+    attention = {"sdpa": "sdpa", "gqa": "sdpa_gqa", "bmm": "grouped_bmm"}.get(parts[-1], "grouped")
     if attention != "grouped":
         parts.pop()
     prefill = {"pc": "compiled", "pp": "packed", "ppu": "packed_unfused"}.get(parts[-1], "eager")
@@ -180,7 +178,7 @@ def decode_twin(name: str) -> str | None:
     """The same variant with the default decode attention and compile mode (None when ``name`` is that one)."""
     if name.startswith("cb_"):
         return None
-    twin = "_".join(part for part in name.split("_") if part not in ("bmm", "flex", "mat"))
+    twin = "_".join(part for part in name.split("_") if part not in ("bmm", "mat"))
     return None if twin == name else twin
 
 
@@ -351,7 +349,10 @@ def profile_decode(model, prompts: list[list[int]], rows: int, bw_tb_s: float, o
         decoder.generate(ids, mask, max_new_tokens=new_tokens, eos=eos, pad_id=0, greedy=True)
     sync()
     warm_s = time.perf_counter() - tc
-    name = f"{shape}_decode_{attention}_b{rows}"
+    from distill_bench.generation import static_decode
+
+    mode = static_decode.DECODE_COMPILE_MODE
+    name = f"{shape}_decode_{attention}{'' if mode == 'reduce-overhead' else '_' + mode}_b{rows}"
     by_run = {}
     for n in (2, new_tokens):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -380,7 +381,7 @@ def profile_decode(model, prompts: list[list[int]], rows: int, bw_tb_s: float, o
     step_us = 1e6 * (long["wall_s"] - short["wall_s"]) / steps
     kv_bytes = rows * cache_len * kv_bytes_per_pos
     ideal_us = {"weights": 1e6 * weight_bytes / (bw_tb_s * 1e12), "kv_cache": 1e6 * kv_bytes / (bw_tb_s * 1e12)}
-    res = {"attention": attention, "rows": rows, "width": ids.shape[1], "cache_len": cache_len,
+    res = {"attention": attention, "compile_mode": mode, "rows": rows, "width": ids.shape[1], "cache_len": cache_len,
            "decode_steps": steps, "warmup_s": warm_s, "step_us_wall": step_us,
            "kernel_us_per_step": sum(per_kernel.values()), "us_per_step_by_kind": dict(sorted(
                per_kind.items(), key=lambda x: -x[1])),
@@ -443,11 +444,19 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
         on_variant(payload)
     if a.profile_decode:
         decode = {}
-        for attention in a.profile_decode.split(","):
-            decode[attention] = profile_decode(model, sets.setdefault(64, prompts(128 // scale)), 64 // scale, bw,
-                                               Path(a.out), shape, weight_bytes=weight_bytes,
-                                               kv_bytes_per_pos=kv_bytes_per_pos, attention=attention, eos=eos,
-                                               new_tokens=16 if quick else 128)
+        for spec in a.profile_decode.split(","):
+            attention, _, mode = spec.partition(":")
+            try:
+                with decode_compiled(mode or decode_compile_mode("")):
+                    decode[spec] = profile_decode(model, sets.setdefault(64, prompts(128 // scale)), 64 // scale,
+                                                  bw, Path(a.out), shape, weight_bytes=weight_bytes,
+                                                  kv_bytes_per_pos=kv_bytes_per_pos, attention=attention, eos=eos,
+                                                  new_tokens=16 if quick else 128)
+            except Exception as e:  # noqa: BLE001 - one failing kernel must not lose the other profiles and variants
+                import traceback
+
+                traceback.print_exc()
+                decode[spec] = {"attention": attention, "error": repr(e)[-2000:]}
             payload = dict(payload or {"shape": shape, "runs": runs, "prefill_check": check}, decode_profile=decode)
             on_variant(payload)
     for name in variants:
@@ -551,7 +560,7 @@ def main() -> None:
     ap.add_argument("--variants", default="eager_b64,graph_b64,eager_b256,graph_b256,cb_256,hf_static_b64,"
                                           "graph_b512",
                     help="comma list of <eager|graph|hf_static>_b<rows>[_n<new tokens>][_pp|_ppu|_pc]"
-                         "[_bmm|_flex|_sdpa|_gqa][_mat] or "
+                         "[_bmm|_sdpa|_gqa][_mat] or "
                          "cb_<rows>; "
                          "shape:variant limits one to that shape")
     ap.add_argument("--prefill-check", action="store_true",
@@ -560,7 +569,8 @@ def main() -> None:
                     help="first profile the packed prefill of the batch-64 prompt set (kernels by kind, idle gaps)")
     ap.add_argument("--profile-decode", default="",
                     help="then profile the CUDA-graph decode steps of the batch-64 prompt set's longest batch with "
-                         "these decode attentions, e.g. grouped,grouped_flex (kernel time per step vs bytes read)")
+                         "these decode attentions, each optionally with a compile mode, e.g. "
+                         "grouped,grouped_bmm,grouped:max-autotune (kernel time per step vs bytes read)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,11 +31,12 @@ def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
     out = run("gpu_generation.py", tmp_path, "--shapes", "olmo2-1b,llama3.2-1b", "--variants",
               "eager_b64,graph_b64_n512,llama3.2-1b:graph_b64,llama3.2-1b:graph_b64_bmm,llama3.2-1b:graph_b64_sdpa,"
               "llama3.2-1b:graph_b64_gqa,llama3.2-1b:graph_b64_pp,llama3.2-1b:graph_b64_ppu,"
-              "llama3.2-1b:graph_b64_pp_flex_mat", "--profile-prefill", "--profile-decode", "grouped,grouped_flex")
+              "llama3.2-1b:graph_b64_pp_bmm_mat", "--profile-prefill", "--profile-decode",
+              "grouped,grouped_bmm:max-autotune")
     res = json.loads((tmp_path / "gpu_generation.json").read_text())
     for shape, extra in (("olmo2-1b", []),
                          ("llama3.2-1b", ["graph_b64", "graph_b64_bmm", "graph_b64_sdpa", "graph_b64_gqa",
-                                          "graph_b64_pp", "graph_b64_ppu", "graph_b64_pp_flex_mat"])):
+                                          "graph_b64_pp", "graph_b64_ppu", "graph_b64_pp_bmm_mat"])):
         runs = res["shapes"][shape]["runs"]
         assert [r["variant"] for r in runs] == ["eager_b64", "graph_b64_n512"] + extra
         assert all(r["generated_tokens"] > 0 and r["fraction_of_roofline"] > 0 for r in runs)
@@ -51,12 +52,14 @@ def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
     assert by_name["graph_b64_pp"]["rows_identical_to_padded_prefill"] == 1.0
     assert by_name["graph_b64_ppu"]["prefill"] == "packed_unfused"
     assert by_name["graph_b64_ppu"]["rows_identical_to_padded_prefill"] == 1.0
-    flex = by_name["graph_b64_pp_flex_mat"]   # FlexAttention decode, max-autotune compile (a no-op on CPU)
-    assert (flex["decode_attention"], flex["decode_compile_mode"]) == ("grouped_flex", "max-autotune")
-    assert flex["rows_identical_to_default_decode"] == flex["tokens_identical_to_default_decode"] == 1.0
+    bmm = by_name["graph_b64_pp_bmm_mat"]   # two-bmm decode attention, max-autotune compile (a no-op on CPU)
+    assert (bmm["decode_attention"], bmm["decode_compile_mode"]) == ("grouped_bmm", "max-autotune")
+    assert bmm["rows_identical_to_default_decode"] == bmm["tokens_identical_to_default_decode"] == 1.0
     assert by_name["graph_b64_pp"]["decode_compile_mode"] == "reduce-overhead"
-    for attention, profile in res["shapes"]["llama3.2-1b"]["decode_profile"].items():
-        assert attention in ("grouped", "grouped_flex") and profile["attention"] == attention
+    profiles = res["shapes"]["llama3.2-1b"]["decode_profile"]
+    assert [(p["attention"], p["compile_mode"]) for p in profiles.values()] == [
+        ("grouped", "reduce-overhead"), ("grouped_bmm", "max-autotune")]
+    for profile in profiles.values():
         # a 16-token run minus a 2-token run: 14 decode steps, each timed and set against its bytes
         assert profile["decode_steps"] == 14 and profile["step_us_wall"] > 0
         assert profile["kv_cache_bytes"] == profile["rows"] * profile["cache_len"] * \
@@ -266,12 +269,12 @@ def test_generation_variant_names_select_prefill_and_decode_attention():
     assert parse_variant("eager_b64_n512") == ("eager", 64, 512, "grouped", "eager")
     assert parse_variant("graph_b64_n256_pp_gqa") == ("graph", 64, 256, "sdpa_gqa", "packed")
     assert parse_variant("graph_b64_ppu") == ("graph", 64, None, "grouped", "packed_unfused")
-    assert parse_variant("graph_b64_pp_flex_mat") == ("graph", 64, None, "grouped_flex", "packed")
+    assert parse_variant("graph_b64_pp_bmm_mat") == ("graph", 64, None, "grouped_bmm", "packed")
     from gpu_generation import decode_compile_mode, decode_twin
 
     assert [decode_compile_mode(n) for n in ("graph_b64_pp_mat", "graph_b64_pp")] == ["max-autotune",
                                                                                       "reduce-overhead"]
-    assert [decode_twin(n) for n in ("graph_b64_pp_flex_mat", "graph_b64_bmm", "graph_b64_pp", "cb_256")] == \
+    assert [decode_twin(n) for n in ("graph_b64_pp_bmm_mat", "graph_b64_bmm", "graph_b64_pp", "cb_256")] == \
         ["graph_b64_pp", "graph_b64", None, None]
     from gpu_generation import eager_twin, padded_twin
 

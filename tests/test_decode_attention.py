@@ -39,39 +39,10 @@ def test_grouped_attention_equals_sdpa_attention_for_one_and_many_query_tokens(k
         module = _Attn(heads // kv_heads)
         want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3, is_causal=False)
         function = {"sdpa": decode_attention.sdpa_grouped_attention,
-                    "bmm": decode_attention.bmm_grouped_attention,
-                    "flex": decode_attention.flex_grouped_attention}[kernel]
+                    "bmm": decode_attention.bmm_grouped_attention}[kernel]
         got, weights = function(module, q, k, v, mask, scaling=0.3, is_causal=False)
         assert weights is None and got.shape == want.shape == (b, q_len, heads, d)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_flex_decode_attention_reads_only_cache_blocks_some_row_may_attend(monkeypatch):
-    from torch.nn.attention import flex_attention as flex
-
-    g = torch.Generator().manual_seed(0)
-    b, heads, kv_heads, t, d = 2, 8, 2, 1024, 16
-    q = torch.randn(b, heads, 1, d, generator=g)
-    k, v = (torch.randn(b, kv_heads, t, d, generator=g) for _ in range(2))
-    allowed = torch.zeros(b, 1, 1, t, dtype=torch.bool)
-    allowed[0, ..., 130:300] = True      # a left-padded row, written up to slot 299
-    allowed[1, ..., 140:300] = True
-    seen = []
-    real = flex.flex_attention
-
-    def spy(*args, block_mask=None, **kwargs):
-        seen.append(block_mask)
-        return real(*args, block_mask=block_mask, **kwargs)
-
-    monkeypatch.setattr(flex, "flex_attention", spy)
-    got, _ = decode_attention.flex_grouped_attention(_Attn(heads // kv_heads), q, k, v, allowed, scaling=0.25)
-    # blocks of 128 slots: 1 and 2 hold allowed slots; 0 (all padding) and 3-7 (not written yet) are skipped
-    mask = seen[0]
-    full = mask.full_kv_num_blocks if mask.full_kv_num_blocks is not None else 0
-    assert (mask.kv_num_blocks + full).flatten().tolist() == [2, 2]
-    assert sorted(mask.kv_indices[0, 0, 0, :mask.kv_num_blocks[0, 0, 0]].tolist()) == [1, 2]
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.25, enable_gqa=True)
-    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
 def _tiny_gqa_llama():
@@ -84,8 +55,7 @@ def _tiny_gqa_llama():
 
 
 @pytest.mark.parametrize("attention,function", [("grouped", "sdpa_grouped_attention"),
-                                                ("grouped_bmm", "bmm_grouped_attention"),
-                                                ("grouped_flex", "flex_grouped_attention")])
+                                                ("grouped_bmm", "bmm_grouped_attention")])
 def test_graph_decode_uses_grouped_attention_gives_sdpa_greedy_tokens_and_restores_the_model(monkeypatch, attention,
                                                                                             function):
     model = _tiny_gqa_llama()

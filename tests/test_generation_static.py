@@ -312,3 +312,14 @@ def test_fused_packed_prefill_decodes_the_eager_tokens_and_never_recompiles_the_
     assert got == ref and len(graphs_at_prefill) == len(stats["batches"]) > 2
     assert len({b["width"] for b in stats["batches"]}) > 1
     assert counters["stats"]["unique_graphs"] == graphs_at_prefill[1], "a batch after the first compiled a graph"
+
+
+def test_decode_step_is_compiled_in_the_configured_mode(model, monkeypatch):
+    from distill_bench.generation import static_decode
+
+    modes = []
+    monkeypatch.setattr(static_decode.torch, "compile", lambda fn, **kw: modes.append(kw["mode"]) or fn)
+    static_decode.StaticDecoder(model, 2, 64, compile=True)
+    monkeypatch.setattr(static_decode, "DECODE_COMPILE_MODE", "max-autotune")
+    static_decode.StaticDecoder(model, 2, 64, compile=True)
+    assert modes == ["reduce-overhead", "max-autotune"]

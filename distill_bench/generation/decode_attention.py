@@ -9,11 +9,7 @@ token, the cache is read once, in one of two ways (``KERNELS``):
 * ``sdpa``: ``scaled_dot_product_attention(q, k, v, attn_mask, enable_gqa=True)`` on the grouped K/V (PyTorch picks
   the kernel);
 * ``bmm``: the query heads that share a K/V head grouped into two batched matmuls,
-  ``scores[b, kv, g, t] = q[b, kv, g, :] . k[b, kv, t, :] * scale`` (fp32 out on CUDA), softmax in fp32, ``@ v``;
-* ``flex``: FlexAttention with a block mask made from the row's mask, so cache blocks no row of the batch may attend
-  (the static cache's unwritten tail, wholly padded blocks) are skipped, not read; under ``torch.compile`` (the graph
-  decode step on a GPU) it is Inductor's split-KV decoding kernel with the query heads of a K/V head as one tile.
-  ``sdpa`` and ``bmm`` read the whole static cache every step.
+  ``scores[b, kv, g, t] = q[b, kv, g, :] . k[b, kv, t, :] * scale`` (fp32 out on CUDA), softmax in fp32, ``@ v``.
 
 Prefill (more than one query token), dropout, soft-capping and attention sinks go to transformers' SDPA function
 unchanged. Masks are transformers' SDPA masks (boolean "may attend", or additive float).
@@ -24,7 +20,7 @@ import contextlib
 
 import torch
 
-KERNELS = ("sdpa", "bmm", "flex")
+KERNELS = ("sdpa", "bmm")
 NAMES = {kernel: f"distill_bench_grouped_decode_{kernel}" for kernel in KERNELS}
 
 
@@ -83,34 +79,6 @@ def bmm_grouped_attention(module, query, key, value, attention_mask, dropout=0.0
     return out.view(b, heads, 1, d).transpose(1, 2), None
 
 
-def flex_grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """``AttentionInterface`` function: query [B, H, q, D], key/value [B, Hkv, T, D] -> ([B, q, H, D], None).
-
-    Boolean masks shared by every head only (what transformers builds for these models); another mask takes the
-    ``sdpa`` kernel."""
-    t = key.shape[2]
-    mask = _one_query_row(attention_mask, t)
-    if not _decode_step_inputs(module, query, key, dropout, kwargs) or (
-            mask is not None and (mask.dtype != torch.bool or mask.shape[1] != 1)):
-        return sdpa_grouped_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    block_mask = None
-    if mask is not None:
-        allowed = mask[:, 0, 0, :]                        # [B or 1, T]
-        shared = allowed.shape[0] == 1
-
-        def may_attend(b, h, q_idx, kv_idx):
-            return allowed[0 if shared else b, kv_idx]
-
-        block_mask = create_block_mask(may_attend, None if shared else allowed.shape[0], None, 1, t,
-                                       device=query.device)
-    out = flex_attention(query, key, value, block_mask=block_mask, scale=scaling,
-                         enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2), None
-
-
 def register(kernel: str = "sdpa") -> str:
     """Make ``NAMES[kernel]`` a transformers attention implementation (with SDPA's mask format); idempotent."""
     from transformers import AttentionInterface
@@ -118,7 +86,7 @@ def register(kernel: str = "sdpa") -> str:
 
     if kernel not in KERNELS:
         raise ValueError(f"grouped decode kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    function = {"sdpa": sdpa_grouped_attention, "bmm": bmm_grouped_attention, "flex": flex_grouped_attention}[kernel]
+    function = {"sdpa": sdpa_grouped_attention, "bmm": bmm_grouped_attention}[kernel]
     AttentionInterface.register(NAMES[kernel], function)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAMES[kernel], sdpa_mask)
     return NAMES[kernel]

@@ -135,8 +135,7 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: GenerationSetting
     are what ``generate`` returns after the prompt (pad after EOS included; callers count with
     ``count_generated``). ``stats`` (optional dict) receives the resolved mode, row count, cache length and, for
     ``graph``, per-batch prefill/decode times. ``decode_attention`` (``graph`` only): ``grouped`` (default),
-    ``grouped_bmm``, ``grouped_flex`` or ``model`` (``static_decode.DECODE_ATTENTION``; for the benchmark's
-    comparisons); ``prefill``
+    ``grouped_bmm`` or ``model`` (``static_decode.DECODE_ATTENTION``; for the benchmark's comparisons); ``prefill``
     (``graph`` only): one of ``static_decode.PREFILL``, overriding ``settings.hf_prefill`` (None: the setting,
     resolved by ``resolve_prefill``). Shared by
     ``generate_hf`` and benchmarks/gpu_generation.py."""

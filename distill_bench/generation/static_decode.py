@@ -27,12 +27,11 @@ from distill_bench.generation.decode_attention import grouped_decode
 from distill_bench.generation.packed_prefill import packed_prefill
 
 # decode attention: grouped = SDPA on grouped K/V (decode_attention.py, kernel "sdpa"), grouped_bmm = its two-bmm
-# kernel, grouped_flex = FlexAttention over the cache blocks the batch may attend, model = the model's own attention
-# (transformers' SDPA path repeats K/V per query head under a mask)
-DECODE_ATTENTION = ("grouped", "grouped_bmm", "grouped_flex", "model")
-GROUPED_KERNEL = {"grouped": "sdpa", "grouped_bmm": "bmm", "grouped_flex": "flex"}
-# torch.compile mode of the decode step: "reduce-overhead" replays it as a CUDA graph; "max-autotune" also times
-# Triton GEMM templates against cuBLAS for each of the step's matmul shapes (minutes of warm-up)
+# kernel, model = the model's own attention (transformers' SDPA path repeats K/V per query head under a mask)
+DECODE_ATTENTION = ("grouped", "grouped_bmm", "model")
+GROUPED_KERNEL = {"grouped": "sdpa", "grouped_bmm": "bmm"}
+# torch.compile mode of the decode step: "reduce-overhead" replays it as a CUDA graph; "max-autotune" (benchmark A/B)
+# also times Triton GEMM templates against cuBLAS per matmul shape, measured slower on an H200 (docs/BENCHMARKS.md)
 DECODE_COMPILE_MODE = "reduce-overhead"
 # prefill: eager (the model's own forward over the left-padded batch), packed (padding-free, packed_prefill.py) or
 # compiled (the padded forward under torch.compile, dynamic shapes)
