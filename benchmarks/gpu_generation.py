@@ -336,8 +336,9 @@ def profile_decode(model, prompts: list[list[int]], rows: int, bw_tb_s: float, o
     work cancel and what is left is ``new_tokens - 2`` decode steps. Two untimed runs first (compile, capture)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from distill_bench.generation import static_decode
     from distill_bench.generation.static_decode import StaticDecoder, cache_length, left_padded
-    from gpu_trainer import is_annotation, summarise_profile
+    from gpu_trainer import is_annotation, kernel_kind, summarise_profile
 
     batch = sorted(prompts, key=len, reverse=True)[:rows]
     ids, mask = (t.to(dev()) for t in left_padded(batch, 0))
@@ -349,8 +350,6 @@ def profile_decode(model, prompts: list[list[int]], rows: int, bw_tb_s: float, o
         decoder.generate(ids, mask, max_new_tokens=new_tokens, eos=eos, pad_id=0, greedy=True)
     sync()
     warm_s = time.perf_counter() - tc
-    from distill_bench.generation import static_decode
-
     mode = static_decode.DECODE_COMPILE_MODE
     name = f"{shape}_decode_{attention}{'' if mode == 'reduce-overhead' else '_' + mode}_b{rows}"
     by_run = {}
@@ -366,13 +365,10 @@ def profile_decode(model, prompts: list[list[int]], rows: int, bw_tb_s: float, o
             if str(getattr(evt, "device_type", "")).endswith("CUDA") and not is_annotation(evt, evt.key):
                 us = float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
                 kernels[evt.key] = kernels.get(evt.key, 0.0) + us
-        summary = summarise_profile(prof, wall, 1, out / "profiles", f"{name}_n{n}")
-        by_run[n] = {"wall_s": wall, "decode_steps": steps, "kernels_us": kernels,
-                     "kinds_s": summary["kernel_s_by_kind"]}
+        summarise_profile(prof, wall, 1, out / "profiles", f"{name}_n{n}")   # each run's tables, for reading
+        by_run[n] = {"wall_s": wall, "decode_steps": steps, "kernels_us": kernels}
     short, long = by_run[2], by_run[new_tokens]
     steps = long["decode_steps"] - short["decode_steps"]
-    from gpu_trainer import kernel_kind
-
     per_kernel = {k: (long["kernels_us"].get(k, 0.0) - short["kernels_us"].get(k, 0.0)) / steps
                   for k in set(long["kernels_us"]) | set(short["kernels_us"])}
     per_kind: dict[str, float] = {}
@@ -447,7 +443,7 @@ def run_shape(shape: str, variants: list[str], a, bw: float, peak_tflops: float,
         for spec in a.profile_decode.split(","):
             attention, _, mode = spec.partition(":")
             try:
-                with decode_compiled(mode or decode_compile_mode("")):
+                with decode_compiled(mode) if mode else contextlib.nullcontext():
                     decode[spec] = profile_decode(model, sets.setdefault(64, prompts(128 // scale)), 64 // scale,
                                                   bw, Path(a.out), shape, weight_bytes=weight_bytes,
                                                   kv_bytes_per_pos=kv_bytes_per_pos, attention=attention, eos=eos,
