@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -119,17 +120,11 @@ def decode_compile_mode(name: str) -> str:
     return "max-autotune" if name.endswith("_mat") else static_decode.DECODE_COMPILE_MODE
 
 
-@contextlib.contextmanager
 def decode_compiled(mode: str):
     """The decode step compiled in ``mode`` for the block only."""
     from distill_bench.generation import static_decode
 
-    default = static_decode.DECODE_COMPILE_MODE
-    static_decode.DECODE_COMPILE_MODE = mode
-    try:
-        yield
-    finally:
-        static_decode.DECODE_COMPILE_MODE = default
+    return mock.patch.object(static_decode, "DECODE_COMPILE_MODE", mode)
 
 
 def parse_variant(name: str) -> tuple[str, int, int | None, str, str]:
@@ -268,16 +263,11 @@ def profile_prefill(model, prompts: list[list[int]], rows: int, peak_tflops: flo
     return res
 
 
-@contextlib.contextmanager
 def fusing(on: bool):
     """The packed prefill with its elementwise work fused (the default) or not, for the block only."""
     from distill_bench.generation import packed_prefill
 
-    packed_prefill.FUSE_ELEMENTWISE = on
-    try:
-        yield
-    finally:
-        packed_prefill.FUSE_ELEMENTWISE = True
+    return mock.patch.object(packed_prefill, "FUSE_ELEMENTWISE", on)
 
 
 def profile_packed_prefill(model, prompts: list[list[int]], rows: int, peak_tflops: float, out: Path,
@@ -338,7 +328,7 @@ def profile_decode(model, prompts: list[list[int]], rows: int, bw_tb_s: float, o
 
     from distill_bench.generation import static_decode
     from distill_bench.generation.static_decode import StaticDecoder, cache_length, left_padded
-    from gpu_trainer import is_annotation, kernel_kind, summarise_profile
+    from gpu_trainer import device_kernels, kernel_kind, summarise_profile
 
     batch = sorted(prompts, key=len, reverse=True)[:rows]
     ids, mask = (t.to(dev()) for t in left_padded(batch, 0))
@@ -361,10 +351,8 @@ def profile_decode(model, prompts: list[list[int]], rows: int, bw_tb_s: float, o
             wall = time.perf_counter() - t
         steps = decoder.timings[-1]["decode_steps"]
         kernels: dict[str, float] = {}
-        for evt in prof.key_averages():
-            if str(getattr(evt, "device_type", "")).endswith("CUDA") and not is_annotation(evt, evt.key):
-                us = float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
-                kernels[evt.key] = kernels.get(evt.key, 0.0) + us
+        for key, _, us in device_kernels(prof):
+            kernels[key] = kernels.get(key, 0.0) + us
         summarise_profile(prof, wall, 1, out / "profiles", f"{name}_n{n}")   # each run's tables, for reading
         by_run[n] = {"wall_s": wall, "decode_steps": steps, "kernels_us": kernels}
     short, long = by_run[2], by_run[new_tokens]

@@ -408,6 +408,14 @@ def profile_gaps(prof, min_gap_us: float = 20.0) -> dict:
     return idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in device], ops, min_gap_us)
 
 
+def device_kernels(prof) -> list[tuple[str, int, float]]:
+    """(name, calls, device µs) of every GPU kernel in a profile, annotations left out."""
+    return [(evt.key, evt.count, float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total",
+                                                                                       0.0))))
+            for evt in prof.key_averages()
+            if str(getattr(evt, "device_type", "")).endswith("CUDA") and not is_annotation(evt, evt.key)]
+
+
 def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: str,
                       graphs_compiled_in_window: int = 0, host_syncs: list[dict] | None = None) -> dict:
     """Kernel time by kind over the profiled steps; ``graphs_compiled_in_window`` > 0 marks a profile whose steps
@@ -415,11 +423,9 @@ def summarise_profile(prof, wall_s: float, n_steps: int, out_dir: Path, name: st
     out_dir.mkdir(parents=True, exist_ok=True)
     kinds: dict[str, float] = {}
     kernels = []
-    for evt in prof.key_averages():
-        if str(getattr(evt, "device_type", "")).endswith("CUDA") and not is_annotation(evt, evt.key):
-            us = float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
-            kinds[kernel_kind(evt.key)] = kinds.get(kernel_kind(evt.key), 0.0) + us
-            kernels.append((us, evt.count, evt.key[:120]))
+    for key, calls, us in device_kernels(prof):
+        kinds[kernel_kind(key)] = kinds.get(kernel_kind(key), 0.0) + us
+        kernels.append((us, calls, key[:120]))
     busy_us = sum(kinds.values())
     kernels.sort(reverse=True)
     res = {"variant": name, "steps": n_steps, "wall_s": wall_s, "step_s": wall_s / n_steps,
