@@ -5,7 +5,9 @@ DataLoader workers. Variant names spell their settings (sft_padfree_layers_m64 =
 lengths x64); `*_gpu_defaults` leave every speed key at `auto`, as a user's run resolves them, and
 `sft_gpu_defaults_syncs` puts the old per-step host synchronisations back for comparison, `*_foreach` swaps the
 fused AdamW step for foreach AdamW (`training.optim: adamw_torch`), `*_fusedclip` folds the gradient clip into fused
-AdamW (`training.optim: adamw_fused_clip`). `--batch` sets the rows
+AdamW (`training.optim: adamw_fused_clip`), `*_compiledclip` uses the same update compiled by Inductor
+(`training.optim: adamw_compiled_clip`; what `optim: auto` resolves to in a study-length run, while a benchmark
+run is too short to repay its compile, so `*_gpu_defaults` here train with HF's AdamW). `--batch` sets the rows
 per micro-batch (4 by default, as in every table of docs/BENCHMARKS.md unless it says otherwise).
 One entry point, JSON under --out, one table printed last.
 
@@ -610,7 +612,7 @@ def run_variant(name: str, *, out: Path, work: Path, cfg: dict, tok, examples: l
         "data_wait_fraction": summary.get("data_wait_fraction"),
         "kd_loss_compiled": summary.get("kd_loss_compiled"),
         "resolved": {k: summary.get(k) for k in ("attn_implementation", "padding_free", "pad_to_multiple_of",
-                                                 "torch_compile")},
+                                                 "torch_compile", "optim")},
         "allocator_in_window": {k: v - clock.allocator[warmup][k] for k, v in clock.allocator[last].items()},
         "graphs_compiled_in_window": clock.graphs[last] - clock.graphs[warmup],
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
@@ -805,6 +807,10 @@ def main() -> None:
          False, True),
         ("kd_gpu_defaults_fusedclip", True, {**gpu_defaults, "optim": "adamw_fused_clip"}, "sdpa", 0.13, 10, 70,
          False, True),
+        ("sft_gpu_defaults_compiledclip", False, {**gpu_defaults, "optim": "adamw_compiled_clip"}, "sdpa", 0.12,
+         10, 90, False, True),
+        ("kd_gpu_defaults_compiledclip", True, {**gpu_defaults, "optim": "adamw_compiled_clip"}, "sdpa", 0.13, 10,
+         90, False, True),
         # two micro-batches per optimizer step: the optimizer's fixed cost shared by twice the tokens
         ("sft_gpu_defaults_ga2", False, {**gpu_defaults, "grad_accum": 2}, "sdpa", 0.22, 10, 70, False, True),
         ("kd_gpu_defaults_ga2", True, {**gpu_defaults, "grad_accum": 2}, "sdpa", 0.24, 10, 70, False, True),

@@ -28,6 +28,8 @@ NOT_WITH_SHARDING = {
                                  "compile under FSDP) or none",
     ("optim", "adamw_fused_clip"): "it clips by the local gradient norm, and FSDP's gradients are sharded; use "
                                    "adamw_torch_fused",
+    ("optim", "adamw_compiled_clip"): "it clips by the local gradient norm, and FSDP's gradients are sharded; use "
+                                      "adamw_torch_fused",
 }
 
 
@@ -40,6 +42,8 @@ def is_sharded(distributed: str, processes: int) -> bool:
 NOT_WITH_FP16 = {
     ("optim", "adamw_fused_clip"): "fp16's loss scaler hands fused AdamW its grad_scale, the hook the folded clip "
                                    "also uses; use precision bf16, or optim auto",
+    ("optim", "adamw_compiled_clip"): "fp16's loss scaler unscales the gradients inside its step, after the folded "
+                                      "clip has taken their norm; use precision bf16, or optim auto",
 }
 
 

@@ -34,7 +34,7 @@ from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
 from distill_bench.train.optim import trainer_optimizer
 from distill_bench.train.trainer import (StepBookkeeping, TrainingJob, TrainSettings, check_even_split,
                                          checkpoints_dir, mean_loss, one_process_one_gpu, prepare_process,
-                                         run_training, training_arguments)
+                                         run_training, training_arguments, with_resolved_optim)
 from distill_bench.dpo.judges import sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
     max_steps = epochs * max(batches // settings.grad_accum + int(batches % settings.grad_accum > 0), 1)
 
     model = load_model(init_model)
+    settings = with_resolved_optim(settings, model, max_steps, not torch.cuda.is_available())
     args = _dpo_config(settings, cfg, checkpoints_dir(out), max_steps, seed, not torch.cuda.is_available())
 
     def build_trainer(callbacks: list) -> Any:
@@ -210,7 +211,8 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
             "reward_accuracy_curve": acc, "reward_margin_curve": margins,
             "reward_accuracy_final": acc[-1][1] if acc else None,
             "reward_margin_final": margins[-1][1] if margins else None,
-            "lr": float(settings.lr), "dpo": dict(cfg), "init_model": str(init_model), "pairs_dir": str(pairs),
+            "lr": float(settings.lr), "optim": settings.optim, "dpo": dict(cfg), "init_model": str(init_model),
+            "pairs_dir": str(pairs),
         }
 
     extra = {"pipeline": "dpo", "beta": cfg["beta"], "loss_type": cfg["loss_type"], "epochs": epochs,

@@ -25,7 +25,7 @@ from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import (LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_of,
                                          model_inputs)
 from distill_bench.train.head import add_positions_head
-from distill_bench.train.optim import trainer_optimizer
+from distill_bench.train.optim import FOLDED_CLIP, resolve_optim, trainer_optimizer
 from distill_bench.train.speed import (compile_decoder_layers, resolve_attention, resolve_compile,
                                        resolve_pad_multiple, resolve_padding_free)
 from distill_bench.train.step_clock import step_clock_callback
@@ -45,7 +45,7 @@ SCHEDULERS = allowed_values("training", "lr_scheduler")
 _RESULT_KEYS = ("token_budget", "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                 "lr_scheduler", "precision", "gpus", "max_grad_norm")
 DISTRIBUTED = allowed_values("training", "distributed")
-# HF optimizer names (auto keeps HF's default), and adamw_fused_clip: the clip folded into fused AdamW (train/optim.py)
+# HF optimizer names (auto keeps HF's default), and the AdamWs with the clip folded into their update (train/optim.py)
 OPTIMIZERS = allowed_values("training", "optim")
 ATTN_IMPLEMENTATIONS = tuple(a for a in allowed_values("training", "attn_implementation") if a is not None)
 
@@ -433,6 +433,14 @@ def one_process_one_gpu(args: Any) -> Any:
     return args
 
 
+def with_resolved_optim(settings: TrainSettings, model, max_steps: int, use_cpu: bool) -> TrainSettings:
+    """``settings`` with ``optim: auto`` resolved for this model and run length (train/optim.py): what the trainer
+    builds, and what the stage JSON and train log record."""
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dataclasses.replace(settings, optim=resolve_optim(settings, on_gpu=not use_cpu, parameters=parameters,
+                                                             steps=max_steps))
+
+
 def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, seed: int,
                        use_cpu: bool) -> dict[str, Any]:
     """The ``TrainingArguments`` keywords every trainer shares (SFT, KD, DPO): optimizer, schedule over the real
@@ -446,8 +454,8 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         # exact integer step count: HF reads a float >= 1 as steps, so a ratio of 1.0 must not reach it as a float
         warmup_steps=int(math.ceil(float(settings.warmup_ratio) * max_steps)),
         lr_scheduler_type=settings.lr_scheduler,
-        # adamw_fused_clip clips inside the optimizer step (train/optim.py), so HF's own clip is off
-        max_grad_norm=0.0 if settings.optim == "adamw_fused_clip" else float(settings.max_grad_norm),
+        # the folded-clip optimizers clip inside their step (train/optim.py), so HF's own clip is off
+        max_grad_norm=0.0 if settings.optim in FOLDED_CLIP else float(settings.max_grad_norm),
         bf16=settings.precision == "bf16",
         fp16=settings.precision == "fp16",
         activation_checkpointing=bool(settings.gradient_checkpointing),  # TRL defaults it on
@@ -470,7 +478,7 @@ def training_arguments(settings: TrainSettings, ckpt_dir: Path, max_steps: int, 
         data_seed=int(seed),
         eval_strategy="no",
         save_only_model=False,                 # optimizer + scheduler + RNG needed to resume exactly
-        **({} if settings.optim in ("auto", "adamw_fused_clip") else {"optim": settings.optim}),
+        **({} if settings.optim == "auto" or settings.optim in FOLDED_CLIP else {"optim": settings.optim}),
     )
 
 
@@ -725,6 +733,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
         raise TypeError(f"trainer_cls must subclass trl.SFTTrainer, got {base_cls!r}")
     model_config = model.config.to_dict()
     use_cpu = not torch.cuda.is_available()
+    settings = with_resolved_optim(settings, model, max_steps, use_cpu)
     own_attn = model.config._attn_implementation
     attn = settings.attn_implementation if settings.attn_implementation != "auto" else None
     padding_free = resolve_padding_free(settings.padding_free, on_gpu=not use_cpu,
@@ -781,6 +790,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
             "pad_to_multiple_of": multiple,
             "torch_compile": compile_mode,
             "attn_implementation": attn or own_attn,
+            "optim": settings.optim,
             "lr_last_step": lrs[-1][1] if lrs else None,
             "lr_end": float(trainer.lr_scheduler.get_last_lr()[0]) if trainer.lr_scheduler is not None else None,
         }
