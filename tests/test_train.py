@@ -193,6 +193,28 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted_run_and_other_con
     assert res["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-5)
 
 
+def test_resume_with_the_compiled_clip_optimizer_matches_its_uninterrupted_run(tok, examples, tmp_path):
+    """adamw_compiled_clip's moments, step counts and learning rate come back from an HF checkpoint exactly."""
+    import torch
+
+    s = settings(save_steps=1000, optim="adamw_compiled_clip", max_grad_norm=0.05)   # every step clipped
+    ref = train_student(model=model(tok), tokenizer=tok, examples=examples, settings=s, seed=0,
+                        output_dir=tmp_path / "ref")
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            train_student(model=model(tok), tokenizer=tok, examples=examples, settings=s, seed=0,
+                          output_dir=tmp_path / "run", trainer_kwargs={"callbacks": [_KillAt(4)]})
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    res = train_student(model=model(tok), tokenizer=tok, examples=examples, settings=s, seed=0,
+                        output_dir=tmp_path / "run")
+    assert res["resumed_from_step"] == 4 and res["steps"] == ref["steps"] and res["optim"] == "adamw_compiled_clip"
+    wr, wf = weights(tmp_path / "ref"), weights(tmp_path / "run")
+    assert all(torch.allclose(wr[k], wf[k], atol=1e-5) for k in wr)
+    assert res["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-5)
+
+
 def test_train_stage_refuses_tokenizer_mismatch_then_trains_sft_gt(tmp_path, tok):
     from distill_bench.models.build import save_model_dir
     from distill_bench.train.stage import train_student as stage
