@@ -139,8 +139,10 @@ def main() -> None:
     model = make_model(cfg, torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(1)
-    # gradients with a norm above the clip threshold, so every clipping variant scales
-    grads0 = [torch.randn_like(p) * 1e-3 for p in params]
+    # gradients with ten times the clip threshold's norm at any shape, so every clipping variant scales
+    grads0 = [torch.randn_like(p) for p in params]
+    scale = 10 * MAX_GRAD_NORM / float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads0])))
+    grads0 = [g.mul_(scale) for g in grads0]
     start = [p.detach().clone() for p in params]
     copy_tb_s, _ = hbm_copy_tb_s(a.quick)
     print(f"{sum(p.numel() for p in params):,} parameters in {len(params)} tensors; copy rate {copy_tb_s:.2f} TB/s",

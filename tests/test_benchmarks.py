@@ -75,6 +75,21 @@ def test_generation_benchmark_runs_llama_and_olmo_shapes(tmp_path):
             assert (tmp_path / "profiles" / f"{name}_trace.json.gz").stat().st_size > 0
 
 
+def test_optimizer_benchmark_times_every_step_against_its_bytes(tmp_path):
+    out = run("gpu_optimizer.py", tmp_path, "--steps", "3", "--warmup", "1")
+    res = json.loads((tmp_path / "gpu_optimizer.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert list(rows) == ["hf_default", "fused", "fused_clip", "compiled_clip", "flat_bound"]
+    assert not [r for r in rows.values() if "error" in r]
+    assert all(r["ms_per_step"] > 0 and r["gb_per_step"] * 1e9 == r["bytes_per_param"] * res["parameters"]
+               for r in rows.values())
+    # the clipping variants make HF's update; fused alone skips the clip, so it differs
+    assert rows["fused_clip"]["max_abs_diff_vs_hf_default"] < 1e-6
+    assert rows["compiled_clip"]["max_abs_diff_vs_hf_default"] < 1e-6
+    assert rows["fused"]["max_abs_diff_vs_hf_default"] > 1e-6
+    assert "compiled_clip |" in out and (tmp_path / "table.txt").exists()
+
+
 def test_trainer_benchmark_runs_layouts_compile_and_kd_with_exact_budgets(tmp_path):
     out = run("gpu_trainer.py", tmp_path, "--checks", "sdpa", "--fresh-shapes", "--variants",
               "sft_pad_eager,sft_padfree_layers_m64,kd_padfree_eager,sft_gpu_defaults_syncs", "--profile",
