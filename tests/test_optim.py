@@ -107,6 +107,20 @@ def test_compiled_clip_compiles_once_per_group_not_per_learning_rate():
     assert opt.compiled
 
 
+def test_compiled_clip_compiles_for_every_model_a_process_trains_past_dynamos_recompile_limit(caplog):
+    """A sweep or a test session builds many models in one process: each optimizer's graphs count against the
+    limit on their own (a shared compiled function failed the test session once its models' shapes added up to
+    Dynamo's limit), and an optimizer with more groups than the limit still compiles them all."""
+    torch.manual_seed(4)
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, logger=optim.__name__):
+        for width in (6, 8):   # two models of other shapes, two groups each: four graphs against a limit of one
+            params = [torch.nn.Parameter(torch.randn(s)) for s in [(width, 3), (width,)]]
+            opt = compiled_clip_adamw_class()(_groups(params), lr=1e-2, max_grad_norm=1.0)
+            _steps(opt, params, [[torch.randn_like(p) for p in params] for _ in range(2)])
+            assert opt.compiled
+    assert not [r for r in caplog.records if "uncompiled" in r.getMessage()]
+
+
 def _checkpointed(state_dict):
     """The state dict as a checkpoint gives it back: saved and loaded (state_dict() returns the live tensors)."""
     buf = io.BytesIO()

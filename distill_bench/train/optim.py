@@ -118,6 +118,7 @@ def _optimizer_classes() -> dict[str, type]:
                                      "differentiable)")
             self._lr_tensors: dict[int, torch.Tensor] = {}
             self.compiled = True   # False once Inductor could not build the update and the eager one runs instead
+            self._compiled_update = _compiled_update()
 
         def _state(self, p: torch.Tensor) -> dict:
             state = self.state[p]
@@ -154,9 +155,11 @@ def _optimizer_classes() -> dict[str, type]:
                         float(group["eps"]), float(group["weight_decay"]), self.max_grad_norm)
                 if self.compiled:
                     try:
-                        _compiled_update()(*args)
+                        with _room_for_graphs(len(self.param_groups)):
+                            self._compiled_update(*args)
                         continue
-                    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as e:
+                    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported,
+                            torch._dynamo.exc.FailOnRecompileLimitHit) as e:
                         # raised while building the graph, before any tensor is touched: the same arithmetic
                         # uncompiled is still this optimizer, only slower
                         log.warning("%s: Inductor could not compile the update (%s); running it uncompiled",
@@ -197,11 +200,29 @@ def clipped_adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, norm, 
     torch._foreach_sub_(params, torch._foreach_mul(torch._foreach_div(exp_avgs, denom), step_sizes))
 
 
-@functools.cache
 def _compiled_update():
+    """The update compiled on its own copy of the code. Dynamo keeps graphs, and counts them against its recompile
+    limit, per code object: sharing one would make every model a process trains (a sweep, a test session) add graphs
+    to the same list until the limit, an error under fullgraph=True. Each optimizer's copy holds its own groups'
+    graphs and frees them with it."""
+    import types
+
     import torch
 
-    return torch.compile(clipped_adamw_update, fullgraph=True, dynamic=False)
+    code = clipped_adamw_update.__code__.replace()   # equal, not identical: a fresh cache
+    own = types.FunctionType(code, clipped_adamw_update.__globals__, clipped_adamw_update.__name__)
+    return torch.compile(own, fullgraph=True, dynamic=False)
+
+
+def _room_for_graphs(graphs: int):
+    """Dynamo's recompile limit raised, for this call, to the graphs one optimizer needs (one per parameter group)."""
+    import contextlib
+
+    import torch
+
+    if graphs <= torch._dynamo.config.recompile_limit:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=graphs)
 
 
 def clipped_fused_adamw_class():
