@@ -108,9 +108,9 @@ def test_compiled_clip_compiles_once_per_group_not_per_learning_rate():
 
 
 def test_compiled_clip_compiles_for_every_model_a_process_trains_past_dynamos_recompile_limit(caplog):
-    """A sweep or a test session builds many models in one process: each optimizer's graphs count against the
-    limit on their own (a shared compiled function failed the test session once its models' shapes added up to
-    Dynamo's limit), and an optimizer with more groups than the limit still compiles them all."""
+    """A sweep or a test session builds many models in one process: their graphs must not add up against Dynamo's
+    recompile limit (one shared compiled function failed a test session so), even where one model's groups alone
+    outnumber it."""
     torch.manual_seed(4)
     with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, logger=optim.__name__):
         for width in (6, 8):   # two models of other shapes, two groups each: four graphs against a limit of one
@@ -119,6 +119,23 @@ def test_compiled_clip_compiles_for_every_model_a_process_trains_past_dynamos_re
             _steps(opt, params, [[torch.randn_like(p) for p in params] for _ in range(2)])
             assert opt.compiled
     assert not [r for r in caplog.records if "uncompiled" in r.getMessage()]
+
+
+def test_compiled_clip_reuses_the_compile_for_the_next_optimizer_over_the_same_shapes():
+    """A repeat or a resumed run in the same process pays the compile once."""
+    from torch._dynamo.utils import counters
+
+    def run(shapes):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = compiled_clip_adamw_class()(_groups(params), lr=1e-2, max_grad_norm=1.0)
+        before = counters["stats"]["unique_graphs"]
+        _steps(opt, params, [[torch.randn_like(p) for p in params] for _ in range(2)])
+        return counters["stats"]["unique_graphs"] - before
+
+    torch.manual_seed(5)
+    assert run([(11, 5), (11,)]) >= 1   # new shapes: compiled
+    assert run([(11, 5), (11,)]) == 0   # the same shapes again: no new graph
+    assert run([(12, 5), (12,)]) >= 1
 
 
 def _checkpointed(state_dict):
@@ -157,7 +174,7 @@ def test_compiled_clip_runs_uncompiled_with_a_warning_when_inductor_cannot_build
     def refuses(*args, **kwargs):
         raise torch._dynamo.exc.Unsupported("no graph for this update")
 
-    monkeypatch.setattr(optim, "_compiled_update", lambda: refuses)
+    monkeypatch.setattr(optim, "_compiled_update", lambda signature: refuses)
     torch.manual_seed(3)
     start = [torch.randn(s) for s in SHAPES]
     grads = [[torch.randn(s) * 10 for s in SHAPES] for _ in range(3)]

@@ -118,7 +118,7 @@ def _optimizer_classes() -> dict[str, type]:
                                      "differentiable)")
             self._lr_tensors: dict[int, torch.Tensor] = {}
             self.compiled = True   # False once Inductor could not build the update and the eager one runs instead
-            self._compiled_update = _compiled_update()
+            self._updates: dict[int, tuple[tuple[int, ...], Any]] = {}   # group -> (its params' ids, compiled update)
 
         def _state(self, p: torch.Tensor) -> dict:
             state = self.state[p]
@@ -140,6 +140,15 @@ def _optimizer_classes() -> dict[str, type]:
                 lr = self._lr_tensors[index] = torch.empty((), dtype=torch.float32, device=device)
             return lr.fill_(group["lr"])
 
+        def _update_for(self, index: int, params: list, args: tuple):
+            """The group's compiled update, looked up by signature only when its parameters with a gradient change
+            (a signature walks every tensor: host time each step would spend for nothing)."""
+            ids = tuple(map(id, params))
+            cached = self._updates.get(index)
+            if cached is None or cached[0] != ids:
+                cached = self._updates[index] = (ids, _compiled_update(_update_signature(args)))
+            return cached[1]
+
         def _clipped_step(self, norm: torch.Tensor) -> None:
             for index, group in enumerate(self.param_groups):
                 params = [p for p in group["params"] if p.grad is not None]
@@ -155,8 +164,7 @@ def _optimizer_classes() -> dict[str, type]:
                         float(group["eps"]), float(group["weight_decay"]), self.max_grad_norm)
                 if self.compiled:
                     try:
-                        with _room_for_graphs(len(self.param_groups)):
-                            self._compiled_update(*args)
+                        self._update_for(index, params, args)(*args)
                         continue
                     except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported,
                             torch._dynamo.exc.FailOnRecompileLimitHit) as e:
@@ -200,29 +208,30 @@ def clipped_adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, norm, 
     torch._foreach_sub_(params, torch._foreach_mul(torch._foreach_div(exp_avgs, denom), step_sizes))
 
 
-def _compiled_update():
-    """The update compiled on its own copy of the code. Dynamo keeps graphs, and counts them against its recompile
-    limit, per code object: sharing one would make every model a process trains (a sweep, a test session) add graphs
-    to the same list until the limit, an error under fullgraph=True. Each optimizer's copy holds its own groups'
-    graphs and frees them with it."""
+@functools.lru_cache(maxsize=64)
+def _compiled_update(signature: tuple):
+    """The update compiled on its own copy of the code, one per group signature. Dynamo keeps graphs per code object
+    and counts them against its recompile limit (an error under fullgraph=True): one shared function would collect a
+    graph for every group of every model a process trains (a sweep, a test session) until the limit. One copy per
+    signature holds one graph, and the next optimizer over the same shapes (a repeat, a resumed run) reuses it instead
+    of compiling again."""
     import types
 
     import torch
 
-    code = clipped_adamw_update.__code__.replace()   # equal, not identical: a fresh cache
+    code = clipped_adamw_update.__code__.replace()   # equal, not identical: a fresh graph cache
     own = types.FunctionType(code, clipped_adamw_update.__globals__, clipped_adamw_update.__name__)
     return torch.compile(own, fullgraph=True, dynamic=False)
 
 
-def _room_for_graphs(graphs: int):
-    """Dynamo's recompile limit raised, for this call, to the graphs one optimizer needs (one per parameter group)."""
-    import contextlib
-
+def _update_signature(args: tuple) -> tuple:
+    """What a compiled update's graph is specialised on: each tensor's shape, layout, dtype and device, and the
+    float hyperparameters (constants in the graph)."""
     import torch
 
-    if graphs <= torch._dynamo.config.recompile_limit:
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(recompile_limit=graphs)
+    return tuple(tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in a) if isinstance(a, list)
+                 else (a.shape, a.dtype, a.device) if torch.is_tensor(a) else a
+                 for a in args)
 
 
 def clipped_fused_adamw_class():
