@@ -10,7 +10,7 @@
 # After downloading, every wheel's own Requires-Dist is checked against the wheelhouse and the device list.
 #
 # Usage: scripts/build_wheelhouse.sh            (PYTHON=path/to/python to use another environment than ./.venv)
-# On the device: python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+# On the device: python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
 #                export PYTHONPATH=/tmp/site:$PWD          (scripts/gpu_workflow_check.sh does both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,6 +92,8 @@ while read -r spec; do
     "$PYTHON" -m pip wheel -q --no-deps -w .whl "$spec"
   fi
 done < .whl/carried.txt
+
+"$PYTHON" scripts/slim_wheels.py .whl   # executables for other platforms out (PuLP bundles CBC for every OS)
 "$PYTHON" - <<'EOF'
 # drop wheels of an earlier build that this one does not carry (two versions of a package break the install)
 import re

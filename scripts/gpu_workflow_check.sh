@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 PY=python3
 if [ "$DRY" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then   # the wheels are for the device's Python 3.12
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 elif [ "$DRY" = 0 ] && ! python3 -c 'import snakemake' 2>/dev/null; then
   echo "gpu_workflow_check: no .whl/ here and no snakemake: run scripts/build_wheelhouse.sh first" >&2; exit 2

@@ -386,3 +386,23 @@ def test_profile_idle_gaps_total_the_idle_time_by_the_activities_around_each_gap
     assert res["idle_us"] == 100
     assert res["idle_us_between"] == [{"after": "attention", "before": "gemm", "us": 60},
                                       {"after": "norm", "before": "attention", "us": 40}]
+
+
+def test_trainer_benchmark_means_leave_out_runs_that_compiled_in_their_window_and_pick_the_same_settings_twin():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_trainer import sft_twin, variant_means
+
+    def run(variant, tps, compiles=0, repeat=0):
+        return {"variant": variant, "kind": variant.split("_")[0], "tokens_per_s": tps, "mfu": tps / 1e5,
+                "step_s": 4000 / tps, "graphs_compiled_in_window": compiles, "repeat": repeat}
+
+    runs = [run("sft_x", 50_000, repeat=-1), run("sft_x", 51_000), run("sft_x", 51_400, repeat=1),
+            run("kd_x", 47_000), run("kd_x", 22_000, compiles=2, repeat=1),
+            run("kd_x_workers2", 30_000, compiles=1), run("sft_x_workers2", 50_000)]
+    means = variant_means(runs)
+    assert means["sft_x"]["n"] == 2 and means["sft_x"]["tokens_per_s"] == 51_200   # the throwaway left out
+    assert means["kd_x"]["n"] == 1 and means["kd_x"]["tokens_per_s"] == 47_000 and means["kd_x"]["excluded"] == 1
+    assert means["kd_x_workers2"]["clean"] is False and means["kd_x_workers2"]["n"] == 1   # kept, marked
+    assert sft_twin("kd_x_workers2", means) == "sft_x_workers2"
+    assert sft_twin("kd_x_losseager", means) == "sft_x"
+    assert sft_twin("kd_y", means) is None

@@ -374,6 +374,7 @@ def test_dpo_raises_implicit_reward_accuracy_on_its_training_pairs(env, tmp_path
               training={**TRAINING, "optim": "adamw_fused_clip"}, seed=0)
     assert hf_clips == []
     assert json.loads((tmp_path / "dpo" / "train_log.json").read_text())["optim"] == "adamw_fused_clip"
+    assert meter.metrics["optim"] == "adamw_fused_clip"   # the stage record names it too
     after = implicit_rewards(load_model(tmp_path / "dpo" / "final"), init, env["tok"], rows, beta=0.1)
     with capsys.disabled():
         print(f"\n[dpo] implicit reward accuracy before {before['accuracy']:.3f} after {after['accuracy']:.3f} "

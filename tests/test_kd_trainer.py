@@ -270,3 +270,23 @@ def test_kd_loss_terms_compile_with_the_layers_and_give_the_eager_loss_and_gradi
                                             tmp_path / f"c{compiled}", kd_compile_loss=compiled), batch)
                for compiled in (False, True)]
     assert_same_loss_and_grads(*results)
+
+
+def test_kd_stage_record_holds_the_data_wait_share_and_the_optimizer_that_ran(setup, tmp_path):
+    """What train_student reports to the stage JSON for a KD student: the share of training time spent waiting for
+    the collator's cache reads, and the optimizer by the name HF gave it (optim auto on a CPU)."""
+    from distill_bench.train.trainer import TrainSettings, train_student
+
+    tok, enc, d, examples = setup
+    trainer_cls, collator, _ = kd_trainer_parts(str(d), {"top_k": 16, "temperature": 2.0, "alpha": 0.5}, tok,
+                                                examples)
+    budget = sum(sum(e["completion_mask"]) for e in examples)
+    meter = FakeMeter()
+    train_student(model=tiny_llama(len(tok), seed=3), tokenizer=tok, examples=examples, seed=0,
+                  output_dir=tmp_path / "kd", trainer_cls=trainer_cls, collator=collator, meter=meter,
+                  settings=TrainSettings.from_dict({"token_budget": budget, "max_length": 64, "batch_size": 3,
+                                                    "precision": "fp32"}))
+    wait = meter.metrics["data_wait_fraction"]
+    assert isinstance(wait, float) and 0.0 < wait < 1.0
+    assert meter.metrics["optim"] == "adamw_torch_fused"
+    assert meter.metrics["kd_loss_compiled"] is False

@@ -1,6 +1,7 @@
 """Packaging promises: the version has one source and the CLI prints it, the licence file matches the SPDX string,
 test-only helpers do not ship in the package, the conda environment pins exactly what requirements.lock pins, and
-`make setup` installs the CPU build of torch unless told otherwise."""
+`make setup` installs the CPU build of torch unless told otherwise, and the GPU wheelhouse drops executables no
+x86-64 Linux machine runs."""
 from __future__ import annotations
 
 import subprocess
@@ -94,3 +95,45 @@ def test_make_test_runs_ruff_snakefmt_and_snakemake_lint_before_the_tests():
     assert -1 not in positions and positions == sorted(positions), plan
     pins = lock_pins()
     assert "ruff" in pins and "snakefmt" in pins
+
+
+def _wheel(path: Path, files: dict[str, bytes]) -> Path:
+    """A minimal valid wheel holding ``files`` (with METADATA, WHEEL and a RECORD listing every file)."""
+    import zipfile
+
+    info = "pulp-3.3.2.dist-info"
+    files = {**files, f"{info}/METADATA": b"Metadata-Version: 2.1\nName: pulp\nVersion: 3.3.2\n",
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr(f"{info}/RECORD", record)
+    return path
+
+
+def test_wheelhouse_drops_pulps_foreign_solvers_and_pip_installs_the_slim_wheel(tmp_path):
+    import zipfile
+
+    cbc = "pulp/solverdir/cbc"
+    wheel = _wheel(tmp_path / "pulp-3.3.2-py3-none-any.whl", {
+        "pulp/__init__.py": b"", f"{cbc}/linux/i64/cbc": b"x86-64 linux" * 100, f"{cbc}/linux/arm64/cbc": b"arm" * 100,
+        f"{cbc}/linux/i32/cbc": b"i32" * 100, f"{cbc}/win/i64/cbc.exe": b"win" * 100, f"{cbc}/osx/i64/cbc": b"mac" * 100})
+    run = [sys.executable, str(ROOT / "scripts" / "slim_wheels.py"), str(tmp_path)]
+    assert "foreign executables dropped" in subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        record = {line.split(",")[0] for line in zf.read("pulp-3.3.2.dist-info/RECORD").decode().splitlines()}
+    assert {"pulp/__init__.py", f"{cbc}/linux/i64/cbc"} <= names
+    assert not any(n.startswith((f"{cbc}/win", f"{cbc}/osx", f"{cbc}/linux/arm64", f"{cbc}/linux/i32")) for n in names)
+    assert record == names                                  # RECORD lists exactly what the wheel holds
+    assert subprocess.run(run, capture_output=True, text=True, check=True).stdout == ""   # a second pass: no change
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(target),
+                    str(wheel)], check=True, capture_output=True)
+    assert (target / cbc / "linux" / "i64" / "cbc").read_bytes() == b"x86-64 linux" * 100
+
+
+def test_build_wheelhouse_slims_the_wheels_before_it_sizes_them():
+    script = (ROOT / "scripts" / "build_wheelhouse.sh").read_text()
+    assert script.index("scripts/slim_wheels.py") < script.index("wheels + repository exceed")

@@ -112,6 +112,8 @@ def test_tiny_run_trains_exactly_the_budget_and_lr_decays_to_zero(tok, examples,
     assert res["max_steps"] == res["steps"] == math.ceil(len(stream) / s.batch_size)
     assert meter.tokens["trained_tokens"] == res["trained_tokens"] == 300 and meter.primary == "trained_tokens"
     assert meter.metrics["trained_tokens_total"] == 300 and meter.metrics["training_completed"] is True
+    # the stage record names the optimizer that ran: optim auto on a CPU is HF's default, by HF's name
+    assert meter.metrics["optim"] == res["optim"] == "adamw_torch_fused"
     assert meter.tokens["input_tokens"] == sum(len(e["input_ids"]) for e in stream)
     lrs = [lr for _, lr in res["lr_curve"]]
     assert max(lrs) == pytest.approx(s.lr, rel=0.05)

@@ -31,7 +31,7 @@ from distill_bench.dpo.pairs import (REF_COLUMNS, REFERENCE_INFO, encode_pairs, 
 from distill_bench.models.build import (check_model_tokenizer, load_model, resolve_model_ref,
                                        tokenizer_source_for_model)
 from distill_bench.models.tokenizer import assert_same_tokenizer, load_tokenizer
-from distill_bench.train.optim import trainer_optimizer
+from distill_bench.train.optim import optimizer_that_ran, trainer_optimizer
 from distill_bench.train.trainer import (StepBookkeeping, TrainingJob, TrainSettings, check_even_split,
                                          checkpoints_dir, mean_loss, one_process_one_gpu, prepare_process,
                                          run_training, training_arguments, with_resolved_optim)
@@ -125,7 +125,7 @@ def _curve(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 
 DPO_REPORT_KEYS = ("final_loss", "mean_loss", "steps", "max_steps", "resumed_from_step", "trained_tokens_this_attempt",
                    "loss_curve", "reward_accuracy_final", "reward_margin_final", "reward_accuracy_curve",
-                   "reward_margin_curve", "lr", "speed")
+                   "reward_margin_curve", "lr", "optim", "speed")
 
 
 def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: str, dpo: Mapping[str, Any],
@@ -211,8 +211,8 @@ def train_dpo(*, meter, pairs: str, tokenizer: str, init_model: str, out_dir: st
             "reward_accuracy_curve": acc, "reward_margin_curve": margins,
             "reward_accuracy_final": acc[-1][1] if acc else None,
             "reward_margin_final": margins[-1][1] if margins else None,
-            "lr": float(settings.lr), "optim": settings.optim, "dpo": dict(cfg), "init_model": str(init_model),
-            "pairs_dir": str(pairs),
+            "lr": float(settings.lr), "optim": optimizer_that_ran(settings, trainer), "dpo": dict(cfg),
+            "init_model": str(init_model), "pairs_dir": str(pairs),
         }
 
     extra = {"pipeline": "dpo", "beta": cfg["beta"], "loss_type": cfg["loss_type"], "epochs": epochs,

@@ -263,6 +263,16 @@ def resolve_optim(settings, *, on_gpu: bool, parameters: int, steps: int) -> str
     return COMPILED_NAME if eligible and compiled_step_pays_back(parameters, steps) else "auto"
 
 
+def optimizer_that_ran(settings, trainer) -> str:
+    """The optimizer a trainer ran, by its config name: ``training.optim`` as resolved (:func:`resolve_optim`), with
+    ``auto`` (HF's default) replaced by the name HF's TrainingArguments chose for it, so a record never says
+    ``auto``."""
+    if settings.optim != "auto":
+        return settings.optim
+    name = trainer.args.optim
+    return str(getattr(name, "value", name))
+
+
 def trainer_optimizer(settings) -> tuple[type, dict[str, Any]] | None:
     """``optimizer_cls_and_kwargs`` for the HF Trainer when ``training.optim`` (resolved: :func:`resolve_optim`)
     names one of these optimizers, else None. The Trainer still builds its weight-decay parameter groups and the

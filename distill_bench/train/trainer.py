@@ -25,7 +25,7 @@ from distill_bench.train.budget import build_budgeted_dataset
 from distill_bench.train.collate import (LOSS_POSITIONS, LOSS_TOKENS, REAL_TOKENS, LMCollator, loss_positions_of,
                                          model_inputs)
 from distill_bench.train.head import add_positions_head
-from distill_bench.train.optim import FOLDED_CLIP, resolve_optim, trainer_optimizer
+from distill_bench.train.optim import FOLDED_CLIP, optimizer_that_ran, resolve_optim, trainer_optimizer
 from distill_bench.train.speed import (compile_decoder_layers, resolve_attention, resolve_compile,
                                        resolve_pad_multiple, resolve_padding_free)
 from distill_bench.train.step_clock import step_clock_callback
@@ -697,7 +697,7 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
 SFT_REPORT_KEYS = ("final_loss", "mean_loss", "steps", "max_steps", "lr_last_step", "lr_end", "resumed_from_step",
                    "trained_tokens_this_attempt", "loss_curve", "padding_free", "pad_to_multiple_of", "torch_compile",
                    "attn_implementation", "token_budget", "budget_epochs", "stream_examples", "data_wait_fraction",
-                   "kd_loss_compiled",
+                   "kd_loss_compiled", "optim",
                    "speed")
 
 
@@ -790,7 +790,7 @@ def train_student(*, model, tokenizer, examples: Sequence[dict[str, Any]], setti
             "pad_to_multiple_of": multiple,
             "torch_compile": compile_mode,
             "attn_implementation": attn or own_attn,
-            "optim": settings.optim,
+            "optim": optimizer_that_ran(settings, trainer),
             "lr_last_step": lrs[-1][1] if lrs else None,
             "lr_end": float(trainer.lr_scheduler.get_last_lr()[0]) if trainer.lr_scheduler is not None else None,
         }
